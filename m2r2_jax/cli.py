@@ -1,0 +1,56 @@
+"""Shared CLI plumbing: one-line errors, model/mesh flags, prompt encoding."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from m2r2_jax.errors import M2R2Error
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv=None) -> None:
+    """Run a CLI entry point; a bad input exits 2 with one `error: ...` line."""
+    try:
+        rc = main(argv)
+    except M2R2Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(rc or 0)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="alias (smollm2-135m), .gguf file, HF safetensors dir or hub id")
+    p.add_argument("--dtype", default=None, help="compute dtype (default float32; bfloat16 on TPU/GPU)")
+    p.add_argument("--param-dtype", default=None, help="parameter dtype (default float32)")
+    p.add_argument("--mesh", default=None,
+                   help="mesh axes, e.g. data=1,fsdp=1,tensor=8 (default: no mesh, one device)")
+
+
+def parse_mesh(spec: str | None):
+    if not spec:
+        return None
+    from m2r2_jax.config import apply_overrides
+    from m2r2_jax.sharding import MeshConfig, make_mesh, maybe_initialize_distributed
+
+    cfg = apply_overrides(MeshConfig(), [s for s in spec.split(",") if s])
+    maybe_initialize_distributed(cfg)
+    return make_mesh(cfg)
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """Chat: exactly `apply_chat_template(messages, add_generation_prompt=True)`."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise M2R2Error("--chat: this model's tokenizer has no chat template")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer(text)["input_ids"]]
+
+
+def quiet_env() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

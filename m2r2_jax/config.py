@@ -1,0 +1,244 @@
+"""Configs as frozen dataclasses with `key=value` overrides.
+
+`ModelConfig` describes a Llama-family decoder (Llama 2/3, SmolLM2, Qwen2,
+Mistral). It is built from an HF `config.json` dict or from GGUF metadata by
+the loaders; anything we cannot compute exactly is refused with a clear error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from typing import Any, Mapping, Sequence
+
+import jax.numpy as jnp
+
+from m2r2_jax.errors import M2R2Error
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "smollm2")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling (rope_type == "llama3")."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    sliding_window: int | None = None  # Mistral: exact only while cache <= window
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    # dtype policy: params stored in param_dtype, matmuls/activations in dtype
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    # MLP slot: "dense" now; an MoE block plugs in here later.
+    mlp_type: str = "dense"
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def validate(self) -> "ModelConfig":
+        if self.arch not in SUPPORTED_ARCHS:
+            raise M2R2Error(f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        if self.num_heads % self.num_kv_heads:
+            raise M2R2Error(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise M2R2Error(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.mlp_type != "dense":
+            raise M2R2Error(f"mlp_type {self.mlp_type!r} is not implemented yet (only 'dense')")
+        return self
+
+    def check_cache_len(self, cache_len: int) -> None:
+        """Refuse cache lengths where our full attention would differ from the model's."""
+        if self.sliding_window is not None and cache_len > self.sliding_window:
+            raise M2R2Error(
+                f"sliding-window attention is not supported: cache length {cache_len} exceeds "
+                f"sliding_window={self.sliding_window} (full attention is exact only up to the window)")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+_HF_ARCH = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+def model_config_from_hf(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
+    """Build a ModelConfig from an HF config.json dict (strict about what we can't do)."""
+    archs = cfg.get("architectures") or []
+    model_type = cfg.get("model_type", "")
+    arch = None
+    for a in archs:
+        arch = _HF_ARCH.get(a, arch)
+    if arch is None and model_type in ("llama", "mistral", "qwen2"):
+        arch = model_type
+    if arch is None:
+        raise M2R2Error(f"unsupported architecture {archs or model_type!r}; supported HF classes: {', '.join(_HF_ARCH)}")
+    hidden = cfg["hidden_size"]
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    rope_scaling = None
+    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if rs:
+        rtype = rs.get("rope_type", rs.get("type", "default"))
+        if rtype == "llama3":
+            rope_scaling = RopeScaling(
+                factor=float(rs["factor"]), low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)))
+        elif rtype != "default":
+            raise M2R2Error(f"unsupported rope_scaling type {rtype!r} (supported: default, llama3)")
+    theta = cfg.get("rope_theta")
+    if theta is None and rs and "rope_theta" in rs:
+        theta = rs["rope_theta"]
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise M2R2Error(f"unsupported hidden_act {cfg.get('hidden_act')!r} (only silu)")
+    if cfg.get("mlp_bias"):
+        raise M2R2Error("unsupported: mlp_bias=True")
+    qkv_bias = arch == "qwen2" or bool(cfg.get("attention_bias", False))
+    if arch == "llama" and cfg.get("attention_bias"):
+        # Llama attention_bias also adds a bias to o_proj, which we do not implement.
+        raise M2R2Error("unsupported: Llama attention_bias=True (o_proj bias)")
+    sliding = None
+    if arch == "mistral" and cfg.get("sliding_window"):
+        sliding = int(cfg["sliding_window"])
+    if arch == "qwen2" and cfg.get("use_sliding_window"):
+        sliding = int(cfg.get("sliding_window") or 0) or None
+    eos = cfg.get("eos_token_id", 2)
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    mc = ModelConfig(
+        arch=arch, vocab_size=cfg["vocab_size"], hidden_size=hidden,
+        intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta or 10000.0),
+        rope_scaling=rope_scaling, max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
+        sliding_window=sliding, bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos,
+    )
+    return replace(mc, **overrides).validate()
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def _coerce(value: str, typ: Any, key: str):
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if isinstance(typ, str):  # postponed annotation
+        typ = eval(typ, globals())  # noqa: S307 - our own annotations only
+        return _coerce(value, typ, key)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value.lower() in ("none", "null"):
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except (ValueError, M2R2Error):
+                continue
+        raise M2R2Error(f"config key {key!r}: cannot parse {value!r}")
+    if origin in (tuple, list, Sequence):
+        items = [v for v in value.strip("()[]").split(",") if v.strip()]
+        inner = args[0] if args else str
+        return tuple(_coerce(v.strip(), inner, key) for v in items)
+    if typ is bool:
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise M2R2Error(f"config key {key!r}: expected a boolean, got {value!r}")
+    if typ in (int, float, str):
+        try:
+            return typ(value)
+        except ValueError as e:
+            raise M2R2Error(f"config key {key!r}: expected {typ.__name__}, got {value!r}") from e
+    raise M2R2Error(f"config key {key!r}: cannot override a value of type {typ}")
+
+
+def replace(cfg, **kw):
+    """dataclasses.replace that names an unknown key in a clear error."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for k in kw:
+        if k not in names:
+            raise M2R2Error(f"unknown config key {k!r} for {type(cfg).__name__}; known: {', '.join(sorted(names))}")
+    return dataclasses.replace(cfg, **kw)
+
+
+def apply_overrides(cfg, overrides: Sequence[str]):
+    """Apply `key=value` (nested: `a.b=value`) strings to a frozen dataclass."""
+    for item in overrides:
+        if "=" not in item:
+            raise M2R2Error(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        cfg = _set(cfg, key.strip().split("."), value.strip(), key)
+    return cfg
+
+
+def _set(cfg, path, value, full_key):
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    head = path[0]
+    if head not in fields:
+        raise M2R2Error(f"unknown config key {full_key!r} ({type(cfg).__name__} has: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(type(cfg))
+    if len(path) > 1:
+        sub = getattr(cfg, head)
+        if not dataclasses.is_dataclass(sub):
+            raise M2R2Error(f"unknown config key {full_key!r}: {head!r} has no sub-keys")
+        return dataclasses.replace(cfg, **{head: _set(sub, path[1:], value, full_key)})
+    return dataclasses.replace(cfg, **{head: _coerce(value, hints[head], full_key)})
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    """Inverse RoPE frequencies as a numpy array (Llama-3 scaling applied)."""
+    import numpy as np
+
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    rs = cfg.rope_scaling
+    if rs is not None:
+        low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+        wl = 2 * math.pi / inv
+        scaled = np.where(wl > low_wl, inv / rs.factor, inv)
+        smooth = (rs.original_max_position_embeddings / wl - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        is_medium = (wl >= high_wl) & (wl <= low_wl)
+        inv = np.where(is_medium, smoothed, scaled)
+    return inv.astype(np.float32)

@@ -1,0 +1,182 @@
+"""Autoregressive generation: prefill + the whole decode in ONE jitted
+`lax.while_loop` over a preallocated KV cache, static shapes throughout.
+
+Prompts are right-padded to a length bucket; each row keeps its own position,
+so a batch gives exactly the rows' one-by-one results. Compiled executables
+are cached per (batch, prompt bucket, cache length, max new tokens, greedy):
+a second prompt in the same bucket never recompiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from m2r2_jax.config import ModelConfig
+from m2r2_jax.decoding.sampling import SamplingConfig, select
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.model import decoder as D
+from m2r2_jax.model.params import logical_axes, model_spec
+
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+CACHE_ROUND = 128
+
+
+def bucket(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    return int(np.ceil(n / buckets[-1]) * buckets[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    max_new_tokens: int = 128
+    sampling: SamplingConfig = SamplingConfig()
+    stop_ids: tuple[int, ...] | None = None  # None -> the model's EOS ids
+    cache_len: int | None = None             # None -> bucketed prompt + max_new_tokens
+    pad_id: int = 0
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    new_ids: list[list[int]]
+    prompt_ids: list[list[int]]
+    decode_seconds: float    # wall clock of the jitted call (compile excluded)
+    compile_seconds: float   # 0 when the executable was cached
+    steps: int               # forward passes after prefill
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(len(x) for x in self.new_ids)
+
+
+def prefill(cfg: ModelConfig, params, tokens, lengths, cache):
+    """Process padded prompts; return last-real-token logits [B, V] and the cache."""
+    B = tokens.shape[0]
+    h, cache, _ = D.forward_hidden(cfg, params, tokens, cache, jnp.zeros((B,), jnp.int32))
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+    return D.logits_from_hidden(cfg, params, last)[:, 0], cache
+
+
+def _generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int):
+    def run(params, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
+        B = tokens.shape[0]
+        cache = D.init_cache(cfg, B, cache_len)
+        logits, cache = prefill(cfg, params, tokens, lengths, cache)
+        key, sub = jax.random.split(key)
+        first = select(logits, sub, greedy, temperature, top_k, top_p)
+        out = jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(first)
+        done = jnp.isin(first, stop_ids)
+
+        def cond(st):
+            i, _, _, _, done, _ = st
+            return (i < max_new) & ~jnp.all(done)
+
+        def body(st):
+            i, tok, cache, out, done, key = st
+            pos = lengths + i - 1  # slot of `tok`
+            logits, cache = D.forward(cfg, params, tok[:, None], cache, pos)
+            key, sub = jax.random.split(key)
+            nxt = select(logits[:, 0], sub, greedy, temperature, top_k, top_p)
+            nxt = jnp.where(done, stop_ids[0], nxt)
+            out = lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+            done = done | jnp.isin(nxt, stop_ids)
+            return i + 1, nxt, cache, out, done, key
+
+        i, _, _, out, done, _ = lax.while_loop(cond, body, (jnp.int32(1), first, cache, out, done, key))
+        return out, i
+
+    return run
+
+
+class Generator:
+    """Holds compiled generate executables for one model config (and mesh)."""
+
+    def __init__(self, cfg: ModelConfig, mesh=None):
+        self.cfg = cfg
+        self.mesh = mesh
+        self._compiled: dict[tuple, Any] = {}
+        self.compiles = 0
+
+    # -- shapes ---------------------------------------------------------------
+    def plan(self, prompt_lens: Sequence[int], gen: GenerateConfig) -> tuple[int, int]:
+        longest = max(prompt_lens)
+        if min(prompt_lens) < 1:
+            raise M2R2Error("empty prompt: at least one token is required")
+        P = bucket(longest)
+        need = longest + gen.max_new_tokens
+        if gen.cache_len is not None:
+            S = gen.cache_len
+            if need > S:
+                raise M2R2Error(f"prompt of {longest} tokens + {gen.max_new_tokens} new tokens needs a cache of "
+                                f"{need}, longer than the cache length {S}")
+            P = min(P, S)
+        else:
+            S = int(np.ceil(max(need, P) / CACHE_ROUND) * CACHE_ROUND)
+        if need > self.cfg.max_position_embeddings:
+            raise M2R2Error(f"prompt of {longest} tokens + {gen.max_new_tokens} new tokens exceeds the model's "
+                            f"context of {self.cfg.max_position_embeddings} positions")
+        P = max(P, longest)
+        self.cfg.check_cache_len(S)
+        return P, S
+
+    # -- run ------------------------------------------------------------------
+    def generate(self, params, prompts: Sequence[Sequence[int]], gen: GenerateConfig = GenerateConfig()
+                 ) -> GenerateResult:
+        prompts = [list(map(int, p)) for p in prompts]
+        B = len(prompts)
+        if B == 0:
+            raise M2R2Error("no prompts given")
+        lens = [len(p) for p in prompts]
+        P, S = self.plan(lens, gen)
+        stop = gen.stop_ids if gen.stop_ids is not None else self.cfg.eos_token_ids
+        stop = tuple(stop) or (-1,)
+        tokens = np.full((B, P), gen.pad_id, np.int32)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = p
+        s = gen.sampling
+        args = (params, jnp.asarray(tokens), jnp.asarray(lens, jnp.int32), jnp.asarray(stop, jnp.int32),
+                jax.random.key(s.seed), jnp.float32(max(s.temperature, 0.0)), jnp.int32(s.top_k),
+                jnp.float32(s.top_p))
+        exe, compile_s = self._lookup(params, B, P, S, gen, args)
+        t0 = time.perf_counter()
+        out, steps = exe(*args)
+        out = np.asarray(jax.block_until_ready(out))
+        dt = time.perf_counter() - t0
+        new_ids = []
+        stop_set = set(stop)
+        for row in out.tolist():
+            cut = next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))
+            new_ids.append(row[:cut])
+        return GenerateResult(new_ids=new_ids, prompt_ids=prompts, decode_seconds=dt,
+                              compile_seconds=compile_s, steps=int(steps) - 1)
+
+    def _lookup(self, params, B, P, S, gen, args):
+        greedy = gen.sampling.greedy
+        key = (B, P, S, gen.max_new_tokens, greedy)
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        fn = _generate_fn(self.cfg, greedy, gen.max_new_tokens, S)
+        jit_kw = {}
+        if self.mesh is not None:
+            from m2r2_jax.sharding import named_sharding, replicated, tree_shardings
+
+            pshard = tree_shardings(self.mesh, logical_axes(model_spec(self.cfg)), params)
+            vec = named_sharding(self.mesh, ("batch",), (B,))
+            rep = replicated(self.mesh)
+            jit_kw = dict(
+                in_shardings=(pshard, named_sharding(self.mesh, ("batch", "seq"), (B, P)), vec,
+                              rep, rep, rep, rep, rep),
+                out_shardings=(named_sharding(self.mesh, ("batch", None), (B, gen.max_new_tokens)), rep))
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn, **jit_kw).lower(*args).compile()
+        dt = time.perf_counter() - t0
+        self._compiled[key] = compiled
+        self.compiles += 1
+        return compiled, dt

@@ -1,0 +1,108 @@
+"""Small functional building blocks: RMSNorm, RoPE, SwiGLU MLP, GQA attention
+over a preallocated KV cache with per-row write positions."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from m2r2_jax.config import ModelConfig, rope_inv_freq
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """HF semantics: normalise in f32, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array):
+    """cos/sin [B, T, head_dim] for integer positions [B, T] (rotate-half layout)."""
+    inv = jnp.asarray(rope_inv_freq(cfg))
+    freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, n, hd]; cos/sin [B, T, hd]."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    c = cos[:, :, None, :].astype(x.dtype)
+    s = sin[:, :, None, :].astype(x.dtype)
+    return x * c + rot * s
+
+
+def dense_mlp(p: dict, x: jax.Array) -> jax.Array:
+    dt = x.dtype
+    g = x @ p["gate"].astype(dt)
+    u = x @ p["up"].astype(dt)
+    return (jax.nn.silu(g) * u) @ p["down"].astype(dt)
+
+
+def mlp(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
+    """The MLP slot: dense SwiGLU today; an MoE block dispatches here later."""
+    if cfg.mlp_type == "dense":
+        return dense_mlp(p, x)
+    raise NotImplementedError(cfg.mlp_type)
+
+
+def qkv(cfg: ModelConfig, p: dict, x: jax.Array, cos, sin):
+    """Project and rotate: q [B,T,H,hd], k/v [B,T,KV,hd]."""
+    B, T, _ = x.shape
+    dt = x.dtype
+    q = x @ p["wq"].astype(dt)
+    k = x @ p["wk"].astype(dt)
+    v = x @ p["wv"].astype(dt)
+    if "bq" in p:
+        q = q + p["bq"].astype(dt)
+        k = k + p["bk"].astype(dt)
+        v = v + p["bv"].astype(dt)
+    q = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """cache [B, KV, S, hd] <- new [B, KV, T, hd] at slot start[b] of each row.
+
+    Batch 1 uses a plain dynamic_update_slice (in place inside loops); larger
+    batches vmap it (an XLA scatter) so each row can sit at its own position.
+    """
+    new = new.astype(cache.dtype)
+    if cache.shape[0] == 1:
+        return lax.dynamic_update_slice(cache, new, (0, 0, start[0], 0))
+    return jax.vmap(lambda c, n, s: lax.dynamic_update_slice(c, n, (0, s, 0)))(cache, new, start)
+
+
+def attend(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+           mask: jax.Array) -> jax.Array:
+    """q [B,T,H,hd] over the cache [B,KV,S,hd]; mask [B,T,S] bool -> [B,T,H*hd]."""
+    B, T, H, hd = q.shape
+    KV = cfg.num_kv_heads
+    G = H // KV
+    qg = q.reshape(B, T, KV, G, hd)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache.astype(q.dtype))
+    return out.reshape(B, T, H * hd)
+
+
+def block_mask(start: jax.Array, T: int, S: int, local: jax.Array | None = None) -> jax.Array:
+    """Visibility [B, T, S] for a block of T new tokens written at slot start[b].
+
+    A query sees every cached slot before its block, and within the block the
+    slots allowed by `local` [T, T] (default causal; a draft tree passes its
+    ancestor mask).
+    """
+    if local is None:
+        local = jnp.tril(jnp.ones((T, T), bool))
+    s = jnp.arange(S)[None, None, :]
+    rel = s - start[:, None, None]  # [B, 1, S]
+    in_block = (rel >= 0) & (rel < T)
+    rel_c = jnp.clip(rel, 0, T - 1)
+    loc = local[jnp.arange(T)[None, :, None], rel_c]  # [B, T, S]
+    return (rel < 0) | (in_block & loc)
