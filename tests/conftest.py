@@ -48,3 +48,31 @@ def tiny_qwen2_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_qwen2")
     save_tiny_hf(d, "qwen2", tie_word_embeddings=True)
     return d
+
+
+# ----------------------------------------------------------------------------- SmolLM2 (real model)
+
+@pytest.fixture(scope="session")
+def smol_gguf():
+    from m2r2_jax.loading.registry import resolve
+
+    return resolve("smollm2-135m")[1]
+
+
+@pytest.fixture(scope="session")
+def smol_hf(smol_gguf):
+    """transformers' own GGUF-loaded SmolLM2 in float32: the reference (built once per session)."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    d, name = os.path.split(smol_gguf)
+    return AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smol():
+    from m2r2_jax.loading.registry import load_model
+
+    return load_model("smollm2-135m")

@@ -1,0 +1,40 @@
+"""The embedded default (SmolLM2-135M-Instruct GGUF) against transformers' own
+GGUF-loaded model: logits parity and greedy continuation."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from m2r2_jax.cli import encode_prompt
+from m2r2_jax.decoding.generate import GenerateConfig, Generator
+from m2r2_jax.model import decoder as D
+
+pytestmark = pytest.mark.slow
+
+
+def test_logits_parity_fp32(smol, smol_hf):
+    ids = encode_prompt(smol.tokenizer, "Give me three facts about octopuses.", chat=True)
+    with torch.no_grad():
+        ref = smol_hf(torch.tensor([ids])).logits.numpy()[0]
+    cache = D.init_cache(smol.cfg, 1, 128)
+    ours, _ = D.forward(smol.cfg, smol.params, jnp.asarray([ids], jnp.int32), cache, jnp.zeros(1, jnp.int32))
+    ours = np.asarray(ours)[0]
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("prompt", ["Write a haiku about autumn leaves.", "What is 17 times 23?"])
+def test_greedy_32_tokens_identical_to_hf(smol, smol_hf, prompt):
+    ids = encode_prompt(smol.tokenizer, prompt, chat=True)
+    ours = Generator(smol.cfg).generate(smol.params, [ids], GenerateConfig(max_new_tokens=32, stop_ids=(-1,)))
+    with torch.no_grad():
+        ref = smol_hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                               pad_token_id=2)[0, len(ids):].tolist()
+    assert ours.new_ids[0] == ref
+
+
+def test_chat_template_matches_transformers(smol):
+    msgs = [{"role": "user", "content": "Hello there"}]
+    ref = smol.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+    ref = ref["input_ids"] if hasattr(ref, "keys") else ref
+    assert encode_prompt(smol.tokenizer, "Hello there", chat=True) == list(ref)
