@@ -1,0 +1,1 @@
+"""Training: prompt sets, self-distillation cache."""
