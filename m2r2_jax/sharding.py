@@ -76,10 +76,11 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence | None = None) ->
         if n % known:
             raise M2R2Error(f"mesh: {n} devices are not divisible by fsdp*tensor={known}")
         sizes[sizes.index(-1)] = n // known
-    if math.prod(sizes) != n:
+    if math.prod(sizes) > n:
         raise M2R2Error(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs "
                         f"{math.prod(sizes)} devices, have {n}")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    # an explicit smaller mesh uses the first devices (e.g. data=1 on a forced 8-device host)
+    return Mesh(np.asarray(devices[: math.prod(sizes)]).reshape(sizes), MESH_AXES)
 
 
 def _mesh_size(mesh: Mesh, axis) -> int:

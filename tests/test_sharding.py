@@ -57,5 +57,5 @@ def test_uneven_dims_stay_replicated():
 
 
 def test_bad_mesh_is_an_error():
-    with pytest.raises(M2R2Error, match="needs 6 devices"):
-        make_mesh(MeshConfig(data=2, fsdp=1, tensor=3))
+    with pytest.raises(M2R2Error, match="needs 12 devices"):
+        make_mesh(MeshConfig(data=2, fsdp=2, tensor=3))

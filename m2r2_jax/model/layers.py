@@ -33,27 +33,34 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * c + rot * s
 
 
-def dense_mlp(p: dict, x: jax.Array) -> jax.Array:
-    dt = x.dtype
-    g = x @ p["gate"].astype(dt)
-    u = x @ p["up"].astype(dt)
-    return (jax.nn.silu(g) * u) @ p["down"].astype(dt)
+def linear(x: jax.Array, w: jax.Array, ad: dict | None = None, name: str = "") -> jax.Array:
+    """x @ W, plus a low-rank accelerator adapter (x @ A) @ B when `ad` has one for `name`."""
+    y = x @ w.astype(x.dtype)
+    if ad is not None and name in ad:
+        y = y + (x @ ad[name]["a"].astype(x.dtype)) @ ad[name]["b"].astype(x.dtype)
+    return y
 
 
-def mlp(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
+def dense_mlp(p: dict, x: jax.Array, ad: dict | None = None) -> jax.Array:
+    g = linear(x, p["gate"], ad, "gate")
+    u = linear(x, p["up"], ad, "up")
+    return linear(jax.nn.silu(g) * u, p["down"], ad, "down")
+
+
+def mlp(cfg: ModelConfig, p: dict, x: jax.Array, ad: dict | None = None) -> jax.Array:
     """The MLP slot: dense SwiGLU today; an MoE block dispatches here later."""
     if cfg.mlp_type == "dense":
-        return dense_mlp(p, x)
+        return dense_mlp(p, x, ad)
     raise NotImplementedError(cfg.mlp_type)
 
 
-def qkv(cfg: ModelConfig, p: dict, x: jax.Array, cos, sin):
+def qkv(cfg: ModelConfig, p: dict, x: jax.Array, cos, sin, ad: dict | None = None):
     """Project and rotate: q [B,T,H,hd], k/v [B,T,KV,hd]."""
     B, T, _ = x.shape
     dt = x.dtype
-    q = x @ p["wq"].astype(dt)
-    k = x @ p["wk"].astype(dt)
-    v = x @ p["wv"].astype(dt)
+    q = linear(x, p["wq"], ad, "q")
+    k = linear(x, p["wk"], ad, "k")
+    v = linear(x, p["wv"], ad, "v")
     if "bq" in p:
         q = q + p["bq"].astype(dt)
         k = k + p["bk"].astype(dt)

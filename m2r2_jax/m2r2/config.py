@@ -1,0 +1,66 @@
+"""M2R2 knobs: rate, branch layer, adapters, ARLA router, losses, draft vocab."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from m2r2_jax.errors import M2R2Error
+
+ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class M2R2Config:
+    rate: int = 3                       # r: the fast stream covers r slow layers per fast layer
+    branch: int = 0                     # b: fast stream branches off slow state h_s^b
+    num_fast_layers: int = 0            # L_f; 0 -> ceil((N - b) / r)
+    layer_map: str = "strided"          # which base weights fast layer l uses: strided (t(l)) | prefix (b+l)
+    rank: int = 32                      # accelerator adapter rank
+    targets: tuple[str, ...] = ALL_TARGETS
+    gain: bool = True                   # per-layer, per-channel gain on each residual update
+    router_dim: int = 64                # ARLA width
+    router_input: str = "delta"         # latents | delta (per-layer changes, the "velocities")
+    align_weight: float = 1.0
+    align_metric: str = "cosine"        # cosine | mse (of RMS-normalised states)
+    align_final_weight: float = 1.0     # extra weight on the last fast layer's alignment
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    kd_layers: str = "final"            # final | all (KD on every fast layer's logits)
+    router_weight: float = 0.1
+    draft_vocab: int = 8192             # draft head scores the most frequent tokens; 0 = full vocab
+
+    def validate(self, num_layers: int) -> "M2R2Config":
+        if not 0 <= self.branch < num_layers:
+            raise M2R2Error(f"m2r2.branch={self.branch} must be in [0, {num_layers})")
+        if self.rate < 1:
+            raise M2R2Error(f"m2r2.rate={self.rate} must be >= 1")
+        bad = [t for t in self.targets if t not in ALL_TARGETS]
+        if bad:
+            raise M2R2Error(f"unknown adapter target(s) {bad}; choose from {ALL_TARGETS}")
+        if self.layer_map not in ("strided", "prefix"):
+            raise M2R2Error(f"m2r2.layer_map={self.layer_map!r}: expected strided or prefix")
+        if self.align_metric not in ("cosine", "mse"):
+            raise M2R2Error(f"m2r2.align_metric={self.align_metric!r}: expected cosine or mse")
+        if self.router_input not in ("latents", "delta"):
+            raise M2R2Error(f"m2r2.router_input={self.router_input!r}: expected latents or delta")
+        if self.kd_layers not in ("final", "all"):
+            raise M2R2Error(f"m2r2.kd_layers={self.kd_layers!r}: expected final or all")
+        if self.n_fast(num_layers) > num_layers - self.branch:
+            raise M2R2Error(f"m2r2.num_fast_layers={self.num_fast_layers} exceeds the {num_layers - self.branch} "
+                            "layers after the branch")
+        return self
+
+    def n_fast(self, num_layers: int) -> int:
+        return self.num_fast_layers or math.ceil((num_layers - self.branch) / self.rate)
+
+    def targets_of(self, num_layers: int) -> list[int]:
+        """t(l) for l = 1..L_f: the slow layer (1-based) fast layer l aligns with; t(L_f) = N."""
+        n = self.n_fast(num_layers)
+        span = num_layers - self.branch
+        return [min(self.branch + round(span * l / n), num_layers) for l in range(1, n + 1)]
+
+    def base_layers(self, num_layers: int) -> list[int]:
+        """0-based index of the base layer whose (frozen) weights fast layer l runs."""
+        if self.layer_map == "prefix":
+            return [self.branch + l for l in range(self.n_fast(num_layers))]
+        return [t - 1 for t in self.targets_of(num_layers)]

@@ -1,0 +1,110 @@
+"""The two residual streams.
+
+Slow stream: the unmodified base (frozen). Fast stream: from h_s^b, L_f layers,
+each a frozen base layer plus accelerator adapters and gains; fast layer l
+targets slow layer t(l). Shared KV cache: at fast layer l (base layer j) a
+token attends to the slow stream's layer-j K/V of the tokens before it, and to
+the fast stream's own K/V only for the tokens being processed now (a small
+local buffer, never a second full-length cache).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from m2r2_jax.config import ModelConfig
+from m2r2_jax.m2r2.config import M2R2Config
+from m2r2_jax.model import decoder as D
+from m2r2_jax.model import layers as L
+
+
+class SlowPass(NamedTuple):
+    hiddens: list          # h_s^0 .. h_s^N, each [B, T, D]
+    cache: D.KVCache       # per-layer K/V of every token (length T)
+    logits: jax.Array      # [B, T, V] full model
+
+
+def slow_pass(cfg: ModelConfig, base: dict, tokens: jax.Array) -> SlowPass:
+    """Teacher-forced full forward collecting states and K/V (no gradients flow here)."""
+    B, T = tokens.shape
+    cache = D.init_cache(cfg, B, T)
+    h0 = D.embed(cfg, base, tokens)
+    h, cache, hs = D.forward_hidden(cfg, base, tokens, cache, jnp.zeros((B,), jnp.int32), h=h0, collect=True)
+    return SlowPass([h0] + hs, cache, D.logits_from_hidden(cfg, base, h))
+
+
+def fast_layer(cfg: ModelConfig, lp: dict, ad: dict, h: jax.Array, k_slow, v_slow, m_slow, m_local, cos, sin):
+    """One accelerated layer over a block. k_slow/v_slow [B,KV,S,hd] with visibility m_slow [B,T,S];
+    the block's own fast K/V with visibility m_local [B,T,T]."""
+    x = L.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = L.qkv(cfg, lp["attn"], x, cos, sin, ad)
+    kk = jnp.concatenate([k_slow.astype(k.dtype), k.transpose(0, 2, 1, 3)], axis=2)
+    vv = jnp.concatenate([v_slow.astype(v.dtype), v.transpose(0, 2, 1, 3)], axis=2)
+    a = L.attend(cfg, q, kk, vv, jnp.concatenate([m_slow, m_local], axis=-1))
+    upd = L.linear(a, lp["attn"]["wo"], ad, "o")
+    h = h + (ad["gain_attn"].astype(h.dtype) * upd if "gain_attn" in ad else upd)
+    x = L.rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
+    upd = L.mlp(cfg, lp["mlp"], x, ad)
+    return h + (ad["gain_mlp"].astype(h.dtype) * upd if "gain_mlp" in ad else upd)
+
+
+def fast_stream(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, h_branch: jax.Array,
+                slow_cache: D.KVCache, m_slow: jax.Array, m_local: jax.Array, positions: jax.Array,
+                depth: int | None = None) -> list:
+    """Run the first `depth` (default all L_f) fast layers; returns [h_f^1, ..., h_f^depth]."""
+    cos, sin = L.rope_cos_sin(cfg, positions)
+    h, out = h_branch, []
+    layers = mc.base_layers(cfg.num_layers)[: depth or None]
+    for l, j in enumerate(layers):
+        h = fast_layer(cfg, base["layers"][j], m2r2["fast"][l], h, slow_cache.k[j], slow_cache.v[j],
+                       m_slow, m_local, cos, sin)
+        out.append(h)
+    return out
+
+
+def teacher_forced_masks(B: int, T: int):
+    """Training: token t sees slow K/V of tokens < t and its own fast K/V (= drafting at depth 1)."""
+    idx = jnp.arange(T)
+    m_slow = jnp.broadcast_to(idx[None, :] < idx[:, None], (B, T, T))
+    m_local = jnp.broadcast_to(jnp.eye(T, dtype=bool), (B, T, T))
+    return m_slow, m_local
+
+
+def fast_train_pass(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, tokens: jax.Array,
+                    slow: SlowPass, depth: int | None = None) -> list:
+    B, T = tokens.shape
+    m_slow, m_local = teacher_forced_masks(B, T)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    h_b = jax.lax.stop_gradient(slow.hiddens[mc.branch])
+    cache = jax.tree.map(jax.lax.stop_gradient, slow.cache)
+    return fast_stream(cfg, mc, base, m2r2, h_b, cache, m_slow, m_local, positions, depth)
+
+
+def draft_logits(cfg: ModelConfig, base: dict, h: jax.Array, draft_ids: jax.Array | None) -> jax.Array:
+    """Final norm + LM head on a fast state; over the draft vocabulary subset when given."""
+    if draft_ids is None:
+        return D.logits_from_hidden(cfg, base, h)
+    x = L.rms_norm(h, base["final_norm"], cfg.rms_norm_eps)
+    w = jnp.take(base["embed"], draft_ids, axis=0) if "lm_head" not in base else \
+        jnp.take(base["lm_head"], draft_ids, axis=1).T
+    return jnp.einsum("btd,vd->btv", x, w.astype(x.dtype)).astype(jnp.float32)
+
+
+def arla_router(cfg: ModelConfig, mc: M2R2Config, rp: dict, fast_hs: list, h_branch: jax.Array) -> jax.Array:
+    """ARLA: per fast layer l, attention over the fast latents (or per-layer changes) of layers <= l.
+    Returns logits [B, T, L] of "this token is already resolved at fast layer l"."""
+    hs = jnp.stack(fast_hs, axis=2)  # [B, T, L, D]
+    if mc.router_input == "delta":
+        prev = jnp.concatenate([h_branch[:, :, None], hs[:, :, :-1]], axis=2)
+        z = hs - prev
+    else:
+        z = hs
+    z = L.rms_norm(jax.lax.stop_gradient(z), rp["norm"], cfg.rms_norm_eps)
+    q, k, v = z @ rp["wq"], z @ rp["wk"], z @ rp["wv"]
+    n = hs.shape[2]
+    s = jnp.einsum("btlr,btmr->btlm", q, k) / jnp.sqrt(q.shape[-1])
+    s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -1e30)
+    o = jnp.einsum("btlm,btmr->btlr", jax.nn.softmax(s, -1), v)
+    return (jax.nn.silu(o + q) @ rp["w_out"])[..., 0] + rp["layer_bias"]

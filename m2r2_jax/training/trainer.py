@@ -1,0 +1,156 @@
+"""The training loop: data (self-distilled), sharded state, resumable Orbax
+checkpoints, tqdm progress, TensorBoard + JSONL metrics."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.m2r2.params import init_m2r2, m2r2_spec
+from m2r2_jax.model.params import count_params, logical_axes
+from m2r2_jax.sharding import make_mesh, maybe_initialize_distributed, tree_shardings
+from m2r2_jax.training import checkpoint as C
+from m2r2_jax.training.batches import BatchStream, pack_examples
+from m2r2_jax.training.config import TrainConfig, config_to_dict
+from m2r2_jax.training.metrics import Tracker
+from m2r2_jax.training.step import init_opt_state, make_optimizer, make_train_step, train_shardings
+
+
+def rank_draft_vocab(records: Sequence[dict], vocab_size: int, n: int, always: Sequence[int] = ()) -> np.ndarray:
+    """The n most frequent answer tokens (ties by id), plus `always` (EOS); sorted ids."""
+    if n <= 0 or n >= vocab_size:
+        return np.arange(vocab_size, dtype=np.int32)
+    counts = collections.Counter()
+    for r in records:
+        counts.update(r["answer_ids"])
+    for t in always:
+        counts[t] += 10**9
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    ids = [t for t, _ in ranked]
+    if len(ids) < n:  # pad with the lowest unused ids so the shape is static
+        used = set(ids)
+        ids += [i for i in range(vocab_size) if i not in used][: n - len(ids)]
+    return np.asarray(sorted(ids), np.int32)
+
+
+def distilled_records(tc: TrainConfig, model) -> list[dict]:
+    from m2r2_jax.training.distill import build_distill_cache
+    from m2r2_jax.training.prompts import default_train_sources, load_prompts
+
+    d = tc.data
+    sources = list(d.sources) or default_train_sources()
+    prompts = load_prompts(sources, limit=d.num_prompts + d.heldout_prompts, seed=d.seed)
+    train_prompts = prompts[: len(prompts) - d.heldout_prompts] if d.heldout_prompts else prompts
+    ds = build_distill_cache(model, train_prompts, d.distill_dir, max_prompt_tokens=d.max_prompt_tokens,
+                             max_new_tokens=d.max_new_tokens, batch_size=d.distill_batch_size)
+    return [dict(r) for r in ds]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    m2r2: dict
+    history: list   # metrics dicts of the steps run in this call
+    draft_ids: np.ndarray
+
+
+def train(tc: TrainConfig, *, model=None, records: Sequence[dict] | None = None, progress: bool = True,
+          stop_at: int | None = None) -> TrainResult:
+    """Train (or resume) until tc.steps (or `stop_at`, for tests). `model` is a LoadedModel."""
+    maybe_initialize_distributed(tc.mesh)
+    mesh = make_mesh(tc.mesh)
+    if model is None:
+        from m2r2_jax.loading.registry import load_model
+
+        model = load_model(tc.model, mesh=mesh)
+    cfg, base = model.cfg, model.params
+    mc = tc.m2r2.validate(cfg.num_layers)
+    out = Path(tc.out_dir)
+    base_id = C.base_identity(tc.model, cfg, base)
+    ckpt = C.Checkpointer(out / "checkpoints", tc.save_every, tc.keep, tc.async_save)
+    latest = ckpt.latest_step()
+    if latest is not None:  # refuse before any expensive work
+        C.check_compatible(ckpt.read_meta(latest), base_id, config_to_dict(tc)["m2r2"], str(out))
+
+    if records is None:
+        records = distilled_records(tc, model)
+    tokens, mask = pack_examples(records, tc.seq_len)
+    stream = BatchStream(tokens, mask, tc.batch_size, tc.seed)
+    draft_ids = rank_draft_vocab(records, cfg.vocab_size, mc.draft_vocab, cfg.eos_token_ids)
+
+    spec = m2r2_spec(cfg, mc)
+    sh = train_shardings(mesh, cfg, mc, base, jax.eval_shape(lambda: init_m2r2(cfg, mc, jax.random.key(0))),
+                         (tc.batch_size, tc.seq_len))
+    m2r2 = jax.jit(lambda k: init_m2r2(cfg, mc, k), out_shardings=sh["m2r2"])(jax.random.key(tc.seed))
+    opt = make_optimizer(tc.lr, tc.warmup_steps, tc.steps, tc.end_lr_ratio, tc.weight_decay, tc.clip_norm)
+    opt_state, opt_sh = init_opt_state(opt, m2r2, mesh)
+    step, pos = 0, 0
+    if latest is not None:
+        abs_of = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
+        extra_abs = {"draft_ids": jax.ShapeDtypeStruct(draft_ids.shape, np.int32)}
+        m2r2, opt_state, extra, meta = ckpt.restore(latest, abs_of(m2r2), abs_of(opt_state), extra_abs)
+        step, pos = int(meta["step"]), int(meta["data_position"])
+        draft_ids = np.asarray(extra["draft_ids"])
+    draft_dev = jax.device_put(jnp.asarray(draft_ids), sh["rep"])
+    step_fn = make_train_step(cfg, mc, opt, sh, opt_sh)
+    base_sh = sh["base"]
+    base = jax.tree.map(lambda a, s: a if a.sharding == s else jax.device_put(a, s), base, base_sh)
+
+    def meta_now():
+        return {"step": step, "data_position": pos, "seed": tc.seed, "config": config_to_dict(tc),
+                "base": base_id, "draft_vocab_size": int(len(draft_ids)),
+                "trainable_params": count_params(m2r2), "base_params": count_params(base)}
+
+    tracker = Tracker(out)
+    end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
+    history = []
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.steps, initial=step, desc="train", dynamic_ncols=True)
+    try:
+        while step < end:
+            t0 = time.perf_counter()
+            bt, bm = stream.batch_at(pos)
+            bt = jax.device_put(bt, sh["batch"])
+            bm = jax.device_put(bm, sh["batch"])
+            m2r2, opt_state, met = step_fn(m2r2, opt_state, base, bt, bm, draft_dev)
+            met = jax.tree.map(np.asarray, met)
+            dt = time.perf_counter() - t0
+            step, pos = step + 1, pos + 1
+            met["tokens_per_second"] = float(met["tokens"]) / dt
+            met["lr"] = float(opt_lr(tc, step - 1))
+            history.append(met)
+            if step % tc.log_every == 0 or step == end:
+                tracker.log(step, met)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(met['loss']):.3f}", agree=f"{float(met['agreement']):.3f}",
+                                tok_s=f"{met['tokens_per_second']:.0f}")
+            ckpt.save(step, m2r2, opt_state, {"draft_ids": draft_ids}, meta_now(),
+                      force=(step == tc.steps))
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+        tracker.close()
+    if jax.process_index() == 0:
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(tc), sort_keys=False))
+    return TrainResult(step, m2r2, history, draft_ids)
+
+
+def opt_lr(tc: TrainConfig, step: int) -> float:
+    import optax
+
+    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup_steps, 1), max(tc.steps, tc.warmup_steps + 1),
+                                              tc.lr * tc.end_lr_ratio)(step)

@@ -1,0 +1,151 @@
+"""M2R2 streams and training: zero-init equivalence, frozen base, overfitting,
+sharded == unsharded step, exact resume, restore across meshes, refusals."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.loading.hf_safetensors import load_hf_checkpoint
+from m2r2_jax.loading.registry import LoadedModel, place_params
+from m2r2_jax.m2r2 import stream as S
+from m2r2_jax.m2r2.config import M2R2Config
+from m2r2_jax.m2r2.params import init_m2r2
+from m2r2_jax.sharding import MeshConfig
+from m2r2_jax.training.config import DataConfig, TrainConfig, load_train_config
+from m2r2_jax.training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama_dir):
+    cfg, params, _ = load_hf_checkpoint(str(tiny_llama_dir))
+    return cfg, params
+
+
+def _model(tiny_model, mesh=None):
+    cfg, params = tiny_model
+    return LoadedModel(cfg=cfg, params=place_params(cfg, params, mesh), tokenizer=None, source="tiny", kind="hf")
+
+
+def _records(n=16, seed=0):
+    rs = np.random.RandomState(seed)
+    return [{"prompt_ids": rs.randint(3, 256, rs.randint(4, 10)).tolist(),
+             "answer_ids": rs.randint(3, 256, rs.randint(8, 20)).tolist()} for _ in range(n)]
+
+
+def _tc(tmp_path, **kw):
+    base = dict(model="tiny", seq_len=32, batch_size=4, steps=6, lr=3e-3, warmup_steps=1, save_every=2,
+                async_save=False, out_dir=str(tmp_path),
+                m2r2=M2R2Config(rate=1, num_fast_layers=2, rank=4, router_dim=8, draft_vocab=64),
+                data=DataConfig(), mesh=MeshConfig(data=1, fsdp=1, tensor=1))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("layer_map", ["prefix", "strided"])
+def test_zero_init_fast_stream_equals_base_layers(tiny_model, layer_map):
+    """Untrained adapters: fast layer l == base layer j(l) computed with the same shared-KV inputs;
+    with the prefix map at rate 1 that is exactly the slow stream."""
+    cfg, params = tiny_model
+    base = jax.tree.map(jnp.asarray, params)
+    mc = M2R2Config(rate=1, layer_map=layer_map, rank=4).validate(cfg.num_layers)
+    m2r2 = init_m2r2(cfg, mc, jax.random.key(1))
+    toks = jnp.asarray(np.random.RandomState(0).randint(3, 256, (2, 16)), jnp.int32)
+    slow = S.slow_pass(cfg, base, toks)
+    fast = S.fast_train_pass(cfg, mc, base, m2r2, toks, slow)
+    if layer_map == "prefix":
+        for l, h in enumerate(fast):
+            np.testing.assert_allclose(np.asarray(h), np.asarray(slow.hiddens[l + 1]), atol=1e-5)
+    # nonzero adapters change it
+    m2 = jax.tree.map(lambda x: x + 0.05, m2r2)
+    fast2 = S.fast_train_pass(cfg, mc, base, m2, toks, slow)
+    assert np.abs(np.asarray(fast2[-1]) - np.asarray(fast[-1])).max() > 1e-3
+
+
+def test_targets_and_layer_maps():
+    mc = M2R2Config(rate=3)
+    assert mc.n_fast(30) == 10 and mc.targets_of(30) == [3 * l for l in range(1, 11)]
+    assert mc.base_layers(30) == [3 * l - 1 for l in range(1, 11)]
+    assert M2R2Config(rate=3, layer_map="prefix").base_layers(30) == list(range(10))
+    assert M2R2Config(num_fast_layers=8).targets_of(30)[-1] == 30
+    with pytest.raises(M2R2Error, match="unknown adapter target"):
+        M2R2Config(targets=("q", "zz")).validate(30)
+
+
+def test_base_frozen_and_loss_falls(tiny_model, tmp_path):
+    m = _model(tiny_model)
+    before = jax.tree.map(lambda x: np.array(x, copy=True), m.params)
+    recs = _records(4)  # one batch: overfit it
+    r = train(_tc(tmp_path, steps=30, save_every=100), model=m, records=recs, progress=False)
+    after = jax.tree.map(np.asarray, m.params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    losses = [float(h["loss"]) for h in r.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert float(r.history[-1]["agreement"]) > float(r.history[0]["agreement"])
+
+
+def test_resume_gives_identical_next_step(tiny_model, tmp_path):
+    recs = _records(16)
+    full = train(_tc(tmp_path / "a"), model=_model(tiny_model), records=recs, progress=False)
+    train(_tc(tmp_path / "b"), model=_model(tiny_model), records=recs, progress=False, stop_at=4)
+    # the "killed" run left checkpoints at steps 2 and 4; a fresh process resumes from 4
+    resumed = train(_tc(tmp_path / "b"), model=_model(tiny_model), records=recs, progress=False)
+    assert resumed.step == 6 and len(resumed.history) == 2
+    for a, b in zip(full.history[4:], resumed.history):
+        assert float(a["loss"]) == float(b["loss"])
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=1, tensor=4), dict(data=1, fsdp=1, tensor=8)],
+                         ids=["2x4", "1x8"])
+def test_sharded_step_equals_unsharded(tiny_model, tmp_path, mesh):
+    recs = _records(16)
+    ref = train(_tc(tmp_path / "u", steps=3), model=_model(tiny_model), records=recs, progress=False)
+    mc = MeshConfig(**mesh)
+    from m2r2_jax.sharding import make_mesh
+
+    sh = train(_tc(tmp_path / "s", steps=3, mesh=mc), model=_model(tiny_model, make_mesh(mc)), records=recs,
+               progress=False)
+    for a, b in zip(ref.history, sh.history):
+        np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ref.m2r2), jax.tree.leaves(sh.m2r2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_restore_across_meshes(tiny_model, tmp_path):
+    from m2r2_jax.sharding import make_mesh
+
+    recs = _records(16)
+    mc8 = MeshConfig(data=2, fsdp=1, tensor=4)
+    train(_tc(tmp_path, steps=2, mesh=mc8), model=_model(tiny_model, make_mesh(mc8)), records=recs, progress=False)
+    one = train(_tc(tmp_path, steps=4), model=_model(tiny_model), records=recs, progress=False)  # 8 -> 1 device
+    assert one.step == 4 and len(one.history) == 2
+    back = train(_tc(tmp_path, steps=6, mesh=mc8), model=_model(tiny_model, make_mesh(mc8)), records=recs,
+                 progress=False)  # 1 -> 8 devices
+    assert back.step == 6 and len(back.history) == 2
+
+
+def test_mismatched_checkpoint_refused(tiny_model, tmp_path):
+    recs = _records(16)
+    train(_tc(tmp_path, steps=2), model=_model(tiny_model), records=recs, progress=False)
+    with pytest.raises(M2R2Error, match="different M2R2 config"):
+        train(_tc(tmp_path, steps=4, m2r2=M2R2Config(rate=1, num_fast_layers=2, rank=8, router_dim=8,
+                                                     draft_vocab=64)),
+              model=_model(tiny_model), records=recs, progress=False)
+    cfg, params = tiny_model
+    other = jax.tree.map(lambda x: x * 1.01, params)
+    with pytest.raises(M2R2Error, match="made for base model"):
+        train(_tc(tmp_path, steps=4), model=_model((cfg, other)), records=recs, progress=False)
+
+
+def test_config_overrides_and_unknown_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 7\nm2r2:\n  rank: 8\n")
+    tc = load_train_config(str(p), ["m2r2.rate=2", "lr=0.01"])
+    assert (tc.steps, tc.m2r2.rank, tc.m2r2.rate, tc.lr) == (7, 8, 2, 0.01)
+    with pytest.raises(M2R2Error, match="unknown config key 'm2r2.rnak'"):
+        load_train_config(str(p), ["m2r2.rnak=3"])
+    p.write_text("stepz: 3\n")
+    with pytest.raises(M2R2Error, match="unknown config key 'stepz'"):
+        load_train_config(str(p))
