@@ -304,7 +304,8 @@ class PromptSet:
 
 
 def collect_prompts(sources: list[str] | str, *, limit: int | None = None, seed: int = 0,
-                    exclude_eval: bool = True, eval_root: str | Path | None = None) -> PromptSet:
+                    exclude_eval: bool = True, eval_root: str | Path | None = None,
+                    shuffle: bool = True) -> PromptSet:
     """Read, dedupe, hold out eval prompts, shuffle with `seed`, then keep `limit`."""
     if isinstance(sources, (str, Path)):
         sources = [str(sources)]
@@ -345,16 +346,18 @@ def collect_prompts(sources: list[str] | str, *, limit: int | None = None, seed:
             pool.append(p)
             st.kept += 1
         stats.append(st)
-    random.Random(seed).shuffle(pool)
+    if shuffle:
+        random.Random(seed).shuffle(pool)
     if limit is not None:
         pool = pool[:max(0, int(limit))]
     return PromptSet(pool, stats, efiles)
 
 
 def load_prompts(sources: list[str] | str, *, limit: int | None = None, seed: int = 0,
-                 exclude_eval: bool = True, eval_root: str | Path | None = None) -> list[str]:
+                 exclude_eval: bool = True, eval_root: str | Path | None = None, shuffle: bool = True) -> list[str]:
+    """Prompts from the sources (file order kept when shuffle=False)."""
     return collect_prompts(sources, limit=limit, seed=seed, exclude_eval=exclude_eval,
-                           eval_root=eval_root).prompts
+                           eval_root=eval_root, shuffle=shuffle).prompts
 
 
 def prompt_stats(sources: list[str] | str, **kw) -> list[SourceStats]:
