@@ -149,3 +149,30 @@ def test_config_overrides_and_unknown_key(tmp_path):
     p.write_text("stepz: 3\n")
     with pytest.raises(M2R2Error, match="unknown config key 'stepz'"):
         load_train_config(str(p))
+
+
+def test_alignment_eval_and_checkpoint_loading(tiny_model, tmp_path):
+    """Zero-init, prefix map, rate 1: every fast layer IS the slow stream, so agreement is 1 at
+    the last layer; load_m2r2 restores what the trainer saved; a foreign base is refused."""
+    from m2r2_jax.m2r2.alignment import evaluate_alignment
+    from m2r2_jax.training.checkpoint import load_m2r2
+
+    cfg, params = tiny_model
+    base = jax.tree.map(jnp.asarray, params)
+    mc = M2R2Config(rate=1, layer_map="prefix", rank=4, router_dim=8, draft_vocab=0).validate(cfg.num_layers)
+    m2r2 = init_m2r2(cfg, mc, jax.random.key(0))
+    recs = _records(6)
+    out = evaluate_alignment(cfg, base, mc, m2r2, np.arange(cfg.vocab_size, dtype=np.int32), recs, seq_len=32)
+    assert out["final_agreement"] == 1.0 and len(out["layers"]) == cfg.num_layers
+    assert out["layers"][-1]["baseline_agreement"] == 1.0  # same depth = full model here
+    assert 0.0 <= out["layers"][0]["router_auc"] <= 1.0 or np.isnan(out["layers"][0]["router_auc"])
+
+    r = train(_tc(tmp_path, steps=2), model=_model(tiny_model), records=_records(16), progress=False)
+    mc2, p2, draft, meta = load_m2r2(tmp_path / "checkpoints", cfg, base, "tiny")
+    assert meta["step"] == 2 and len(draft) == 64
+    for a, b in zip(jax.tree.leaves(r.m2r2), jax.tree.leaves(p2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(M2R2Error, match="made for base model"):
+        load_m2r2(tmp_path / "checkpoints", cfg, jax.tree.map(lambda x: x + 1.0, base), "tiny")
+    with pytest.raises(M2R2Error, match="checkpoint not found"):
+        load_m2r2(tmp_path / "nope", cfg, base, "tiny")

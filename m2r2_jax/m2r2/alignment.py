@@ -23,6 +23,25 @@ def _kl(p_logits, q_logits):
     return jnp.sum(jnp.exp(lp) * (lp - lq), -1)
 
 
+def auc(score: np.ndarray, label: np.ndarray) -> float:
+    """ROC AUC of `score` for predicting binary `label` (Mann-Whitney, ties averaged)."""
+    label = label > 0.5
+    n_pos, n_neg = int(label.sum()), int((~label).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score))
+    s_sorted = score[order]
+    i = 0
+    while i < len(s_sorted):  # average ranks over ties
+        j = i
+        while j + 1 < len(s_sorted) and s_sorted[j + 1] == s_sorted[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def evaluate_alignment(cfg, base, mc: M2R2Config, m2r2, draft_ids, records, seq_len: int = 256,
                        batch_size: int = 4) -> dict:
     """records: [{prompt_ids, answer_ids}] -> per-layer agreement table."""
@@ -37,11 +56,15 @@ def evaluate_alignment(cfg, base, mc: M2R2Config, m2r2, draft_ids, records, seq_
     L = mc.n_fast(cfg.num_layers)
     tot = np.zeros((L, 6))
     count = 0.0
+    sig = []  # (router logit, confidence, hit) per answer token and layer
     for i in range(0, len(tokens), batch_size):
-        s, c = _eval_batch(base, m2r2, jnp.asarray(tokens[i:i + batch_size]), jnp.asarray(mask[i:i + batch_size]),
-                           jnp.asarray(draft_ids), cfg, mc)
+        s, c, (r, cf, h) = _eval_batch(base, m2r2, jnp.asarray(tokens[i:i + batch_size]),
+                                       jnp.asarray(mask[i:i + batch_size]), jnp.asarray(draft_ids), cfg, mc)
         tot += np.asarray(s)
         count += float(c)
+        sel = mask[i:i + batch_size] > 0
+        sig.append(np.stack([np.asarray(r)[sel], np.asarray(cf)[sel], np.asarray(h)[sel]], -1))  # [n, L, 3]
+    sig = np.concatenate(sig, 0) if sig else np.zeros((0, mc.n_fast(cfg.num_layers), 3))
     targets = mc.targets_of(cfg.num_layers)
     layers = []
     for l in range(L):
@@ -50,6 +73,7 @@ def evaluate_alignment(cfg, base, mc: M2R2Config, m2r2, draft_ids, records, seq_
             "fast_layer": l + 1, "target_layer": targets[l], "agreement": a[0], "draft_vocab_agreement": a[1],
             "baseline_agreement": a[2], "baseline_layer": l + 1 + mc.branch, "kl": a[3], "baseline_kl": a[4],
             "target_layer_exit_agreement": a[5],
+            "router_auc": auc(sig[:, l, 0], sig[:, l, 2]), "confidence_auc": auc(sig[:, l, 1], sig[:, l, 2]),
         })
     return {"layers": layers, "final_agreement": layers[-1]["agreement"],
             "final_draft_vocab_agreement": layers[-1]["draft_vocab_agreement"], "tokens": count}
@@ -75,4 +99,11 @@ def _eval_batch(base, m2r2, tokens, mask, draft_ids, cfg, mc: M2R2Config):
             jnp.sum(_kl(slow.logits, el) * mask),
             jnp.sum((jnp.argmax(tl, -1) == top) * mask),
         ]))
-    return jnp.stack(rows), jnp.sum(mask)
+    # exit signals for fast layer l: ARLA router logit vs the draft head's max probability
+    router = S.arla_router(cfg, mc, m2r2["router"], hs, slow.hiddens[mc.branch])            # [B, T, L]
+    conf, hit = [], []
+    for h in hs:
+        dl = S.draft_logits(cfg, base, h, draft_ids)
+        conf.append(jnp.max(jax.nn.softmax(dl, -1), -1))
+        hit.append(jnp.take(draft_ids, jnp.argmax(dl, -1)) == top)
+    return jnp.stack(rows), jnp.sum(mask), (router, jnp.stack(conf, -1), jnp.stack(hit, -1))
