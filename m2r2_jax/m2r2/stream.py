@@ -35,19 +35,21 @@ def slow_pass(cfg: ModelConfig, base: dict, tokens: jax.Array) -> SlowPass:
     return SlowPass([h0] + hs, cache, D.logits_from_hidden(cfg, base, h))
 
 
-def fast_layer(cfg: ModelConfig, lp: dict, ad: dict, h: jax.Array, k_slow, v_slow, m_slow, m_local, cos, sin):
-    """One accelerated layer over a block. k_slow/v_slow [B,KV,S,hd] with visibility m_slow [B,T,S];
-    the block's own fast K/V with visibility m_local [B,T,T]."""
+def fast_layer(cfg: ModelConfig, lp: dict, ad: dict, h: jax.Array, kv_sets, m_self, cos, sin):
+    """One accelerated layer over a block of tokens.
+
+    kv_sets: [(k, v, mask)] K/V the block may read besides its own (the slow cache for the prefix,
+    and at draft time the fast K/V of tree ancestors); m_self [B,T,T]: visibility within the block.
+    Returns (h, (k, v)) with the block's own fast K/V as [B, KV, T, hd] for a local buffer."""
     x = L.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     q, k, v = L.qkv(cfg, lp["attn"], x, cos, sin, ad)
-    kk = jnp.concatenate([k_slow.astype(k.dtype), k.transpose(0, 2, 1, 3)], axis=2)
-    vv = jnp.concatenate([v_slow.astype(v.dtype), v.transpose(0, 2, 1, 3)], axis=2)
-    a = L.attend(cfg, q, kk, vv, jnp.concatenate([m_slow, m_local], axis=-1))
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    a = L.attend_multi(cfg, q, list(kv_sets) + [(k, v, m_self)])
     upd = L.linear(a, lp["attn"]["wo"], ad, "o")
     h = h + (ad["gain_attn"].astype(h.dtype) * upd if "gain_attn" in ad else upd)
     x = L.rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     upd = L.mlp(cfg, lp["mlp"], x, ad)
-    return h + (ad["gain_mlp"].astype(h.dtype) * upd if "gain_mlp" in ad else upd)
+    return h + (ad["gain_mlp"].astype(h.dtype) * upd if "gain_mlp" in ad else upd), (k, v)
 
 
 def fast_stream(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, h_branch: jax.Array,
@@ -58,8 +60,8 @@ def fast_stream(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, h_bran
     h, out = h_branch, []
     layers = mc.base_layers(cfg.num_layers)[: depth or None]
     for l, j in enumerate(layers):
-        h = fast_layer(cfg, base["layers"][j], m2r2["fast"][l], h, slow_cache.k[j], slow_cache.v[j],
-                       m_slow, m_local, cos, sin)
+        h, _ = fast_layer(cfg, base["layers"][j], m2r2["fast"][l], h,
+                          [(slow_cache.k[j], slow_cache.v[j], m_slow)], m_local, cos, sin)
         out.append(h)
     return out
 

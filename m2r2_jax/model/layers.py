@@ -98,6 +98,25 @@ def attend(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
     return out.reshape(B, T, H * hd)
 
 
+def attend_multi(cfg: ModelConfig, q: jax.Array, sets) -> jax.Array:
+    """Attention over several K/V sets with one joint softmax (no concatenation of caches).
+    sets: [(k [B,KV,S_i,hd], v [B,KV,S_i,hd], mask [B,T,S_i])] -> [B,T,H*hd]."""
+    B, T, H, hd = q.shape
+    KV = cfg.num_kv_heads
+    qg = q.reshape(B, T, KV, H // KV, hd)
+    neg = jnp.finfo(jnp.float32).min
+    scores = [jnp.where(m[:, None, None], jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(q.dtype),
+                                                     preferred_element_type=jnp.float32) * (hd ** -0.5), neg)
+              for k, _, m in sets]
+    probs = jax.nn.softmax(jnp.concatenate(scores, -1), axis=-1).astype(q.dtype)
+    out, off = 0.0, 0
+    for (_, v, _), sc in zip(sets, scores):
+        n = sc.shape[-1]
+        out = out + jnp.einsum("bkgts,bksd->btkgd", probs[..., off:off + n], v.astype(q.dtype))
+        off += n
+    return out.reshape(B, T, H * hd)
+
+
 def block_mask(start: jax.Array, T: int, S: int, local: jax.Array | None = None) -> jax.Array:
     """Visibility [B, T, S] for a block of T new tokens written at slot start[b].
 

@@ -1,0 +1,304 @@
+"""Self-speculative decoding with the M2R2 fast stream: static draft tree, one
+jitted `lax.while_loop`, lossless.
+
+Per step and row (pos = tokens already in the slow cache, cur = the last
+accepted token, not yet in the cache):
+  1. draft: the tree is expanded depth by depth, all nodes of a depth in one
+     batched fast-stream call that reads the slow cache for the prefix and a
+     draft-local K/V buffer for the node's tree ancestors;
+  2. verify: one full forward over all tree nodes (tree mask over the prefix
+     cache), writing their K/V at slots pos .. pos+T-1;
+  3. accept: greedy — the deepest node whose every token equals the full
+     model's argmax at its parent, plus the bonus token; sampling — recursive
+     rejection sampling over each node's ranked children (lossless);
+  4. the accepted nodes' K/V move to contiguous slots; pos += accepted + 1.
+Rows advance independently (per-row positions), so a batch equals its rows
+one by one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from m2r2_jax.config import ModelConfig
+from m2r2_jax.decoding.generate import CACHE_ROUND, bucket, prefill
+from m2r2_jax.decoding.sampling import SamplingConfig, sample_probs, select
+from m2r2_jax.decoding.trees import DraftTree
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.m2r2 import stream as S
+from m2r2_jax.m2r2.config import M2R2Config
+from m2r2_jax.model import decoder as D
+from m2r2_jax.model import layers as L
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+    max_new_tokens: int = 128
+    sampling: SamplingConfig = SamplingConfig()
+    stop_ids: tuple[int, ...] | None = None
+    draft_layers: int = 0      # fast layers used to draft (0 = all L_f)
+
+
+def _draft(cfg, mc, tree: DraftTree, draft_layers, base, m2r2, draft_ids, cache, pos, cur):
+    """Fill the tree's node tokens [B, T] with the fast stream's ranked candidates."""
+    B, T = cur.shape[0], tree.size
+    layers = mc.base_layers(cfg.num_layers)[:draft_layers]
+    toks = jnp.zeros((B, T), jnp.int32).at[:, 0].set(cur)
+    KVd = (B, cfg.num_kv_heads, T, cfg.head_dim)
+    lk = [jnp.zeros(KVd, cfg.jnp_dtype) for _ in layers]
+    lv = [jnp.zeros(KVd, cfg.jnp_dtype) for _ in layers]
+    m_prefix_1 = jnp.arange(cache.length)[None, :] < pos[:, None]  # [B, S]
+    for d in range(tree.max_depth):
+        nodes = np.asarray([i for i in tree.levels[d] if tree.children[i, 0] >= 0], np.int32)
+        n = len(nodes)
+        if n == 0:
+            continue
+        h = D.embed(cfg, base, toks[:, nodes])
+        if mc.branch:
+            raise M2R2Error("drafting with branch > 0 is not implemented (the slow stream would have to run "
+                            "the first b layers for draft tokens)")
+        positions = pos[:, None] + jnp.full((1, n), d, jnp.int32)
+        cos, sin = L.rope_cos_sin(cfg, positions)
+        m_prefix = jnp.broadcast_to(m_prefix_1[:, None, :], (B, n, cache.length))
+        anc = tree.ancestor_mask[nodes].copy()
+        anc[np.arange(n), nodes] = False  # own K/V comes from the block itself
+        m_anc = jnp.broadcast_to(jnp.asarray(anc)[None], (B, n, T))
+        m_self = jnp.broadcast_to(jnp.eye(n, dtype=bool)[None], (B, n, n))
+        for l, j in enumerate(layers):
+            h, (k, v) = S.fast_layer(cfg, base["layers"][j], m2r2["fast"][l], h,
+                                     [(cache.k[j], cache.v[j], m_prefix), (lk[l], lv[l], m_anc)], m_self, cos, sin)
+            lk[l] = lk[l].at[:, :, nodes].set(k.astype(lk[l].dtype))
+            lv[l] = lv[l].at[:, :, nodes].set(v.astype(lv[l].dtype))
+        logits = S.draft_logits(cfg, base, h, draft_ids)  # [B, n, Vd]
+        _, top = lax.top_k(logits, tree.topk)
+        cand = jnp.take(draft_ids, top)                    # [B, n, topk]
+        for ii, i in enumerate(nodes):
+            for c in tree.children[i]:
+                if c >= 0:
+                    toks = toks.at[:, c].set(cand[:, ii, tree.rank[c]])
+    return toks
+
+
+def _anc_at_depth(tree: DraftTree) -> np.ndarray:
+    """[T, D+1]: the ancestor of each node at each depth (itself at its own depth), -1 below."""
+    out = np.full((tree.size, tree.max_depth + 1), -1, np.int32)
+    for i in range(tree.size):
+        j = i
+        while j >= 0:
+            out[i, tree.depth[j]] = j
+            j = tree.parent[j]
+    return out
+
+
+def _accept_greedy(tree: DraftTree, toks, logits):
+    """-> (accepted depth a [B], path node ids [B, D+1], bonus [B], node_correct [B, T])."""
+    target = jnp.argmax(logits, -1).astype(jnp.int32)                 # [B, T]
+    par = jnp.asarray(np.maximum(tree.parent, 0))
+    correct = (toks == target[:, par]).at[:, 0].set(True)             # [B, T]
+    anc = jnp.asarray(tree.ancestor_mask)
+    acc = jnp.all(jnp.where(anc[None], correct[:, None, :], True), -1)  # [B, T]
+    score = jnp.where(acc, jnp.asarray(tree.depth)[None] * tree.size + (tree.size - jnp.arange(tree.size)), -1)
+    best = jnp.argmax(score, -1)
+    path = jnp.asarray(_anc_at_depth(tree))[best]
+    bonus = jnp.take_along_axis(target, best[:, None], 1)[:, 0]
+    return jnp.asarray(tree.depth)[best], path, bonus, correct
+
+
+def _accept_sampling(tree: DraftTree, toks, probs, key):
+    """Recursive rejection sampling with one-hot (top-k) proposals; exact for the base distribution.
+    probs [B, T, V] sampling distributions at each node. -> (a, path, bonus, node_correct)."""
+    children = jnp.asarray(tree.children)
+    anc_d = jnp.asarray(_anc_at_depth(tree))
+
+    def row(toks, probs, key):
+        node, alive, a = jnp.int32(0), jnp.bool_(True), jnp.int32(0)
+        p = probs[0]
+        for d in range(tree.max_depth + 1):
+            found, nxt = jnp.bool_(False), node
+            for r in range(children.shape[1]):
+                c = children[node, r]
+                valid = alive & ~found & (c >= 0)
+                x = toks[jnp.maximum(c, 0)]
+                key, sub = jax.random.split(key)
+                u = jax.random.uniform(sub)
+                ok = valid & (u * jnp.sum(p) < p[x])
+                found, nxt = found | ok, jnp.where(ok, c, nxt)
+                p = jnp.where(valid & ~ok, p.at[x].set(0.0), p)
+            a = a + (alive & found)
+            node = jnp.where(alive & found, nxt, node)
+            p = jnp.where(alive & found, probs[nxt], p)
+            alive = alive & found
+        key, sub = jax.random.split(key)
+        bonus = jax.random.categorical(sub, jnp.log(jnp.maximum(p, 0.0)))
+        return a, anc_d[node], bonus.astype(jnp.int32)
+
+    keys = jax.random.split(key, toks.shape[0])
+    a, path, bonus = jax.vmap(row)(toks, probs, keys)
+    return a, path, bonus, jnp.zeros(toks.shape, bool)
+
+
+def _compact(cache: D.KVCache, pos, path, D_: int) -> D.KVCache:
+    """Move accepted nodes' K/V (slots pos + path[k]) to slots pos + k, k = 1..D."""
+    src = pos[:, None] + jnp.maximum(path[:, 1:], 0)                 # [B, D]
+
+    def move(c):
+        g = jnp.take_along_axis(c, src[:, None, :, None], axis=2)      # [B, KV, D, hd]
+        return L.write_cache(c, g, pos + 1)
+
+    return D.KVCache([move(c) for c in cache.k], [move(c) for c in cache.v])
+
+
+def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bool, max_new: int,
+                   cache_len: int, draft_layers: int, filtered: bool):
+    T, Dm = tree.size, tree.max_depth
+
+    def run(base, m2r2, draft_ids, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
+        B = tokens.shape[0]
+        cache = D.init_cache(cfg, B, cache_len)
+        logits, cache = prefill(cfg, base, tokens, lengths, cache)
+        key, sub = jax.random.split(key)
+        cur = select(logits, sub, greedy, temperature, top_k, top_p)
+        W = Dm + 1
+        out = jnp.zeros((B, max_new + W), jnp.int32).at[:, 0].set(cur)
+        done = jnp.isin(cur, stop_ids) | (max_new <= 1)
+        zeros_b = jnp.zeros((B,), jnp.int32)
+        stats = dict(steps=zeros_b, accepted=zeros_b, depth_hits=jnp.zeros((B, Dm + 1), jnp.int32),
+                     node_tries=jnp.zeros((B, T), jnp.int32), node_hits=jnp.zeros((B, T), jnp.int32))
+        state = (lengths, cur, cache, out, jnp.ones((B,), jnp.int32), done, key, stats)
+
+        def cond(st):
+            return ~jnp.all(st[5])
+
+        def body(st):
+            pos, cur, cache, out, n_out, done, key, stats = st
+            toks = _draft(cfg, mc, tree, draft_layers, base, m2r2, draft_ids, cache, pos, cur)
+            logits, cache = D.forward(cfg, base, toks, cache, pos, positions=pos[:, None] + jnp.asarray(tree.depth)[None],
+                                      local_mask=jnp.asarray(tree.ancestor_mask))
+            key, sub = jax.random.split(key)
+            if greedy:
+                a, path, bonus, correct = _accept_greedy(tree, toks, logits)
+            else:
+                if filtered:
+                    probs = jax.vmap(lambda lg: sample_probs(lg, temperature, top_k, top_p), 1, 1)(logits)
+                else:
+                    probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6), -1)
+                a, path, bonus, correct = _accept_sampling(tree, toks, probs, sub)
+            cache = _compact(cache, pos, path, Dm)
+            k = jnp.arange(W)[None]
+            path_toks = jnp.take_along_axis(toks, jnp.maximum(path[:, 1:], 0), 1)          # [B, D]
+            path_toks = jnp.concatenate([path_toks, jnp.zeros((B, 1), jnp.int32)], 1)
+            emitted = jnp.where(k < a[:, None], path_toks, jnp.where(k == a[:, None], bonus[:, None], 0))
+            is_stop = jnp.isin(emitted, stop_ids) & (k <= a[:, None])
+            first_stop = jnp.where(jnp.any(is_stop, 1), jnp.argmax(is_stop, 1), W)
+            n_new = jnp.minimum(jnp.minimum(a + 1, first_stop + 1), max_new - n_out)
+            new_out = jax.vmap(lambda o, e, s: lax.dynamic_update_slice(o, e, (s,)))(out, emitted, n_out)
+            active = ~done
+            out = jnp.where(active[:, None], new_out, out)
+            n_out2 = n_out + jnp.where(active, n_new, 0)
+            done2 = done | (first_stop < W) | (n_out2 >= max_new)
+            pos = jnp.where(active, pos + a + 1, pos)
+            cur = jnp.where(active, bonus, cur)
+            act = active.astype(jnp.int32)
+            par = np.maximum(tree.parent, 0)
+            parent_ok = jnp.take_along_axis(_node_accepted(tree, correct), jnp.asarray(par)[None].repeat(B, 0), 1)
+            stats = dict(
+                steps=stats["steps"] + act, accepted=stats["accepted"] + act * a,
+                depth_hits=stats["depth_hits"] + act[:, None] * (jnp.arange(Dm + 1)[None] <= a[:, None]),
+                node_tries=stats["node_tries"] + act[:, None] * parent_ok.astype(jnp.int32),
+                node_hits=stats["node_hits"] + act[:, None] * (parent_ok & correct).astype(jnp.int32))
+            return pos, cur, cache, out, n_out2, done2, key, stats
+
+        _, _, _, out, n_out, _, _, stats = lax.while_loop(cond, body, state)
+        return out[:, :max_new], n_out, stats
+
+    return run
+
+
+def _node_accepted(tree: DraftTree, correct):
+    anc = jnp.asarray(tree.ancestor_mask)
+    return jnp.all(jnp.where(anc[None], correct[:, None, :], True), -1)
+
+
+@dataclasses.dataclass
+class SpecResult:
+    new_ids: list[list[int]]
+    decode_seconds: float
+    compile_seconds: float
+    steps: list[int]            # verification steps per row
+    accepted: list[int]         # drafted tokens accepted per row (bonus tokens not counted)
+    depth_hits: np.ndarray      # [B, D+1] steps whose accepted depth >= d
+    node_tries: np.ndarray      # [B, T] steps where the node's parent was accepted (greedy)
+    node_hits: np.ndarray       # [B, T] ... and the node itself matched
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per verification step (accepted drafts + the bonus token)."""
+        s = sum(self.steps)
+        return (sum(self.accepted) + s) / s if s else 0.0
+
+
+class SpeculativeDecoder:
+    """Compiled speculative executables for one (model, M2R2) pair, cached per shape bucket."""
+
+    def __init__(self, cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, draft_layers: int = 0):
+        self.cfg, self.mc, self.tree = cfg, mc, tree
+        n = mc.n_fast(cfg.num_layers)
+        self.draft_layers = draft_layers or n
+        if not 1 <= self.draft_layers <= n:
+            raise M2R2Error(f"draft_layers={draft_layers} must be in [1, {n}]")
+        self._compiled: dict[tuple, Any] = {}
+        self.compiles = 0
+
+    def plan(self, lens: Sequence[int], max_new: int) -> tuple[int, int]:
+        longest = max(lens)
+        if min(lens) < 1:
+            raise M2R2Error("empty prompt: at least one token is required")
+        P = bucket(longest)
+        need = longest + max_new + self.tree.size + 1
+        if need > self.cfg.max_position_embeddings:
+            raise M2R2Error(f"prompt of {longest} tokens + {max_new} new tokens (+ a {self.tree.size}-node tree) "
+                            f"exceeds the model's context of {self.cfg.max_position_embeddings} positions")
+        S_ = int(np.ceil(max(need, P) / CACHE_ROUND) * CACHE_ROUND)
+        self.cfg.check_cache_len(S_)
+        return P, S_
+
+    def generate(self, base, m2r2, draft_ids, prompts: Sequence[Sequence[int]], sc: SpecConfig = SpecConfig()
+                 ) -> SpecResult:
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts:
+            raise M2R2Error("no prompts given")
+        B, lens = len(prompts), [len(p) for p in prompts]
+        P, S_ = self.plan(lens, sc.max_new_tokens)
+        stop = sc.stop_ids if sc.stop_ids is not None else self.cfg.eos_token_ids
+        stop = tuple(stop) or (-1,)
+        tokens = np.zeros((B, P), np.int32)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = p
+        s = sc.sampling
+        filtered = (s.top_k > 0) or (s.top_p < 1.0)
+        args = (base, m2r2, jnp.asarray(draft_ids, jnp.int32), jnp.asarray(tokens), jnp.asarray(lens, jnp.int32),
+                jnp.asarray(stop, jnp.int32), jax.random.key(s.seed), jnp.float32(max(s.temperature, 0.0)),
+                jnp.int32(s.top_k), jnp.float32(s.top_p))
+        key = (B, P, S_, sc.max_new_tokens, s.greedy, filtered)
+        compile_s = 0.0
+        if key not in self._compiled:
+            fn = speculative_fn(self.cfg, self.mc, self.tree, s.greedy, sc.max_new_tokens, S_, self.draft_layers,
+                                filtered)
+            t0 = time.perf_counter()
+            self._compiled[key] = jax.jit(fn).lower(*args).compile()
+            compile_s = time.perf_counter() - t0
+            self.compiles += 1
+        t0 = time.perf_counter()
+        out, n_out, stats = self._compiled[key](*args)
+        out = np.asarray(jax.block_until_ready(out))
+        dt = time.perf_counter() - t0
+        n_out = np.asarray(n_out)
+        st = jax.tree.map(np.asarray, stats)
+        return SpecResult([out[b, :n_out[b]].tolist() for b in range(B)], dt, compile_s, st["steps"].tolist(),
+                          st["accepted"].tolist(), st["depth_hits"], st["node_tries"], st["node_hits"])

@@ -1,0 +1,200 @@
+"""Self-speculative decoding: tree buffers, verification vs a Python oracle,
+greedy losslessness (random adapters), batching, sampling distribution."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2r2_jax.decoding.generate import GenerateConfig, Generator
+from m2r2_jax.decoding.sampling import SamplingConfig
+from m2r2_jax.decoding.speculative import SpecConfig, SpeculativeDecoder, _accept_greedy
+from m2r2_jax.decoding.trees import build_tree, chain, get_tree
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.loading.hf_safetensors import load_hf_checkpoint
+from m2r2_jax.m2r2.config import M2R2Config
+from m2r2_jax.m2r2.params import init_m2r2
+
+
+def test_tree_buffers_hand_built():
+    t = build_tree([(0,), (1,), (0, 0), (0, 1), (1, 0)])
+    assert t.parent.tolist() == [-1, 0, 0, 1, 1, 2]
+    assert t.depth.tolist() == [0, 1, 1, 2, 2, 2]
+    assert t.rank.tolist() == [0, 0, 1, 0, 1, 0]
+    assert t.children.tolist() == [[1, 2], [3, 4], [5, -1], [-1, -1], [-1, -1], [-1, -1]]
+    assert t.leaf_paths.tolist() == [[0, 1, 3], [0, 1, 4], [0, 2, 5]]
+    want = np.array([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0],
+                     [1, 1, 0, 1, 0, 0], [1, 1, 0, 0, 1, 0], [1, 0, 1, 0, 0, 1]], bool)
+    assert (t.ancestor_mask == want).all()
+    c = chain(3)
+    assert c.parent.tolist() == [-1, 0, 1, 2] and c.topk == 1
+    with pytest.raises(M2R2Error, match="no parent path"):
+        build_tree([(0, 1)])
+    with pytest.raises(M2R2Error, match="unknown draft tree"):
+        get_tree("nope")
+    for name in ("tree16", "tree32", "tree64"):
+        assert get_tree(name).size == int(name[4:])
+
+
+def _oracle_accept(tree, toks, target):
+    """Plain-Python greedy acceptance: walk from the root taking the child whose token matches."""
+    node, path = 0, [0]
+    while True:
+        nxt = [c for c in tree.children[node] if c >= 0 and toks[c] == target[node]]
+        if not nxt:
+            return len(path) - 1, path, target[node]
+        node = nxt[0]
+        path.append(node)
+
+
+def test_greedy_accept_matches_oracle():
+    tree = get_tree("tree16")
+    rs = np.random.RandomState(0)
+    for _ in range(50):
+        V = 5  # tiny vocab so matches happen often; siblings carry distinct tokens, as real top-k drafts do
+        toks = np.zeros((1, tree.size), int)
+        for kids in tree.children:
+            kids = kids[kids >= 0]
+            toks[0, kids] = rs.permutation(V)[:len(kids)]
+        logits = rs.randn(1, tree.size, V)
+        a, path, bonus, _ = _accept_greedy(tree, jnp.asarray(toks), jnp.asarray(logits))
+        oa, opath, obonus = _oracle_accept(tree, toks[0], logits[0].argmax(-1))
+        assert int(a[0]) == oa and int(bonus[0]) == int(obonus)
+        assert np.asarray(path[0])[:oa + 1].tolist() == opath
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    cfg, params, _ = load_hf_checkpoint(str(tiny_llama_dir))
+    return cfg, jax.tree.map(jnp.asarray, params)
+
+
+def _m2r2(cfg, scale=0.3, **kw):
+    mc = M2R2Config(rate=1, num_fast_layers=2, rank=4, router_dim=8, **kw).validate(cfg.num_layers)
+    m = init_m2r2(cfg, mc, jax.random.key(3))
+    # random (untrained) adapters: b != 0 so the draft really differs from the base
+    m = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + scale * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+        if getattr(p[-1], "key", "") == "b" else x, m)
+    return mc, m
+
+
+def _prompts(n, seed=0):
+    rs = np.random.RandomState(seed)
+    return [rs.randint(3, 256, rs.randint(3, 20)).tolist() for _ in range(n)]
+
+
+@pytest.mark.parametrize("tree", ["chain3", "tree16"])
+def test_greedy_lossless_random_adapters(tiny, tree):
+    cfg, base = tiny
+    mc, m2r2 = _m2r2(cfg)
+    draft_ids = np.arange(cfg.vocab_size, dtype=np.int32)
+    spec = SpeculativeDecoder(cfg, mc, get_tree(tree))
+    gen = Generator(cfg)
+    prompts = _prompts(4)
+    sc = SpecConfig(max_new_tokens=24, stop_ids=(-1,))
+    ar = [gen.generate(base, [p], GenerateConfig(max_new_tokens=24, stop_ids=(-1,))).new_ids[0] for p in prompts]
+    single = [spec.generate(base, m2r2, draft_ids, [p], sc) for p in prompts]
+    assert [r.new_ids[0] for r in single] == ar
+    batched = spec.generate(base, m2r2, draft_ids, prompts, sc)
+    assert batched.new_ids == ar
+    assert all(s >= 1 for s in batched.steps) and sum(batched.steps) <= 4 * 24
+
+
+def test_zero_adapters_draft_well_and_stop_on_eos(tiny):
+    """With rate 1 and zero adapters the fast stream IS the base: every draft is accepted."""
+    cfg, base = tiny
+    mc = M2R2Config(rate=1, layer_map="prefix", rank=4, router_dim=8).validate(cfg.num_layers)
+    m2r2 = init_m2r2(cfg, mc, jax.random.key(0))
+    spec = SpeculativeDecoder(cfg, mc, chain(3))
+    p = _prompts(1, seed=5)[0]
+    r = spec.generate(base, m2r2, np.arange(cfg.vocab_size, dtype=np.int32), [p],
+                      SpecConfig(max_new_tokens=21, stop_ids=(-1,)))
+    assert r.tau == 4.0 and r.steps[0] == 5  # 1 prefill token + 5 steps x 4 tokens
+    ar = Generator(cfg).generate(base, [p], GenerateConfig(max_new_tokens=21, stop_ids=(-1,))).new_ids[0]
+    assert r.new_ids[0] == ar
+    stop = ar[7]
+    r2 = spec.generate(base, m2r2, np.arange(cfg.vocab_size, dtype=np.int32), [p],
+                       SpecConfig(max_new_tokens=21, stop_ids=(stop,)))
+    assert r2.new_ids[0] == ar[:ar.index(stop) + 1]
+
+
+def test_no_recompile_within_bucket(tiny):
+    cfg, base = tiny
+    mc, m2r2 = _m2r2(cfg)
+    spec = SpeculativeDecoder(cfg, mc, chain(2))
+    d = np.arange(cfg.vocab_size, dtype=np.int32)
+    spec.generate(base, m2r2, d, [[5, 6, 7]], SpecConfig(max_new_tokens=8))
+    r = spec.generate(base, m2r2, d, [list(range(10, 22))], SpecConfig(max_new_tokens=8))
+    assert spec.compiles == 1 and r.compile_seconds == 0.0
+
+
+def test_sampling_lossless_distribution(tiny):
+    """Empirical next-2-token distribution of speculative sampling == the base's (chi-square, fixed seed)."""
+    cfg, base = tiny
+    base = dict(base, final_norm=base["final_norm"] * 40.0)  # a peaked distribution: few likely tokens
+    mc, m2r2 = _m2r2(cfg, scale=1.0)
+    spec = SpeculativeDecoder(cfg, mc, get_tree("tree16"))
+    gen = Generator(cfg)
+    d = np.arange(cfg.vocab_size, dtype=np.int32)
+    prompt = [11, 12, 13]
+    n = 300
+    sc = lambda s: SamplingConfig(temperature=1.0, seed=s)
+    # tokens 2-3 come from a speculative step (token 1 is sampled after prefill)
+    spec_first = [tuple(spec.generate(base, m2r2, d, [prompt], SpecConfig(max_new_tokens=3, stop_ids=(-1,),
+                                                                          sampling=sc(s))).new_ids[0][1:3])
+                  for s in range(n)]
+    ar_first = [tuple(gen.generate(base, [prompt], GenerateConfig(max_new_tokens=3, stop_ids=(-1,),
+                                                                  sampling=sc(10_000 + s))).new_ids[0][1:3])
+                for s in range(n)]
+    from collections import Counter
+
+    a, b = Counter(spec_first), Counter(ar_first)
+    keys = sorted(set(a) | set(b))
+    # pool rare outcomes, then a two-sample chi-square test
+    big = [k for k in keys if a[k] + b[k] >= 10]
+    obs = np.array([[a[k] for k in big] + [n - sum(a[k] for k in big)],
+                    [b[k] for k in big] + [n - sum(b[k] for k in big)]], float)
+    obs = obs[:, obs.sum(0) > 0]
+    exp = obs.sum(1, keepdims=True) * obs.sum(0, keepdims=True) / obs.sum()
+    chi2 = ((obs - exp) ** 2 / exp).sum()
+    dof = obs.shape[1] - 1
+    from scipy.stats import chi2 as chi2_dist
+
+    assert dof >= 3, "test distribution too flat to be informative"
+    assert chi2_dist.sf(chi2, dof) > 0.01, (chi2, dof)
+    # the drafts were really used: some drafted tokens were accepted
+    r = spec.generate(base, m2r2, d, [prompt] * 4, SpecConfig(max_new_tokens=16, stop_ids=(-1,), sampling=sc(1)))
+    assert sum(r.accepted) > 0
+
+
+def _chi2_ok(counts, probs, alpha=1e-3):
+    from scipy.stats import chisquare
+
+    probs = np.asarray(probs, np.float64)
+    counts = np.asarray(counts, np.float64)
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "sampled a zero-probability token"
+    exp = probs[keep] / probs[keep].sum() * counts.sum()
+    return chisquare(counts[keep], exp).pvalue > alpha
+
+
+def test_rejection_sampling_exact_on_tiny_vocab():
+    """The tree acceptance rule itself: the first emitted token ~ p(root), and the second, given the
+    first was an accepted draft node c, ~ p(c) — whatever the drafts are (20k samples, chi-square)."""
+    from m2r2_jax.decoding.speculative import _accept_sampling
+
+    tree = build_tree([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)])
+    V, n = 6, 20000
+    rs = np.random.RandomState(0)
+    probs = rs.dirichlet(np.ones(V) * 0.7, tree.size).astype(np.float32)
+    toks = np.array([0, 2, 4, 1, 3, 5, 0], np.int32)[: tree.size]  # siblings distinct
+    keys = jax.random.split(jax.random.key(0), n)
+    a, path, bonus, _ = jax.jit(jax.vmap(lambda k: _accept_sampling(
+        tree, jnp.asarray(toks)[None], jnp.asarray(probs)[None], k)))(keys)
+    a, path, bonus = np.asarray(a)[:, 0], np.asarray(path)[:, 0], np.asarray(bonus)[:, 0]
+    first = np.where(a >= 1, toks[np.maximum(path[:, 1], 0)], bonus)
+    assert _chi2_ok(np.bincount(first, minlength=V), probs[0])
+    for c in (1, 2):  # condition on the first token being draft node c
+        sel = (a >= 1) & (path[:, 1] == c)
+        second = np.where(a[sel] >= 2, toks[np.maximum(path[sel, 2], 0)], bonus[sel])
+        assert sel.sum() > 500 and _chi2_ok(np.bincount(second, minlength=V), probs[c])
