@@ -1,0 +1,122 @@
+"""Self-speculative decoding vs plain AR decoding, in one run on the same prompts:
+tokens/s, speed-up, tau and losslessness per category, acceptance by tree depth.
+
+    python -m eval.speculative --model smollm2-135m [--checkpoint DIR] --dataset NAME_OR_PATH \
+        [--tree NAME] [--draft-layers N] [--temperature T] [--top-p P] [--seed S] \
+        [--max-new-tokens N] [--limit K] [--batch-size B] --out FILE.json [--plot FILE.png]
+
+Multi-turn items (MT-Bench, Spec-Bench's multi-turn group) evaluate every
+turn; later turns carry the model's own earlier answers. Compilation is
+excluded from all timings and reported separately. Speed-up = (spec tokens/s)
+/ (AR tokens/s) over all timed runs (= total AR time / total spec time when
+greedy, where both emit the same tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from m2r2_jax.cli import add_model_args, quiet_env, run_main
+
+
+def _f(x, spec=".2f", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def _yn(x):
+    return "n/a" if x is None else ("yes" if x else "NO")
+
+
+def format_table(res: dict) -> str:
+    rows = [("category", "prompts", "AR tok/s", "spec tok/s", "speedup", "tau", "lossless")]
+    for cat, c in res["per_category"].items():
+        rows.append((cat, str(c["prompts"]), _f(c["ar_tps"], ".1f"), _f(c["spec_tps"], ".1f"),
+                     _f(c["speedup"]), _f(c["tau"]), _yn(c["lossless"])))
+    t = res["totals"]
+    rows.append(("overall", str(res["prompts"]), _f(t["ar_tps"], ".1f"), _f(t["spec_tps"], ".1f"),
+                 _f(res["overall_speedup"]), _f(res["tau"]), _yn(res["lossless"])))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(r[0].ljust(w[0]) if i == 0 else r[i].rjust(w[i]) for i in range(len(r))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    from eval.alignment import DEFAULT_CHECKPOINT
+
+    p = argparse.ArgumentParser(prog="python -m eval.speculative", description=__doc__.split("\n")[0])
+    add_model_args(p)
+    p.add_argument("--checkpoint", default=None, help=f"M2R2 checkpoint (default: the shipped {DEFAULT_CHECKPOINT})")
+    p.add_argument("--dataset", default="mt_bench",
+                   help="eval set: mt_bench, spec_bench, koala, self_instruct, wizardlm, vicuna_bench, alpaca_eval "
+                        "(under the shared data dir), a .json/.jsonl path, or a hub dataset name[:split]")
+    p.add_argument("--tree", default="tree16", help="draft tree preset (chain2..chain6, tree16, tree32, tree64)")
+    p.add_argument("--draft-layers", type=int, default=0, help="fast layers used to draft (0 = all)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (lossless check on every prompt)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--limit", type=int, default=None,
+                   help="number of items, taken round-robin over categories (default: all)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--out", required=True, help="result JSON (its directory must exist)")
+    p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    quiet_env()
+
+    from m2r2_jax.decoding.trees import get_tree
+    from m2r2_jax.errors import M2R2Error
+
+    out = Path(a.out)
+    plot = Path(a.plot) if a.plot else out.with_suffix(".png")
+    for f, what in ((out, "--out"), (plot, "--plot")):
+        if not f.parent.is_dir():
+            raise M2R2Error(f"{what}: directory {f.parent} does not exist")
+        if f.is_dir():
+            raise M2R2Error(f"{what}: {f} is a directory")
+    if a.mesh:
+        raise M2R2Error("--mesh is not supported by the speculative decoder (single device)")
+    if a.max_new_tokens < 1 or a.batch_size < 1 or (a.limit is not None and a.limit < 1):
+        raise M2R2Error("--max-new-tokens, --batch-size and --limit must be >= 1")
+    if a.temperature < 0 or not 0.0 < a.top_p <= 1.0:
+        raise M2R2Error("need --temperature >= 0 and 0 < --top-p <= 1")
+    if a.draft_layers < 0:
+        raise M2R2Error("--draft-layers must be >= 0")
+    tree = get_tree(a.tree)
+
+    from m2r2_jax.evaluation.datasets import load_eval_set
+    from m2r2_jax.evaluation.plots import render_png
+    from m2r2_jax.evaluation.spec_eval import M2R2Bundle, machine_info, run_spec_eval
+    from m2r2_jax.loading.registry import load_model
+    from m2r2_jax.training.checkpoint import load_m2r2, resolve_checkpoint_dir
+
+    items = load_eval_set(a.dataset, limit=a.limit)
+    ckpt = a.checkpoint or str(Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT)
+    resolve_checkpoint_dir(ckpt)  # fail before loading the model
+    m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype)
+    mc, m2r2, draft_ids, meta = load_m2r2(ckpt, m.cfg, m.params, a.model)
+    res = run_spec_eval(m, M2R2Bundle(mc, m2r2, draft_ids, meta), items, tree, max_new_tokens=a.max_new_tokens,
+                        temperature=a.temperature, top_p=a.top_p, seed=a.seed, batch_size=a.batch_size,
+                        draft_layers=a.draft_layers, progress=not a.no_progress)
+    res["config"].update(model=a.model, checkpoint=ckpt, train_step=meta.get("step"), dataset=a.dataset,
+                         limit=a.limit, dtype=m.cfg.dtype, rate=mc.rate, num_fast_layers=mc.n_fast(m.cfg.num_layers))
+    res["machine"] = machine_info()
+    png = render_png(res, title=f"{a.model} on {a.dataset}: tree {tree.name}, T={a.temperature}, B={a.batch_size}")
+    out.write_text(json.dumps(res, indent=1))
+    plot.write_bytes(png)
+    print(format_table(res))
+    sp = res["overall_speedup"]
+    print(f"overall: speedup {_f(sp)}x (spec tok/s / AR tok/s = total AR time / total spec time when greedy; "
+          f"compile excluded), tau {_f(res['tau'])}, "
+          f"lossless {_yn(res['lossless'])}, {res['prompts']} prompts; compile {res['compile_seconds']['ar']:.1f}s AR "
+          f"+ {res['compile_seconds']['spec']:.1f}s spec")
+    print(f"wrote {out} and {plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,239 @@
+"""Speed and acceptance of self-speculative decoding against plain AR decoding,
+both in the SAME run on the same prompts.
+
+For every eval item and turn: the prompt is the chat template
+(`apply_chat_template(messages, add_generation_prompt=True)`) over the
+conversation so far, where earlier assistant turns are the model's OWN answers
+(the decoded text of the AR run); then the plain jitted AR loop (`Generator`)
+and the speculative loop (`SpeculativeDecoder`) answer it, one right after the
+other. An executable is compiled and run once untimed the first time a shape
+bucket appears (its compile time is reported as `compile_seconds`), so the
+timed runs never include compilation. With batch size B > 1, B prompts of one
+category run together through both loops: times are per batch, tokens summed.
+
+Greedy decoding must be lossless: spec `new_ids` == AR `new_ids`, checked
+token for token on EVERY prompt (`equal`; null when sampling).
+
+Speed-up (overall and per category) = (spec tokens / spec seconds) /
+(AR tokens / AR seconds); when both sides produce the same tokens (greedy,
+lossless) this is exactly total AR time / total spec time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import numpy as np
+
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.evaluation.datasets import EvalItem
+
+SPEEDUP_DEFINITION = ("(spec tokens / spec seconds) / (AR tokens / AR seconds) summed over all timed runs; "
+                      "equals total AR time / total spec time when both emit the same tokens (greedy)")
+
+
+@dataclasses.dataclass
+class M2R2Bundle:
+    mc: Any            # M2R2Config
+    params: Any        # trained M2R2 tree
+    draft_ids: Any     # draft vocabulary ids
+    meta: dict | None = None
+
+    @classmethod
+    def of(cls, x) -> "M2R2Bundle":
+        """A bundle, or `load_m2r2`'s (mc, params, draft_ids[, meta]) tuple."""
+        if isinstance(x, cls):
+            return x
+        if isinstance(x, (tuple, list)) and len(x) in (3, 4):
+            return cls(*x)
+        raise M2R2Error("m2r2 must be an M2R2Bundle or a (mc, params, draft_ids[, meta]) tuple")
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Exactly `apply_chat_template(messages, add_generation_prompt=True)` as a list of ints."""
+    if not hasattr(tokenizer, "apply_chat_template"):
+        raise M2R2Error("the tokenizer has no apply_chat_template: a chat model is needed for this eval")
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except (ValueError, TypeError) as e:  # e.g. no chat template set
+        raise M2R2Error(f"cannot apply the chat template: {str(e).splitlines()[0] if str(e) else e}") from None
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    if len(ids) and isinstance(ids[0], (list, tuple)):
+        ids = ids[0]
+    return [int(i) for i in ids]
+
+
+def _batches(items: Sequence[EvalItem], batch_size: int) -> list[list[EvalItem]]:
+    """B = 1: file order. B > 1: category-homogeneous chunks (per-category timing stays exact)."""
+    if batch_size == 1:
+        return [[it] for it in items]
+    by_cat: OrderedDict[str, list[EvalItem]] = OrderedDict()
+    for it in items:
+        by_cat.setdefault(it.category, []).append(it)
+    return [g[i:i + batch_size] for g in by_cat.values() for i in range(0, len(g), batch_size)]
+
+
+def _timed(fn):
+    """Run; if that call compiled, it was the warm-up: run again for the timing. -> (result, compile s)."""
+    r = fn()
+    if r.compile_seconds > 0:
+        c = r.compile_seconds
+        r = fn()
+        return r, c
+    return r, 0.0
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _agg(units: list[dict]) -> dict:
+    ar_s = sum(u["ar_seconds"] for u in units)
+    sp_s = sum(u["spec_seconds"] for u in units)
+    ar_n = sum(u["ar_tokens"] for u in units)
+    sp_n = sum(u["spec_tokens"] for u in units)
+    steps = sum(u["steps"] for u in units)
+    acc = sum(u["accepted"] for u in units)
+    ar_tps, sp_tps = _ratio(ar_n, ar_s), _ratio(sp_n, sp_s)
+    return dict(ar_seconds=ar_s, spec_seconds=sp_s, ar_tokens=ar_n, spec_tokens=sp_n, ar_tps=ar_tps,
+                spec_tps=sp_tps, speedup=sp_tps / ar_tps if ar_tps and sp_tps else None,
+                tau=_ratio(acc + steps, steps), steps=steps, accepted=acc)
+
+
+def _lossless(rows: list[dict]) -> bool | None:
+    eq = [r["equal"] for r in rows]
+    return None if any(e is None for e in eq) else all(eq)
+
+
+def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_new_tokens: int = 128,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 1,
+                  draft_layers: int = 0, progress: bool = True) -> dict:
+    """AR vs speculative on every turn of every item; see the module doc. `model` has `.cfg`, `.params`,
+    `.tokenizer` (a `LoadedModel`); `m2r2` is an `M2R2Bundle` or `load_m2r2`'s tuple."""
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from m2r2_jax.decoding.generate import GenerateConfig, Generator
+    from m2r2_jax.decoding.sampling import SamplingConfig
+    from m2r2_jax.decoding.speculative import SpecConfig, SpeculativeDecoder
+    from m2r2_jax.decoding.trees import get_tree
+
+    b = M2R2Bundle.of(m2r2)
+    tree = get_tree(tree)
+    items = list(items)
+    if not items:
+        raise M2R2Error("no eval items given")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise M2R2Error(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be >= 1")
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise M2R2Error(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+    greedy = temperature <= 0.0
+    cfg, base, tok = model.cfg, model.params, model.tokenizer
+    gen = Generator(cfg)
+    spec = SpeculativeDecoder(cfg, b.mc, tree, draft_layers)
+    draft_ids = jnp.asarray(np.asarray(b.draft_ids), jnp.int32)
+    D = tree.max_depth
+    depth_hits = np.zeros(D + 1, np.int64)
+    node_tries = np.zeros(tree.size, np.int64)
+    node_hits = np.zeros(tree.size, np.int64)
+    compile_s = {"ar": 0.0, "spec": 0.0}
+    units: list[dict] = []
+    per_prompt: list[dict] = []
+    t_start = time.perf_counter()
+    bar = tqdm(total=sum(len(it.turns) for it in items), disable=not progress, desc="spec eval", unit="prompt")
+    try:
+        for bi, batch in enumerate(_batches(items, batch_size)):
+            history: list[list[dict]] = [[] for _ in batch]
+            for t in range(max(len(it.turns) for it in batch)):
+                rows = [i for i, it in enumerate(batch) if t < len(it.turns)]
+                msgs = [history[i] + [{"role": "user", "content": batch[i].turns[t]}] for i in rows]
+                ids = [chat_ids(tok, m) for m in msgs]
+                s = SamplingConfig(temperature=max(temperature, 0.0), top_p=top_p, seed=seed + len(units))
+                ar, c_ar = _timed(lambda: gen.generate(base, ids, GenerateConfig(max_new_tokens=max_new_tokens,
+                                                                                 sampling=s)))
+                sp, c_sp = _timed(lambda: spec.generate(base, b.params, draft_ids, ids,
+                                                        SpecConfig(max_new_tokens=max_new_tokens, sampling=s)))
+                compile_s["ar"] += c_ar
+                compile_s["spec"] += c_sp
+                depth_hits += sp.depth_hits.sum(0)
+                node_tries += sp.node_tries.sum(0)
+                node_hits += sp.node_hits.sum(0)
+                unit = dict(category=batch[0].category, rows=len(rows), ar_seconds=ar.decode_seconds,
+                            spec_seconds=sp.decode_seconds, ar_tokens=sum(len(x) for x in ar.new_ids),
+                            spec_tokens=sum(len(x) for x in sp.new_ids), steps=int(sum(sp.steps)),
+                            accepted=int(sum(sp.accepted)))
+                u = _agg([unit])
+                for r, i in enumerate(rows):
+                    it = batch[i]
+                    steps, acc = int(sp.steps[r]), int(sp.accepted[r])
+                    per_prompt.append(dict(
+                        id=it.id, category=it.category, raw_category=it.raw_category, turn=t + 1, batch=bi,
+                        batch_rows=len(rows), prompt_tokens=len(ids[r]), ar_tokens=len(ar.new_ids[r]),
+                        spec_tokens=len(sp.new_ids[r]), steps=steps, accepted=acc,
+                        tau=_ratio(acc + steps, steps),
+                        equal=(sp.new_ids[r] == ar.new_ids[r]) if greedy else None,
+                        ar_seconds=u["ar_seconds"], spec_seconds=u["spec_seconds"], ar_tps=u["ar_tps"],
+                        spec_tps=u["spec_tps"], speedup=u["speedup"]))
+                    answer = tok.decode(ar.new_ids[r], skip_special_tokens=True)
+                    history[i] = msgs[r] + [{"role": "assistant", "content": answer}]
+                units.append(unit)
+                bar.update(len(rows))
+                tot = _agg(units)
+                bar.set_postfix(speedup=f"{tot['speedup'] or 0:.2f}", tau=f"{tot['tau'] or 0:.2f}")
+    finally:
+        bar.close()
+
+    per_category = {}
+    for cat in OrderedDict.fromkeys(u["category"] for u in units):
+        a = _agg([u for u in units if u["category"] == cat])
+        rows = [r for r in per_prompt if r["category"] == cat]
+        per_category[cat] = dict(prompts=len(rows), speedup=a["speedup"], tau=a["tau"], ar_tps=a["ar_tps"],
+                                 spec_tps=a["spec_tps"], lossless=_lossless(rows), ar_seconds=a["ar_seconds"],
+                                 spec_seconds=a["spec_seconds"], tokens=a["spec_tokens"])
+    tot = _agg(units)
+    steps = tot["steps"]
+    depth_acc = [dict(depth=d, rate=_ratio(float(depth_hits[d]), steps)) for d in range(1, D + 1)]
+    node_acc = [dict(node=i, path=list(tree.paths[i - 1]), depth=int(tree.depth[i]), rank=int(tree.rank[i]),
+                     tries=int(node_tries[i]), hits=int(node_hits[i]),
+                     rate=_ratio(float(node_hits[i]), float(node_tries[i]))) for i in range(1, tree.size)]
+    ar_ms_tok = _ratio(1e3 * tot["ar_seconds"], tot["ar_tokens"])
+    sp_ms_step = _ratio(1e3 * tot["spec_seconds"], steps)
+    step_cost = _ratio(sp_ms_step, ar_ms_tok) if sp_ms_step and ar_ms_tok else None
+    return {
+        "config": dict(tree=tree.name, tree_size=tree.size, tree_depth=D, tree_paths=[list(p) for p in tree.paths],
+                       draft_layers=spec.draft_layers, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, seed=seed, batch_size=batch_size, greedy=greedy, items=len(items)),
+        "overall_speedup": tot["speedup"],
+        "speedup_definition": SPEEDUP_DEFINITION,
+        "tau": tot["tau"],
+        "lossless": _lossless(per_prompt),
+        "prompts": len(per_prompt),
+        "totals": {k: tot[k] for k in ("ar_seconds", "spec_seconds", "ar_tokens", "spec_tokens", "ar_tps",
+                                       "spec_tps", "steps", "accepted")},
+        "per_category": per_category,
+        "depth_acceptance": depth_acc,
+        "node_acceptance": node_acc if greedy else [],
+        "cost": {
+            "ar_ms_per_token": ar_ms_tok, "spec_ms_per_step": sp_ms_step,
+            "step_cost_in_ar_tokens": step_cost,
+            "predicted_speedup": _ratio(tot["tau"], step_cost) if step_cost and tot["tau"] else None,
+            "note": "one speculative step (draft + verify + accept, prefill amortised) in units of one AR "
+                    "token; speed-up ~= tau / step_cost"},
+        "compile_seconds": dict(compile_s, ar_executables=gen.compiles, spec_executables=spec.compiles),
+        "wall_seconds": time.perf_counter() - t_start,
+        "per_prompt": per_prompt,
+    }
+
+
+def machine_info() -> dict:
+    import jax
+
+    d = jax.devices()
+    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                python=platform.python_version(), cpu_count=os.cpu_count(), jax=jax.__version__,
+                backend=jax.default_backend(), devices=len(d), device_kind=d[0].device_kind if d else None)

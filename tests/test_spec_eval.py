@@ -1,0 +1,197 @@
+"""Speculative-decoding eval: eval-set formats, the AR-vs-spec run on a tiny random
+model (multi-turn through a fake chat tokenizer), aggregates, plot, CLI errors."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.evaluation.datasets import load_eval_set
+from m2r2_jax.training.prompts import data_root
+
+
+def _jsonl(path: Path, recs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def test_formats_synthetic(tmp_path):
+    mt = _jsonl(tmp_path / "mt.jsonl", [
+        {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Now shorter."]},
+        {"question_id": 82, "category": "math", "turns": ["1+1?", "2+2?"], "reference": ["2", "4"]}])
+    it = load_eval_set(str(mt))
+    assert [(i.id, i.category, len(i.turns)) for i in it] == [("81", "writing", 2), ("82", "math", 2)]
+
+    sb = _jsonl(tmp_path / "sb.jsonl", [
+        {"question_id": 1, "category": "writing", "turns": ["a", "b"]},
+        {"question_id": 2, "category": "translation", "turns": ["Translate: Hallo"]},
+        {"question_id": 3, "category": "math_reasoning", "turns": ["3*3?"]},
+        {"question_id": 4, "category": "rag", "turns": ["ctx q"]}])
+    it = load_eval_set(str(sb))
+    assert [i.category for i in it] == ["multi-turn", "translation", "math", "rag"]
+    assert [i.raw_category for i in it] == ["writing", "translation", "math_reasoning", "rag"]
+
+    ko = _jsonl(tmp_path / "koala" / "koala_test_set.jsonl", [{"id": "koala_0", "prompt": "Hi?"}])
+    assert [(i.id, i.category, i.turns) for i in load_eval_set(str(ko))] == [("koala_0", "koala", ["Hi?"])]
+
+    si = _jsonl(tmp_path / "si.jsonl", [
+        {"id": "t0", "motivation_app": "Gmail", "instruction": "Fix this.", "instances": [{"input": "teh", "output": "the"}]},
+        {"id": "t1", "motivation_app": "X", "instruction": "Joke.", "instances": [{"input": "", "output": "ha"}]}])
+    it = load_eval_set(str(si))
+    assert [i.turns for i in it] == [["Fix this.\n\nteh"], ["Joke."]] and it[0].raw_category == "Gmail"
+
+    wz = _jsonl(tmp_path / "wz.jsonl", [{"idx": 1, "Skill": "Math", "Difficulty": 1, "Instruction": "2+2?"},
+                                        {"idx": 2, "Skill": "Code", "Difficulty": 3, "Instruction": "Sort."}])
+    assert [(i.id, i.category) for i in load_eval_set(str(wz))] == [("1", "Math"), ("2", "Code")]
+
+    ae = tmp_path / "ae.json"  # a .json list file
+    ae.write_text(json.dumps([{"idx": 0, "dataset": "oasst", "instruction": "Why?"},
+                              {"idx": 1, "dataset": "koala", "instruction": "How?"},
+                              {"idx": 2, "dataset": "oasst", "instruction": "   "}]))
+    it = load_eval_set(str(ae))
+    assert [(i.category, i.turns) for i in it] == [("oasst", ["Why?"]), ("koala", ["How?"])]
+
+    # limit: round-robin over categories, file order kept
+    assert [i.id for i in load_eval_set(str(sb), limit=2)] == ["1", "2"]
+    with pytest.raises(M2R2Error, match="unknown eval record format"):
+        load_eval_set(str(_jsonl(tmp_path / "bad.jsonl", [{"foo": 1}])))
+    with pytest.raises(M2R2Error, match="not found"):
+        load_eval_set(str(tmp_path / "missing.jsonl"))
+
+
+def test_short_names_and_hub_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("M2R2_DATA", str(tmp_path))
+    _jsonl(tmp_path / "wizardlm" / "WizardLM_testset.jsonl", [{"idx": 7, "Skill": "Art", "Instruction": "Paint."}])
+    assert [(i.id, i.category, i.source.endswith("WizardLM_testset.jsonl")) for i in load_eval_set("wizardlm")] \
+        == [("7", "Art", True)]
+    with pytest.raises(M2R2Error, match="eval set 'koala' not found"):
+        load_eval_set("koala")
+    with pytest.raises(M2R2Error) as e:  # HF_HUB_OFFLINE=1 (conftest)
+        load_eval_set("no-such-org-xyz/no-such-eval-set")
+    assert "no-such-org-xyz/no-such-eval-set" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_real_eval_files():
+    root = data_root()
+    if not (root / "mt_bench/question.jsonl").is_file() or not (root / "spec_bench/question.jsonl").is_file():
+        pytest.skip(f"shared eval data not found under {root}")
+    mt = load_eval_set("mt_bench")
+    assert len(mt) == 80 and all(len(i.turns) == 2 for i in mt)
+    assert len({i.category for i in mt}) == 8
+    sb = load_eval_set("spec_bench")
+    groups = {}
+    for i in sb:
+        groups[i.category] = groups.get(i.category, 0) + 1
+    assert len(sb) == 480
+    assert groups == {"multi-turn": 80, "translation": 80, "summarization": 80, "qa": 80, "math": 80, "rag": 80}
+    assert all(len(i.turns) == 2 for i in sb if i.category == "multi-turn")
+    assert [i.turns for i in sb[:80]] == [i.turns for i in mt]
+    lim = load_eval_set("spec_bench", limit=12)
+    assert sorted({i.category for i in lim}) == sorted(groups) and len(lim) == 12
+
+
+# ----------------------------------------------------------------------------- run_spec_eval
+
+class CharTokenizer:
+    """Printable ASCII char -> its code point; 1 = BOS, 2 = EOS, 3/4 = user/assistant headers."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _enc(self, s):
+        return [ord(c) if 32 <= ord(c) < 127 else ord("?") for c in s]
+
+    def apply_chat_template(self, messages, add_generation_prompt=False):
+        self.calls.append([dict(m) for m in messages])
+        ids = [1]
+        for m in messages:
+            ids += [3 if m["role"] == "user" else 4] + self._enc(m["content"]) + [5]
+        return ids + ([4] if add_generation_prompt else [])
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) if 32 <= i < 127 else ("" if skip_special_tokens else f"<{i}>") for i in ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_llama_dir):
+    from m2r2_jax.loading.hf_safetensors import load_hf_checkpoint
+    from m2r2_jax.m2r2.config import M2R2Config
+    from m2r2_jax.m2r2.params import init_m2r2
+
+    cfg, params, _ = load_hf_checkpoint(str(tiny_llama_dir))
+    mc = M2R2Config(rate=1, num_fast_layers=2, rank=4, router_dim=8).validate(cfg.num_layers)
+    m = init_m2r2(cfg, mc, jax.random.key(3))
+    m = jax.tree_util.tree_map_with_path(  # small random adapters (b != 0): drafts partly accepted
+        lambda p, x: x + 0.02 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+        if getattr(p[-1], "key", "") == "b" else x, m)
+    model = SimpleNamespace(cfg=cfg, params=jax.tree.map(jnp.asarray, params), tokenizer=CharTokenizer())
+    return model, (mc, m, np.arange(cfg.vocab_size, dtype=np.int32))
+
+
+def test_run_spec_eval_tiny(tiny_setup, tmp_path):
+    from eval.speculative import format_table
+    from m2r2_jax.decoding.trees import build_tree
+    from m2r2_jax.evaluation.datasets import EvalItem
+    from m2r2_jax.evaluation.plots import plot_spec_eval
+    from m2r2_jax.evaluation.spec_eval import run_spec_eval
+
+    model, bundle = tiny_setup
+    items = [EvalItem("a", "chat", ["Hello!", "Again?"]), EvalItem("b", "qa", ["Why blue?"]),
+             EvalItem("c", "qa", ["What is 2+2?"])]  # first turns in the 16-token bucket
+    tree = build_tree([(0,), (1,), (0, 0)], "t3")
+    res = run_spec_eval(model, bundle, items, tree, max_new_tokens=10, batch_size=1, progress=False)
+    assert res["lossless"] is True and res["prompts"] == 4
+    assert all(r["equal"] is True for r in res["per_prompt"])
+    assert set(res["per_category"]) == {"chat", "qa"} and res["per_category"]["chat"]["prompts"] == 2
+    assert res["tau"] > 1.0 and all(c["tau"] >= 1.0 for c in res["per_category"].values())
+    assert res["overall_speedup"] > 0 and res["compile_seconds"]["spec"] > 0
+    assert [d["depth"] for d in res["depth_acceptance"]] == [1, 2]
+    rates = [d["rate"] for d in res["depth_acceptance"]]
+    assert 0 < rates[1] <= rates[0] <= 1
+    na = {tuple(n["path"]): n for n in res["node_acceptance"]}
+    assert set(na) == set(tree.paths) and na[(0,)]["tries"] == res["totals"]["steps"] and na[(0,)]["hits"] > 0
+    # multi-turn: the second prompt carries the model's own (AR) first answer
+    ar_first = next(r for r in res["per_prompt"] if r["id"] == "a" and r["turn"] == 1)
+    second = [c for c in model.tokenizer.calls if len(c) == 3]
+    assert second and second[-1][0]["content"] == "Hello!" and second[-1][2]["content"] == "Again?"
+    assert second[-1][1]["role"] == "assistant" and len(second[-1][1]["content"]) <= ar_first["ar_tokens"]
+    t = res["totals"]
+    assert t["ar_tokens"] == t["spec_tokens"]
+    assert res["overall_speedup"] == pytest.approx(t["ar_seconds"] / t["spec_seconds"])
+
+    # a batch of 2 (greedy: still token-for-token equal), then sampling (equal is null)
+    res2 = run_spec_eval(model, bundle, items[1:], tree, max_new_tokens=10, batch_size=2, progress=False)
+    assert res2["lossless"] is True and {r["batch_rows"] for r in res2["per_prompt"]} == {2}
+    assert [r["ar_tokens"] for r in res2["per_prompt"]] == [r["ar_tokens"] for r in res["per_prompt"][2:]]
+    res3 = run_spec_eval(model, bundle, items[1:], tree, max_new_tokens=10, temperature=1.0, top_p=0.9,
+                         batch_size=2, progress=False)
+    assert res3["lossless"] is None and res3["node_acceptance"] == [] and res3["tau"] >= 1.0
+    assert res3["per_category"]["qa"]["lossless"] is None
+
+    png = plot_spec_eval(res, tmp_path / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    table = format_table(res)
+    assert "chat" in table and "overall" in table and "lossless" in table
+    json.dumps(res)  # JSON-serialisable
+
+
+def test_cli_bad_input_one_line(tmp_path, capsys):
+    from eval.speculative import main
+    from m2r2_jax.cli import run_main
+
+    for argv, msg in ((["--out", str(tmp_path / "nope" / "r.json")], "does not exist"),
+                      (["--out", str(tmp_path / "r.json"), "--tree", "bogus"], "unknown draft tree"),
+                      (["--out", str(tmp_path / "r.json"), "--batch-size", "0"], ">= 1"),
+                      (["--out", str(tmp_path / "r.json"), "--dataset", str(tmp_path / "x.jsonl")], "not found")):
+        with pytest.raises(SystemExit) as e:
+            run_main(main, argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and msg in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
