@@ -14,7 +14,7 @@ class M2R2Config:
     rate: int = 3                       # r: the fast stream covers r slow layers per fast layer
     branch: int = 0                     # b: fast stream branches off slow state h_s^b
     num_fast_layers: int = 0            # L_f; 0 -> ceil((N - b) / r)
-    layer_map: str = "strided"          # which base weights fast layer l uses: strided (t(l)) | prefix (b+l)
+    layer_map: str = "prefix"           # which base weights fast layer l uses: prefix (b+l) | strided (t(l))
     rank: int = 32                      # accelerator adapter rank
     targets: tuple[str, ...] = ALL_TARGETS
     gain: bool = True                   # per-layer, per-channel gain on each residual update
