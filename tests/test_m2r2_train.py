@@ -65,10 +65,10 @@ def test_zero_init_fast_stream_equals_base_layers(tiny_model, layer_map):
 
 
 def test_targets_and_layer_maps():
-    mc = M2R2Config(rate=3)
+    mc = M2R2Config(rate=3, layer_map="strided")
     assert mc.n_fast(30) == 10 and mc.targets_of(30) == [3 * l for l in range(1, 11)]
     assert mc.base_layers(30) == [3 * l - 1 for l in range(1, 11)]
-    assert M2R2Config(rate=3, layer_map="prefix").base_layers(30) == list(range(10))
+    assert M2R2Config(rate=3).base_layers(30) == list(range(10))  # default: prefix
     assert M2R2Config(num_fast_layers=8).targets_of(30)[-1] == 30
     with pytest.raises(M2R2Error, match="unknown adapter target"):
         M2R2Config(targets=("q", "zz")).validate(30)
