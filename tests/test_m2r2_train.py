@@ -176,3 +176,59 @@ def test_alignment_eval_and_checkpoint_loading(tiny_model, tmp_path):
         load_m2r2(tmp_path / "checkpoints", cfg, jax.tree.map(lambda x: x + 1.0, base), "tiny")
     with pytest.raises(M2R2Error, match="checkpoint not found"):
         load_m2r2(tmp_path / "nope", cfg, base, "tiny")
+
+
+_CHILD = r"""
+import sys, json, numpy as np
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from test_m2r2_train import _model, _records, _tc
+from m2r2_jax.loading.hf_safetensors import load_hf_checkpoint
+from m2r2_jax.training.trainer import train
+from pathlib import Path
+cfg, params, _ = load_hf_checkpoint({tiny!r})
+train(_tc(Path({out!r}), steps=400, save_every=2), model=_model((cfg, params)), records=_records(16),
+      progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_exact(tiny_model, tiny_llama_dir, tmp_path):
+    """A real SIGKILL mid-run (async checkpointing on): the resumed run's next losses equal an unbroken run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    out = tmp_path / "killed"
+    code = _CHILD.format(root=root, tests=str(Path(__file__).parent), tiny=str(tiny_llama_dir), out=str(out))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckdir = out / "checkpoints"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:  # wait for >= 2 step dirs, then kill -9 mid-run
+            done = [d for d in ckdir.iterdir() if d.name.isdigit()] if ckdir.exists() else []
+            if len(done) >= 2 and proc.poll() is None:
+                time.sleep(0.5)
+                break
+            if proc.poll() is not None:
+                raise AssertionError(proc.stderr.read().decode()[-3000:])
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    from m2r2_jax.training.checkpoint import Checkpointer
+
+    start = Checkpointer(out / "checkpoints", 2, 2, False).latest_step()
+    assert start is not None and start >= 2
+    resumed = train(_tc(out, steps=400, save_every=2), model=_model(tiny_model), records=_records(16),
+                    progress=False, stop_at=start + 2)
+    full = train(_tc(tmp_path / "full", steps=400, save_every=1000), model=_model(tiny_model),
+                 records=_records(16), progress=False, stop_at=start + 2)
+    assert len(resumed.history) == 2
+    for a, b in zip(full.history[start:], resumed.history):
+        assert float(a["loss"]) == float(b["loss"])
