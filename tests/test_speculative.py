@@ -198,3 +198,22 @@ def test_rejection_sampling_exact_on_tiny_vocab():
         sel = (a >= 1) & (path[:, 1] == c)
         second = np.where(a[sel] >= 2, toks[np.maximum(path[sel, 2], 0)], bonus[sel])
         assert sel.sum() > 500 and _chi2_ok(np.bincount(second, minlength=V), probs[c])
+
+
+def test_tree_selection_trades_acceptance_for_cost():
+    from m2r2_jax.decoding.tree_select import acceptance_from_nodes, select_tree
+
+    curve = {1: 1.0, 8: 1.35, 16: 1.73, 32: 2.8, 64: 4.74}
+    p = [[0.6, 0.15, 0.08, 0.05]] * 5
+    cheap = select_tree(p, curve, draft_cost=0.02)
+    dear = select_tree(p, curve, draft_cost=0.4)
+    assert cheap.tree.max_depth > dear.tree.max_depth        # expensive drafting -> shallower trees
+    assert cheap.speedup > dear.speedup > 0
+    # the expected length of a chain is 1 + a + a^2 + ...
+    ch = select_tree([[0.5]] * 3, {1: 1.0, 64: 1.0}, draft_cost=0.0, max_nodes=4)
+    assert ch.tree.size == 4 and abs(ch.expected_tokens - (1 + 0.5 + 0.25 + 0.125)) < 1e-9
+    # with free verification and no draft cost, more nodes never hurt
+    assert select_tree(p, {1: 1.0, 64: 1.0}, 0.0).tree.size == 64
+    rows = [{"depth": 1, "rank": 0, "tries": 10, "hits": 6}, {"depth": 1, "rank": 1, "tries": 10, "hits": 2},
+            {"depth": 2, "rank": 0, "tries": 6, "hits": 3}, {"depth": 0, "rank": 0, "tries": 10, "hits": 10}]
+    assert acceptance_from_nodes(rows) == [[0.6, 0.2], [0.5]]

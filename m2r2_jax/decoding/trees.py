@@ -129,6 +129,17 @@ PRESETS = {
 def get_tree(name_or_paths) -> DraftTree:
     if isinstance(name_or_paths, DraftTree):
         return name_or_paths
+    if isinstance(name_or_paths, str) and name_or_paths.endswith(".json"):
+        import json
+        from pathlib import Path
+
+        f = Path(name_or_paths)
+        if not f.is_file():
+            raise M2R2Error(f"draft tree file not found: {f}")
+        try:
+            return build_tree(json.loads(f.read_text())["paths"], f.stem)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise M2R2Error(f"corrupt draft tree file {f}: {e}") from None
     if isinstance(name_or_paths, str):
         if name_or_paths not in PRESETS:
             raise M2R2Error(f"unknown draft tree {name_or_paths!r}; presets: {', '.join(PRESETS)}")
