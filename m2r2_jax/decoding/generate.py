@@ -34,6 +34,24 @@ def bucket(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
     return int(np.ceil(n / buckets[-1]) * buckets[-1])
 
 
+def round_cache(n: int) -> int:
+    """Cache lengths are multiples of CACHE_ROUND, so nearby requests share one executable."""
+    return int(np.ceil(n / CACHE_ROUND) * CACHE_ROUND)
+
+
+def stop_tuple(cfg: ModelConfig, stop_ids) -> tuple[int, ...]:
+    """Explicit stop ids, else the model's EOS ids; (-1,) (never matches) when there are none."""
+    return tuple(stop_ids if stop_ids is not None else cfg.eos_token_ids) or (-1,)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], P: int, pad_id: int = 0) -> np.ndarray:
+    """Right-pad token lists to a [B, P] int32 array."""
+    tokens = np.full((len(prompts), P), pad_id, np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = p
+    return tokens
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateConfig:
     max_new_tokens: int = 128
@@ -118,7 +136,7 @@ class Generator:
                                 f"{need}, longer than the cache length {S}")
             P = min(P, S)
         else:
-            S = int(np.ceil(max(need, P) / CACHE_ROUND) * CACHE_ROUND)
+            S = round_cache(max(need, P))
         if need > self.cfg.max_position_embeddings:
             raise M2R2Error(f"prompt of {longest} tokens + {gen.max_new_tokens} new tokens exceeds the model's "
                             f"context of {self.cfg.max_position_embeddings} positions")
@@ -135,11 +153,8 @@ class Generator:
             raise M2R2Error("no prompts given")
         lens = [len(p) for p in prompts]
         P, S = self.plan(lens, gen)
-        stop = gen.stop_ids if gen.stop_ids is not None else self.cfg.eos_token_ids
-        stop = tuple(stop) or (-1,)
-        tokens = np.full((B, P), gen.pad_id, np.int32)
-        for b, p in enumerate(prompts):
-            tokens[b, :len(p)] = p
+        stop = stop_tuple(self.cfg, gen.stop_ids)
+        tokens = pad_prompts(prompts, P, gen.pad_id)
         s = gen.sampling
         args = (params, jnp.asarray(tokens), jnp.asarray(lens, jnp.int32), jnp.asarray(stop, jnp.int32),
                 jax.random.key(s.seed), jnp.float32(max(s.temperature, 0.0)), jnp.int32(s.top_k),

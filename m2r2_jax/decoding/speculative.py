@@ -27,7 +27,7 @@ import numpy as np
 from jax import lax
 
 from m2r2_jax.config import ModelConfig
-from m2r2_jax.decoding.generate import CACHE_ROUND, bucket, prefill
+from m2r2_jax.decoding.generate import bucket, pad_prompts, prefill, round_cache, stop_tuple
 from m2r2_jax.decoding.sampling import SamplingConfig, sample_probs, select
 from m2r2_jax.decoding.trees import DraftTree
 from m2r2_jax.errors import M2R2Error
@@ -143,7 +143,7 @@ def _accept_sampling(tree: DraftTree, toks, probs, key):
     return a, path, bonus, jnp.zeros(toks.shape, bool)
 
 
-def _compact(cache: D.KVCache, pos, path, D_: int) -> D.KVCache:
+def _compact(cache: D.KVCache, pos, path) -> D.KVCache:
     """Move accepted nodes' K/V (slots pos + path[k]) to slots pos + k, k = 1..D."""
     src = pos[:, None] + jnp.maximum(path[:, 1:], 0)                 # [B, D]
 
@@ -189,7 +189,7 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
                 else:
                     probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6), -1)
                 a, path, bonus, correct = _accept_sampling(tree, toks, probs, sub)
-            cache = _compact(cache, pos, path, Dm)
+            cache = _compact(cache, pos, path)
             k = jnp.arange(W)[None]
             path_toks = jnp.take_along_axis(toks, jnp.maximum(path[:, 1:], 0), 1)          # [B, D]
             path_toks = jnp.concatenate([path_toks, jnp.zeros((B, 1), jnp.int32)], 1)
@@ -264,7 +264,7 @@ class SpeculativeDecoder:
         if need > self.cfg.max_position_embeddings:
             raise M2R2Error(f"prompt of {longest} tokens + {max_new} new tokens (+ a {self.tree.size}-node tree) "
                             f"exceeds the model's context of {self.cfg.max_position_embeddings} positions")
-        S_ = int(np.ceil(max(need, P) / CACHE_ROUND) * CACHE_ROUND)
+        S_ = round_cache(max(need, P))
         self.cfg.check_cache_len(S_)
         return P, S_
 
@@ -275,11 +275,8 @@ class SpeculativeDecoder:
             raise M2R2Error("no prompts given")
         B, lens = len(prompts), [len(p) for p in prompts]
         P, S_ = self.plan(lens, sc.max_new_tokens)
-        stop = sc.stop_ids if sc.stop_ids is not None else self.cfg.eos_token_ids
-        stop = tuple(stop) or (-1,)
-        tokens = np.zeros((B, P), np.int32)
-        for b, p in enumerate(prompts):
-            tokens[b, :len(p)] = p
+        stop = stop_tuple(self.cfg, sc.stop_ids)
+        tokens = pad_prompts(prompts, P)
         s = sc.sampling
         filtered = (s.top_k > 0) or (s.top_p < 1.0)
         args = (base, m2r2, jnp.asarray(draft_ids, jnp.int32), jnp.asarray(tokens), jnp.asarray(lens, jnp.int32),

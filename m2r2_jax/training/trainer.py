@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2r2_jax.errors import M2R2Error
-from m2r2_jax.m2r2.params import init_m2r2, m2r2_spec
-from m2r2_jax.model.params import count_params, logical_axes
-from m2r2_jax.sharding import make_mesh, maybe_initialize_distributed, tree_shardings
+from m2r2_jax.m2r2.params import init_m2r2
+from m2r2_jax.model.params import count_params
+from m2r2_jax.sharding import make_mesh, maybe_initialize_distributed
 from m2r2_jax.training import checkpoint as C
 from m2r2_jax.training.batches import BatchStream, pack_examples
 from m2r2_jax.training.config import TrainConfig, config_to_dict
@@ -85,7 +84,6 @@ def train(tc: TrainConfig, *, model=None, records: Sequence[dict] | None = None,
     stream = BatchStream(tokens, mask, tc.batch_size, tc.seed)
     draft_ids = rank_draft_vocab(records, cfg.vocab_size, mc.draft_vocab, cfg.eos_token_ids)
 
-    spec = m2r2_spec(cfg, mc)
     sh = train_shardings(mesh, cfg, mc, base, jax.eval_shape(lambda: init_m2r2(cfg, mc, jax.random.key(0))),
                          (tc.batch_size, tc.seq_len))
     m2r2 = jax.jit(lambda k: init_m2r2(cfg, mc, k), out_shardings=sh["m2r2"])(jax.random.key(tc.seed))
