@@ -3,7 +3,7 @@ tokens/s, speed-up, tau and losslessness per category, acceptance by tree depth.
 
     python -m eval.speculative --model smollm2-135m [--checkpoint DIR] --dataset NAME_OR_PATH \
         [--tree NAME] [--draft-layers N] [--temperature T] [--top-p P] [--seed S] \
-        [--max-new-tokens N] [--limit K] [--batch-size B] --out FILE.json [--plot FILE.png]
+        [--max-new-tokens N] [--limit K] [--batch-size B] [--out FILE.json] [--plot FILE.png]
 
 Multi-turn items (MT-Bench, Spec-Bench's multi-turn group) evaluate every
 turn; later turns carry the model's own earlier answers. Compilation is
@@ -51,7 +51,7 @@ def main(argv=None):
     add_model_args(p)
     p.add_argument("--checkpoint", default=None, help=f"M2R2 checkpoint (default: the shipped {DEFAULT_CHECKPOINT})")
     p.add_argument("--dataset", default="mt_bench",
-                   help="eval set: mt_bench, spec_bench, koala, self_instruct, wizardlm, vicuna_bench, alpaca_eval "
+                   help="eval set: builtin (16 prompts shipped with the package), mt_bench, spec_bench, koala, self_instruct, wizardlm, vicuna_bench, alpaca_eval "
                         "(under the shared data dir), a .json/.jsonl path, or a hub dataset name[:split]")
     p.add_argument("--tree", default="tree16", help="draft tree preset (chain2..chain6, tree16, tree32, tree64)")
     p.add_argument("--draft-layers", type=int, default=0, help="fast layers used to draft (0 = all)")
@@ -62,8 +62,12 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None,
                    help="number of items, taken round-robin over categories (default: all)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--out", required=True, help="result JSON (its directory must exist)")
+    p.add_argument("--out", default=None,
+                   help="result JSON (its directory must exist; default runs/speculative/<dataset>.json)")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
+    p.add_argument("--hf-baselines", action="store_true",
+                   help="also time HF transformers greedy, prompt-lookup and early-exit assisted generation on "
+                        "every prompt in the same run (greedy, batch 1; needs torch)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     quiet_env()
@@ -71,10 +75,14 @@ def main(argv=None):
     from m2r2_jax.decoding.trees import get_tree
     from m2r2_jax.errors import M2R2Error
 
-    out = Path(a.out)
+    if a.out is None:
+        name = Path(a.dataset).stem if Path(a.dataset).suffix else a.dataset.replace("/", "_").replace(":", "_")
+        out = Path("runs") / "speculative" / f"{name}.json"
+    else:
+        out = Path(a.out)
     plot = Path(a.plot) if a.plot else out.with_suffix(".png")
-    for f, what in ((out, "--out"), (plot, "--plot")):
-        if not f.parent.is_dir():
+    for f, what, given in ((out, "--out", a.out), (plot, "--plot", a.plot or a.out)):
+        if given is not None and not f.parent.is_dir():
             raise M2R2Error(f"{what}: directory {f.parent} does not exist")
         if f.is_dir():
             raise M2R2Error(f"{what}: {f} is a directory")
@@ -87,6 +95,8 @@ def main(argv=None):
     if a.draft_layers < 0:
         raise M2R2Error("--draft-layers must be >= 0")
     tree = get_tree(a.tree)
+    if a.hf_baselines and (a.temperature > 0 or a.batch_size != 1):
+        raise M2R2Error("--hf-baselines needs greedy decoding (--temperature 0) and --batch-size 1")
 
     from m2r2_jax.evaluation.datasets import load_eval_set
     from m2r2_jax.evaluation.plots import render_png
@@ -99,13 +109,20 @@ def main(argv=None):
     resolve_checkpoint_dir(ckpt)  # fail before loading the model
     m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype)
     mc, m2r2, draft_ids, meta = load_m2r2(ckpt, m.cfg, m.params, a.model)
+    hf_ref = None
+    if a.hf_baselines:
+        from eval.bench_decode import _hf_model
+
+        hf_ref = _hf_model(m)
     res = run_spec_eval(m, M2R2Bundle(mc, m2r2, draft_ids, meta), items, tree, max_new_tokens=a.max_new_tokens,
                         temperature=a.temperature, top_p=a.top_p, seed=a.seed, batch_size=a.batch_size,
-                        draft_layers=a.draft_layers, progress=not a.no_progress)
+                        draft_layers=a.draft_layers, progress=not a.no_progress, hf_ref=hf_ref)
     res["config"].update(model=a.model, checkpoint=ckpt, train_step=meta.get("step"), dataset=a.dataset,
                          limit=a.limit, dtype=m.cfg.dtype, rate=mc.rate, num_fast_layers=mc.n_fast(m.cfg.num_layers))
     res["machine"] = machine_info()
     png = render_png(res, title=f"{a.model} on {a.dataset}: tree {tree.name}, T={a.temperature}, B={a.batch_size}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     plot.write_bytes(png)
     print(format_table(res))
@@ -114,6 +131,16 @@ def main(argv=None):
           f"compile excluded), tau {_f(res['tau'])}, "
           f"lossless {_yn(res['lossless'])}, {res['prompts']} prompts; compile {res['compile_seconds']['ar']:.1f}s AR "
           f"+ {res['compile_seconds']['spec']:.1f}s spec")
+    c = res["cost"]
+    print(f"cost per speculative step: {_f(c['spec_ms_per_step'], '.1f')} ms = draft {_f(c['draft_ms'], '.1f')} + "
+          f"verify {_f(c['verify_ms'], '.1f')} + other {_f(c['other_ms'], '.1f')} ms; one AR token "
+          f"{_f(c['ar_ms_per_token'], '.1f')} ms")
+    if res.get("hf"):
+        h = res["hf"]
+        print(f"\nsame prompts, same run ({h['prompts']} prompts; HF greedy == ours on every prompt: "
+              f"{_yn(h['hf_greedy_equals_ours'])}):")
+        for k, v in h["tokens_per_second"].items():
+            print(f"  {k:<18} {_f(v, '.1f'):>7} tok/s   {_f(h['speedup_vs_hf_greedy'][k])}x HF greedy")
     print(f"wrote {out} and {plot}", file=sys.stderr)
     return 0
 

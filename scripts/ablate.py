@@ -19,8 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ABLATIONS = {
-    "base": [],                                   # the default config (strided, r=3, KD + alignment, ARLA)
-    "prefix": ["m2r2.layer_map=prefix"],          # fast layer l runs base layer l instead of t(l)
+    "base": [],                                   # the config given (--config)
+    "strided_r3": ["m2r2.layer_map=strided"],     # fast layer l runs base layer t(l)-1 (last of its group)
+    "prefix": ["m2r2.layer_map=prefix"],          # fast layer l runs base layer l-1
+    "skip": ["m2r2.layer_map=skip"],              # fast layer l runs base layer t(l-1) (first of its group)
+    "skip_prompt": ["m2r2.layer_map=skip", "data.loss_on_prompt=true"],
+    "prefix_prompt": ["m2r2.layer_map=prefix", "data.loss_on_prompt=true"],
     "r2_L15": ["m2r2.rate=2"],                    # rate 2: 15 fast layers
     "L8": ["m2r2.num_fast_layers=8"],
     "L5": ["m2r2.num_fast_layers=5"],

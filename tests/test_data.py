@@ -300,3 +300,20 @@ def test_distill_model_from_loaded_model(tiny_model):
     assert isinstance(m, DistillModel) and m.encode("ab") == [1, 9, 3 + 97, 3 + 98] and m.source == "x"
     with pytest.raises(M2R2Error, match="tokenizer"):
         as_distill_model(LoadedModel(cfg=cfg, params=params, tokenizer=None, source="x", kind="hf"))
+
+
+def test_pack_examples_masks():
+    """Answer-only mask by default; with loss_on_prompt every real token; long prompts keep their end."""
+    import numpy as np
+
+    from m2r2_jax.training.batches import pack_examples
+
+    recs = [{"prompt_ids": [5, 6, 7], "answer_ids": [8, 9]},
+            {"prompt_ids": list(range(10, 30)), "answer_ids": list(range(40, 60))}]
+    toks, mask = pack_examples(recs, 8)
+    assert toks[0].tolist() == [5, 6, 7, 8, 9, 0, 0, 0] and mask[0].tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
+    assert toks[1, :4].tolist() == [26, 27, 28, 29] and toks[1, 4:].tolist() == [40, 41, 42, 43]
+    assert mask[1].tolist() == [0] * 4 + [1] * 4
+    toks2, mask2 = pack_examples(recs, 8, loss_on_prompt=True)
+    assert np.array_equal(toks, toks2)
+    assert mask2[0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0] and mask2[1].tolist() == [1] * 8

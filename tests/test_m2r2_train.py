@@ -44,10 +44,10 @@ def _tc(tmp_path, **kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("layer_map", ["prefix", "strided"])
+@pytest.mark.parametrize("layer_map", ["prefix", "strided", "skip"])
 def test_zero_init_fast_stream_equals_base_layers(tiny_model, layer_map):
     """Untrained adapters: fast layer l == base layer j(l) computed with the same shared-KV inputs;
-    with the prefix map at rate 1 that is exactly the slow stream."""
+    with the prefix or skip map at rate 1 that is exactly the slow stream."""
     cfg, params = tiny_model
     base = jax.tree.map(jnp.asarray, params)
     mc = M2R2Config(rate=1, layer_map=layer_map, rank=4).validate(cfg.num_layers)
@@ -55,7 +55,8 @@ def test_zero_init_fast_stream_equals_base_layers(tiny_model, layer_map):
     toks = jnp.asarray(np.random.RandomState(0).randint(3, 256, (2, 16)), jnp.int32)
     slow = S.slow_pass(cfg, base, toks)
     fast = S.fast_train_pass(cfg, mc, base, m2r2, toks, slow)
-    if layer_map == "prefix":
+    if layer_map in ("prefix", "skip"):
+        assert mc.base_layers(cfg.num_layers) == list(range(cfg.num_layers))
         for l, h in enumerate(fast):
             np.testing.assert_allclose(np.asarray(h), np.asarray(slow.hiddens[l + 1]), atol=1e-5)
     # nonzero adapters change it
@@ -69,6 +70,11 @@ def test_targets_and_layer_maps():
     assert mc.n_fast(30) == 10 and mc.targets_of(30) == [3 * l for l in range(1, 11)]
     assert mc.base_layers(30) == [3 * l - 1 for l in range(1, 11)]
     assert M2R2Config(rate=3).base_layers(30) == list(range(10))  # default: prefix
+    # skip: fast layer l runs the first layer of its group, whose slow input it is aligned to
+    assert M2R2Config(rate=3, layer_map="skip").base_layers(30) == [3 * l for l in range(10)]
+    assert M2R2Config(rate=3, branch=2, layer_map="skip").base_layers(30)[:2] == [2, 5]
+    with pytest.raises(M2R2Error, match="layer_map"):
+        M2R2Config(layer_map="zig").validate(30)
     assert M2R2Config(num_fast_layers=8).targets_of(30)[-1] == 30
     with pytest.raises(M2R2Error, match="unknown adapter target"):
         M2R2Config(targets=("q", "zz")).validate(30)

@@ -182,6 +182,33 @@ def test_run_spec_eval_tiny(tiny_setup, tmp_path):
     json.dumps(res)  # JSON-serialisable
 
 
+def test_hf_baselines_same_run(tiny_setup, tiny_llama_dir):
+    """HF greedy / prompt lookup / early-exit assisted generation timed on the same prompts; HF greedy
+    emits exactly our tokens, so the tokens/s ratios compare equal outputs."""
+    torch = pytest.importorskip("torch")
+    import transformers as tf
+
+    from m2r2_jax.decoding.trees import build_tree
+    from m2r2_jax.evaluation.datasets import EvalItem
+    from m2r2_jax.evaluation.spec_eval import run_spec_eval
+
+    model, bundle = tiny_setup
+    ref = tf.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    items = [EvalItem("b", "qa", ["Why blue?"]), EvalItem("c", "qa", ["What is 2+2?"])]
+    res = run_spec_eval(model, bundle, items, build_tree([(0,), (0, 0)], "c2"), max_new_tokens=8,
+                        progress=False, hf_ref=ref)
+    h = res["hf"]
+    assert h["prompts"] == 2 and h["hf_greedy_equals_ours"] is True
+    assert set(h["tokens_per_second"]) == {"hf_greedy", "hf_prompt_lookup", "hf_early_exit", "ours_ar",
+                                           "ours_m2r2_spec"}
+    assert all(v > 0 for v in h["tokens_per_second"].values())
+    assert h["speedup_vs_hf_greedy"]["hf_greedy"] == pytest.approx(1.0)
+    assert all(r["hf_equal"] is True for r in res["per_prompt"])
+    with pytest.raises(Exception, match="batch size 1"):
+        run_spec_eval(model, bundle, items, build_tree([(0,)], "c1"), max_new_tokens=4, batch_size=2,
+                      progress=False, hf_ref=ref)
+
+
 def test_cli_bad_input_one_line(tmp_path, capsys):
     from eval.speculative import main
     from m2r2_jax.cli import run_main
@@ -195,3 +222,12 @@ def test_cli_bad_input_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error: ") and msg in err and "\n" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_builtin_prompt_set_ships_with_package():
+    from m2r2_jax.evaluation.datasets import load_eval_set
+
+    items = load_eval_set("builtin")
+    assert len(items) == 16 and len({it.category for it in items}) == 8
+    assert all(len(it.turns) == 1 and len(it.turns[0]) > 20 for it in items)
+    assert len(load_eval_set("builtin", limit=8)) == 8

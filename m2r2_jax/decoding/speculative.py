@@ -299,3 +299,38 @@ class SpeculativeDecoder:
         st = jax.tree.map(np.asarray, stats)
         return SpecResult([out[b, :n_out[b]].tolist() for b in range(B)], dt, compile_s, st["steps"].tolist(),
                           st["accepted"].tolist(), st["depth_hits"], st["node_tries"], st["node_hits"])
+
+    def cost_breakdown(self, base, m2r2, draft_ids, cache_len: int = 512, fill: int = 256,
+                       repeats: int = 5, batch: int = 1) -> dict:
+        """Median ms of one draft (the whole tree, depth by depth) and of one tree verification, each
+        jitted alone over a cache filled to `fill` positions. The decode loop's remaining
+        per-step work (acceptance, compaction, bookkeeping) is its step time minus these two."""
+        cfg, tree = self.cfg, self.tree
+        cache_len = min(cache_len, cfg.max_position_embeddings)
+        fill = min(fill, cache_len - tree.size)
+        cache = D.init_cache(cfg, batch, cache_len)
+        pos = jnp.full((batch,), fill, jnp.int32)
+        cur = jnp.ones((batch,), jnp.int32)
+        dids = jnp.asarray(draft_ids, jnp.int32)
+        draft = jax.jit(lambda b, m, d, c, p, t: _draft(cfg, self.mc, tree, self.draft_layers, b, m, d, c, p, t))
+        toks = jnp.zeros((batch, tree.size), jnp.int32)
+
+        def verify(b, t, c, p):
+            return D.forward(cfg, b, t, c, p, positions=p[:, None] + jnp.asarray(tree.depth)[None],
+                             local_mask=jnp.asarray(tree.ancestor_mask))[0]
+
+        verify = jax.jit(verify)
+
+        def med(fn):
+            jax.block_until_ready(fn())
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn())
+                ts.append(time.perf_counter() - t0)
+            return 1e3 * float(np.median(ts))
+
+        return {"draft_ms": med(lambda: draft(base, m2r2, dids, cache, pos, cur)),
+                "verify_ms": med(lambda: verify(base, toks, cache, pos)),
+                "cache_len": cache_len, "fill": fill, "tree_size": tree.size, "draft_layers": self.draft_layers,
+                "batch": batch}

@@ -3,7 +3,9 @@
 `load_eval_set(name_or_path)` takes
   * a short name resolved under the shared data root (`$M2R2_DATA`, see
     `m2r2_jax.training.prompts.data_root`): mt_bench, spec_bench, koala,
-    self_instruct, wizardlm, vicuna_bench, alpaca_eval;
+    self_instruct, wizardlm, vicuna_bench, alpaca_eval; `builtin` is the
+    project's own 16 prompts over 8 categories (m2r2_jax/assets/prompts/), so
+    the README's main job runs on a machine without the shared data;
   * a local .json/.jsonl file (or a directory of them), read through
     `datasets.load_dataset("json", ...)`;
   * otherwise a hub dataset name, `name` or `name:split` (default split: test,
@@ -195,6 +197,8 @@ def resolve_eval_source(name_or_path: str) -> tuple[str, str]:
     from m2r2_jax.training.prompts import data_root
 
     s = str(name_or_path)
+    if s == "builtin":  # the project's own small prompt set, shipped in the package
+        return "local", str(Path(__file__).resolve().parents[1] / "assets" / "prompts" / "builtin.jsonl")
     if s in EVAL_SETS:
         p = data_root() / EVAL_SETS[s]
         if not p.is_file():

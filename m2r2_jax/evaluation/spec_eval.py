@@ -105,6 +105,53 @@ def _agg(units: list[dict]) -> dict:
                 tau=_ratio(acc + steps, steps), steps=steps, accepted=acc)
 
 
+HF_OPTIONS = {
+    # name -> extra `generate` kwargs; all greedy, same max_new_tokens, EOS honoured as in ours
+    "hf_greedy": {},
+    "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10},
+    "hf_early_exit": {"assistant_early_exit": None},  # filled with the fast stream's depth
+}
+
+
+class HFBaselines:
+    """HF transformers' own decoding options on the same prompts, timed in the same run.
+
+    Each is warmed up once, then timed per prompt; their greedy tokens are compared with ours
+    (`hf_equal`: HF greedy == our AR output), so the speed-ups compare equal outputs."""
+
+    def __init__(self, ref, early_exit_layers: int, max_new_tokens: int, eos_ids):
+        self.ref, self.max_new = ref, max_new_tokens
+        self.options = {k: dict(v) for k, v in HF_OPTIONS.items()}
+        self.options["hf_early_exit"]["assistant_early_exit"] = early_exit_layers
+        self.eos = list(eos_ids)
+        self.warm = False
+
+    def _gen(self, ids, kw):
+        import torch
+
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=self.max_new,
+                                    do_sample=False, eos_token_id=self.eos, pad_token_id=self.eos[0], **kw)
+            dt = time.perf_counter() - t0
+        new = out[0, x.shape[1]:].tolist()
+        if new and new[-1] in self.eos:  # ours returns the answer without the EOS token
+            new = new[:-1]
+        return new, dt
+
+    def run(self, ids: list[int]) -> dict:
+        if not self.warm:  # first-call overheads out of the timings
+            for kw in self.options.values():
+                self._gen(ids, kw)
+            self.warm = True
+        res = {}
+        for name, kw in self.options.items():
+            new, dt = self._gen(ids, kw)
+            res[name] = (new, dt)
+        return res
+
+
 def _lossless(rows: list[dict]) -> bool | None:
     eq = [r["equal"] for r in rows]
     return None if any(e is None for e in eq) else all(eq)
@@ -112,9 +159,11 @@ def _lossless(rows: list[dict]) -> bool | None:
 
 def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_new_tokens: int = 128,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 1,
-                  draft_layers: int = 0, progress: bool = True) -> dict:
+                  draft_layers: int = 0, progress: bool = True, hf_ref=None) -> dict:
     """AR vs speculative on every turn of every item; see the module doc. `model` has `.cfg`, `.params`,
-    `.tokenizer` (a `LoadedModel`); `m2r2` is an `M2R2Bundle` or `load_m2r2`'s tuple."""
+    `.tokenizer` (a `LoadedModel`); `m2r2` is an `M2R2Bundle` or `load_m2r2`'s tuple. `hf_ref`: an HF
+    transformers (torch) model of the same base; when given (greedy, batch 1), HF greedy, prompt-lookup
+    and early-exit assisted generation are timed on every prompt too (`hf` in the result)."""
     import jax.numpy as jnp
     from tqdm import tqdm
 
@@ -133,9 +182,13 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
     if temperature < 0 or not 0.0 < top_p <= 1.0:
         raise M2R2Error(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
     greedy = temperature <= 0.0
+    if hf_ref is not None and (not greedy or batch_size != 1):
+        raise M2R2Error("HF baselines are timed greedy at batch size 1 only")
     cfg, base, tok = model.cfg, model.params, model.tokenizer
     gen = Generator(cfg)
     spec = SpeculativeDecoder(cfg, b.mc, tree, draft_layers)
+    hf = None if hf_ref is None else HFBaselines(hf_ref, spec.draft_layers, max_new_tokens, cfg.eos_token_ids)
+    hf_units: list[dict] = []
     draft_ids = jnp.asarray(np.asarray(b.draft_ids), jnp.int32)
     D = tree.max_depth
     depth_hits = np.zeros(D + 1, np.int64)
@@ -181,6 +234,15 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                         spec_tps=u["spec_tps"], speedup=u["speedup"]))
                     answer = tok.decode(ar.new_ids[r], skip_special_tokens=True)
                     history[i] = msgs[r] + [{"role": "assistant", "content": answer}]
+                if hf is not None:
+                    hr = hf.run(ids[0])
+                    hf_units.append(dict(category=unit["category"], ar_tokens=unit["ar_tokens"],
+                                         spec_tokens=unit["spec_tokens"],
+                                         ar_seconds=unit["ar_seconds"], spec_seconds=unit["spec_seconds"],
+                                         **{f"{k}_seconds": dt for k, (_, dt) in hr.items()},
+                                         **{f"{k}_tokens": len(n) for k, (n, _) in hr.items()},
+                                         hf_equal=hr["hf_greedy"][0] == ar.new_ids[0]))
+                    per_prompt[-1]["hf_equal"] = hf_units[-1]["hf_equal"]
                 units.append(unit)
                 bar.update(len(rows))
                 tot = _agg(units)
@@ -203,6 +265,7 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                      rate=_ratio(float(node_hits[i]), float(node_tries[i]))) for i in range(1, tree.size)]
     ar_ms_tok = _ratio(1e3 * tot["ar_seconds"], tot["ar_tokens"])
     sp_ms_step = _ratio(1e3 * tot["spec_seconds"], steps)
+    parts = spec.cost_breakdown(base, b.params, draft_ids, batch=batch_size)
     step_cost = _ratio(sp_ms_step, ar_ms_tok) if sp_ms_step and ar_ms_tok else None
     return {
         "config": dict(tree=tree.name, tree_size=tree.size, tree_depth=D, tree_paths=[list(p) for p in tree.paths],
@@ -221,13 +284,31 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
         "cost": {
             "ar_ms_per_token": ar_ms_tok, "spec_ms_per_step": sp_ms_step,
             "step_cost_in_ar_tokens": step_cost,
+            "draft_ms": parts["draft_ms"], "verify_ms": parts["verify_ms"],
+            "other_ms": sp_ms_step - parts["draft_ms"] - parts["verify_ms"] if sp_ms_step else None,
+            "breakdown_setup": {k: parts[k] for k in ("cache_len", "fill", "tree_size", "draft_layers", "batch")},
             "predicted_speedup": _ratio(tot["tau"], step_cost) if step_cost and tot["tau"] else None,
             "note": "one speculative step (draft + verify + accept, prefill amortised) in units of one AR "
                     "token; speed-up ~= tau / step_cost"},
         "compile_seconds": dict(compile_s, ar_executables=gen.compiles, spec_executables=spec.compiles),
         "wall_seconds": time.perf_counter() - t_start,
+        "hf": _hf_summary(hf_units, list(hf.options) if hf else []),
         "per_prompt": per_prompt,
     }
+
+
+def _hf_summary(units: list[dict], names: list[str]) -> dict | None:
+    """Tokens/s of each HF option and of ours over the same prompts; ratios to HF greedy."""
+    if not units:
+        return None
+    tps = {n: _ratio(sum(u[f"{n}_tokens"] for u in units), sum(u[f"{n}_seconds"] for u in units)) for n in names}
+    tps["ours_ar"] = _ratio(sum(u["ar_tokens"] for u in units), sum(u["ar_seconds"] for u in units))
+    tps["ours_m2r2_spec"] = _ratio(sum(u["spec_tokens"] for u in units), sum(u["spec_seconds"] for u in units))
+    g = tps["hf_greedy"]
+    return {"tokens_per_second": tps,
+            "speedup_vs_hf_greedy": {k: _ratio(v, g) if v and g else None for k, v in tps.items()},
+            "hf_greedy_equals_ours": all(u["hf_equal"] for u in units),
+            "prompts": len(units)}
 
 
 def machine_info() -> dict:

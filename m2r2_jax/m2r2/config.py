@@ -7,6 +7,7 @@ import math
 from m2r2_jax.errors import M2R2Error
 
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LAYER_MAPS = ("prefix", "strided", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,7 +15,8 @@ class M2R2Config:
     rate: int = 3                       # r: the fast stream covers r slow layers per fast layer
     branch: int = 0                     # b: fast stream branches off slow state h_s^b
     num_fast_layers: int = 0            # L_f; 0 -> ceil((N - b) / r)
-    layer_map: str = "prefix"           # which base weights fast layer l uses: prefix (b+l) | strided (t(l))
+    layer_map: str = "prefix"           # which base weights fast layer l runs: prefix (b+l-1) |
+                                        # strided (t(l)-1, last of its group) | skip (t(l-1), first of its group)
     rank: int = 32                      # accelerator adapter rank
     targets: tuple[str, ...] = ALL_TARGETS
     gain: bool = True                   # per-layer, per-channel gain on each residual update
@@ -37,8 +39,8 @@ class M2R2Config:
         bad = [t for t in self.targets if t not in ALL_TARGETS]
         if bad:
             raise M2R2Error(f"unknown adapter target(s) {bad}; choose from {ALL_TARGETS}")
-        if self.layer_map not in ("strided", "prefix"):
-            raise M2R2Error(f"m2r2.layer_map={self.layer_map!r}: expected strided or prefix")
+        if self.layer_map not in LAYER_MAPS:
+            raise M2R2Error(f"m2r2.layer_map={self.layer_map!r}: expected one of {LAYER_MAPS}")
         if self.align_metric not in ("cosine", "mse"):
             raise M2R2Error(f"m2r2.align_metric={self.align_metric!r}: expected cosine or mse")
         if self.router_input not in ("latents", "delta"):
@@ -63,4 +65,7 @@ class M2R2Config:
         """0-based index of the base layer whose (frozen) weights fast layer l runs."""
         if self.layer_map == "prefix":
             return [self.branch + l for l in range(self.n_fast(num_layers))]
-        return [t - 1 for t in self.targets_of(num_layers)]
+        t = self.targets_of(num_layers)
+        if self.layer_map == "skip":  # input of fast layer l is aligned to h_s^{t(l-1)}: run that layer
+            return [self.branch] + t[:-1]
+        return [x - 1 for x in t]

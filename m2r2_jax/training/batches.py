@@ -14,8 +14,11 @@ import numpy as np
 from m2r2_jax.errors import M2R2Error
 
 
-def pack_examples(records: Sequence[dict], seq_len: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """-> tokens [N, seq_len] int32, mask [N, seq_len] float32 (1 on answer tokens).
+def pack_examples(records: Sequence[dict], seq_len: int, pad_id: int = 0,
+                  loss_on_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """-> tokens [N, seq_len] int32, mask [N, seq_len] float32 (1 on answer tokens; with
+    `loss_on_prompt`, on every real token: the full model's distribution, the target of
+    self-distillation, exists at prompt positions too).
 
     Long examples keep the end of the prompt (the context the answer needs) and
     as much of the answer as fits.
@@ -30,7 +33,7 @@ def pack_examples(records: Sequence[dict], seq_len: int, pad_id: int = 0) -> tup
         p = p[len(p) - keep_p:]
         seq = (p + a)[:seq_len]
         toks[i, :len(seq)] = seq
-        mask[i, len(p):len(seq)] = 1.0
+        mask[i, 0 if loss_on_prompt else len(p):len(seq)] = 1.0
     return toks, mask
 
 

@@ -22,6 +22,7 @@ class DataConfig:
     max_new_tokens: int = 192
     distill_batch_size: int = 16
     heldout_prompts: int = 64             # the last N prompts are kept out of training (alignment eval)
+    loss_on_prompt: bool = False          # also train on prompt positions (the teacher is defined there too)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,7 +80,7 @@ def train(tc: TrainConfig, *, model=None, records: Sequence[dict] | None = None,
 
     if records is None:
         records = distilled_records(tc, model)
-    tokens, mask = pack_examples(records, tc.seq_len)
+    tokens, mask = pack_examples(records, tc.seq_len, loss_on_prompt=tc.data.loss_on_prompt)
     stream = BatchStream(tokens, mask, tc.batch_size, tc.seed)
     draft_ids = rank_draft_vocab(records, cfg.vocab_size, mc.draft_vocab, cfg.eos_token_ids)
 
