@@ -35,7 +35,7 @@ def main(argv=None):
     from m2r2_jax.cli import encode_prompt
     from m2r2_jax.decoding.generate import GenerateConfig, Generator
     from m2r2_jax.loading.registry import load_model
-    from m2r2_jax.m2r2.alignment import evaluate_alignment
+    from m2r2_jax.m2r2.alignment import draft_weight_fraction, evaluate_alignment
     from m2r2_jax.training.checkpoint import load_m2r2
     from m2r2_jax.training.prompts import data_root, load_prompts
 
@@ -52,16 +52,22 @@ def main(argv=None):
         res = gen.generate(m.params, chunk, GenerateConfig(max_new_tokens=a.max_new_tokens))
         records += [{"prompt_ids": p_, "answer_ids": r_} for p_, r_ in zip(chunk, res.new_ids)]
     out = evaluate_alignment(m.cfg, m.params, mc, m2r2, draft_ids, records, seq_len=a.seq_len)
+    for r, f in zip(out["layers"], draft_weight_fraction(m.cfg, mc, m.params, m2r2, len(draft_ids))):
+        r["draft_weight_fraction"] = f
     out.update({"model": a.model, "checkpoint": ckpt, "dataset": dataset, "prompts": len(prompts),
                 "rate": mc.rate, "num_fast_layers": mc.n_fast(m.cfg.num_layers), "layer_map": mc.layer_map,
                 "train_step": meta.get("step")})
     if a.json:
         print(json.dumps(out))
     else:
-        print(f"{'fast':>4} {'target':>6} {'agree':>7} {'draft':>7} {'exit@same':>9} {'exit@target':>11} {'KL':>7}")
+        print(f"{'fast':>4} {'target':>6} {'agree':>7} {'draft':>7} {'exit@same':>9} {'exit@target':>11} {'KL':>7}"
+              f" {'cost':>6}")
         for r in out["layers"]:
             print(f"{r['fast_layer']:>4} {r['target_layer']:>6} {r['agreement']:7.3f} {r['draft_vocab_agreement']:7.3f}"
-                  f" {r['baseline_agreement']:9.3f} {r['target_layer_exit_agreement']:11.3f} {r['kl']:7.3f}")
+                  f" {r['baseline_agreement']:9.3f} {r['target_layer_exit_agreement']:11.3f} {r['kl']:7.3f}"
+                  f" {r['draft_weight_fraction']:6.3f}")
+        print("cost: weights one draft through that depth reads (base layers + adapters + draft head), "
+              "relative to a full decode step")
         print(f"final_agreement {out['final_agreement']:.3f} on {int(out['tokens'])} answer tokens")
     return 0
 

@@ -238,3 +238,19 @@ def test_kill_9_then_resume_is_exact(tiny_model, tiny_llama_dir, tmp_path):
     assert len(resumed.history) == 2
     for a, b in zip(full.history[start:], resumed.history):
         assert float(a["loss"]) == float(b["loss"])
+
+
+def test_draft_weight_fraction(tiny_model):
+    """The draft cost model: weights read through fast depth l, relative to a full step."""
+    from m2r2_jax.m2r2.alignment import draft_weight_fraction
+
+    cfg, params = tiny_model
+    mc = M2R2Config(rate=2, rank=4).validate(cfg.num_layers)
+    m2r2 = init_m2r2(cfg, mc, jax.random.key(0))
+    f = draft_weight_fraction(cfg, mc, params, m2r2, 0)
+    assert len(f) == mc.n_fast(cfg.num_layers) and all(b > a for a, b in zip(f, f[1:]))
+    n = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+    expect = (cfg.vocab_size * cfg.hidden_size + cfg.hidden_size + n(params["layers"][0]) + n(m2r2["fast"][0]))
+    assert f[0] == pytest.approx(expect / n(params))
+    small = draft_weight_fraction(cfg, mc, params, m2r2, 16)
+    assert all(s < x for s, x in zip(small, f))

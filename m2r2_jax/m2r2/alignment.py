@@ -107,3 +107,18 @@ def _eval_batch(base, m2r2, tokens, mask, draft_ids, cfg, mc: M2R2Config):
         conf.append(jnp.max(jax.nn.softmax(dl, -1), -1))
         hit.append(jnp.take(draft_ids, jnp.argmax(dl, -1)) == top)
     return jnp.stack(rows), jnp.sum(mask), (router, jnp.stack(conf, -1), jnp.stack(hit, -1))
+
+
+def draft_weight_fraction(cfg, mc: M2R2Config, base: dict, m2r2: dict, draft_vocab_size: int) -> list[float]:
+    """Per fast depth l: weights a draft through fast layers 1..l reads (the base layers it runs, their
+    adapters and gains, the final norm and the draft head's rows) relative to one plain decode step (all
+    base weights). Batch-1 decode on CPU/GPU is bound by these reads, so this is the draft's cost model."""
+    size = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+    full = size(base)
+    head = draft_vocab_size * cfg.hidden_size if draft_vocab_size else cfg.vocab_size * cfg.hidden_size
+    layers = mc.base_layers(cfg.num_layers)
+    out, acc = [], head + cfg.hidden_size
+    for l, j in enumerate(layers):
+        acc += size(base["layers"][j]) + size(m2r2["fast"][l])
+        out.append(acc / full)
+    return out
