@@ -71,7 +71,7 @@ def bench_interleaved(gen, params, ref, prompts, max_new, repeats):
     return ours_t, hf_t, same, compile_s
 
 
-def verify_cost_curve(cfg, params, Ts=(1, 8, 16, 32, 64), filled=256, cache_len=512, reps=7):
+def verify_cost_curve(cfg, params, Ts=(1, 2, 3, 4, 6, 8, 16, 32, 64), filled=256, cache_len=512, reps=7):
     """Wall time of one jitted full forward of T tokens over `filled` cached slots, relative to T=1."""
     import jax
     import jax.numpy as jnp

@@ -51,3 +51,22 @@ def test_bf16_dtype_policy(tiny_llama_dir):
     out, cache = D.forward(c16, p16, ids, D.init_cache(c16, 1, 16), jnp.zeros(1, jnp.int32))
     assert cache.k[0].dtype == jnp.bfloat16 and out.dtype == jnp.float32
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() < 0.05 * np.abs(np.asarray(ref)).max()
+
+
+def test_plot_train_curves(tmp_path, capsys):
+    import json
+
+    from eval.plot_train import main
+
+    rows = [{"step": i, "loss": 5.0 / i, "kd": 4.0 / i, "align": 0.5, "router_bce": 0.3, "agreement": i / 40,
+             "agreement_per_layer/0": i / 80, "agreement_per_layer/1": i / 40} for i in range(1, 31)]
+    src = tmp_path / "metrics.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    assert main([str(src), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    from m2r2_jax.cli import run_main
+
+    with pytest.raises(SystemExit) as e:
+        run_main(main, [str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "d.png")])
+    assert e.value.code == 2 and "metrics file not found" in capsys.readouterr().err
+    assert not (tmp_path / "d.png").exists()

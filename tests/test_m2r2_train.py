@@ -178,6 +178,15 @@ def test_alignment_eval_and_checkpoint_loading(tiny_model, tmp_path):
     assert meta["step"] == 2 and len(draft) == 64
     for a, b in zip(jax.tree.leaves(r.m2r2), jax.tree.leaves(p2)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # a relative path works too (Orbax itself wants absolute paths)
+    import os
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert load_m2r2("checkpoints/2", cfg, base, "tiny")[3]["step"] == 2
+    finally:
+        os.chdir(cwd)
     with pytest.raises(M2R2Error, match="made for base model"):
         load_m2r2(tmp_path / "checkpoints", cfg, jax.tree.map(lambda x: x + 1.0, base), "tiny")
     with pytest.raises(M2R2Error, match="checkpoint not found"):

@@ -61,3 +61,42 @@ def plot_spec_eval(result: dict, path: str | Path, title: str | None = None) -> 
     p = Path(path)
     p.write_bytes(render_png(result, title))
     return p
+
+
+def render_train_curves(rows: list[dict], title: str | None = None, smooth: int = 10) -> bytes:
+    """Training metrics (train.train's metrics.jsonl rows): loss terms, agreement (final fast layer,
+    full vocabulary) and per-layer agreement, each as a moving average over `smooth` steps."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = np.array([r["step"] for r in rows])
+
+    def ma(key):
+        v = np.array([float(r.get(key, np.nan)) for r in rows])
+        k = max(1, min(smooth, len(v)))
+        return np.convolve(v, np.ones(k) / k, mode="valid"), steps[k - 1:]
+
+    fig = Figure(figsize=(12, 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    a1, a2, a3 = fig.subplots(1, 3)
+    for key in ("loss", "kd", "align", "router_bce"):
+        if key in rows[0]:
+            y, x = ma(key)
+            a1.plot(x, y, label=key)
+    a1.set_yscale("log"), a1.set_xlabel("step"), a1.legend(fontsize=8), a1.set_title("losses")
+    y, x = ma("agreement")
+    a2.plot(x, y, color="#3b75af")
+    a2.set_xlabel("step"), a2.set_ylim(0, 1), a2.set_title("final fast layer agreement (train batches)")
+    layers = sorted(k for k in rows[0] if k.startswith("agreement_per_layer/"))
+    for k in layers:
+        y, x = ma(k)
+        a3.plot(x, y, label=k.split("/")[-1])
+    a3.set_xlabel("step"), a3.set_ylim(0, 1), a3.set_title("agreement per fast layer (draft vocab)")
+    a3.legend(fontsize=6, ncol=2, title="layer (0-based)", title_fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

@@ -99,7 +99,7 @@ def check_compatible(meta: dict, base_id: dict, m2r2_cfg: dict | None, where: st
 
 def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, int]:
     """A run dir (latest step inside) or a step dir -> (step dir, step)."""
-    p = Path(path)
+    p = Path(path).expanduser().absolute()
     if not p.exists():
         raise M2R2Error(f"checkpoint not found: {p}")
     if (p / "meta").is_dir():
