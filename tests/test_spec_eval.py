@@ -231,3 +231,18 @@ def test_builtin_prompt_set_ships_with_package():
     assert len(items) == 16 and len({it.category for it in items}) == 8
     assert all(len(it.turns) == 1 and len(it.turns[0]) > 20 for it in items)
     assert len(load_eval_set("builtin", limit=8)) == 8
+
+
+def test_hf_baselines_keep_eos_like_ours():
+    """Our decoders return the answer including its EOS token; the HF side must compare the same way."""
+    torch = pytest.importorskip("torch")
+    from m2r2_jax.evaluation.spec_eval import HFBaselines
+
+    class FakeRef:
+        def generate(self, x, **kw):
+            return torch.cat([x, torch.tensor([[7, 8, 2]])], 1)
+
+    hb = HFBaselines(FakeRef(), early_exit_layers=2, max_new_tokens=8, eos_ids=(2,))
+    res = hb.run([1, 5, 6])
+    assert set(res) == {"hf_greedy", "hf_prompt_lookup", "hf_early_exit"}
+    assert all(new == [7, 8, 2] for new, _ in res.values())

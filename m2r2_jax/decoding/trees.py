@@ -116,6 +116,7 @@ def sparse_tree(width: Sequence[int], name: str | None = None) -> DraftTree:
 
 
 PRESETS = {
+    "chain1": lambda: chain(1),
     "chain2": lambda: chain(2),
     "chain3": lambda: chain(3),
     "chain4": lambda: chain(4),

@@ -135,10 +135,7 @@ class HFBaselines:
             out = self.ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=self.max_new,
                                     do_sample=False, eos_token_id=self.eos, pad_token_id=self.eos[0], **kw)
             dt = time.perf_counter() - t0
-        new = out[0, x.shape[1]:].tolist()
-        if new and new[-1] in self.eos:  # ours returns the answer without the EOS token
-            new = new[:-1]
-        return new, dt
+        return out[0, x.shape[1]:].tolist(), dt  # like ours: the answer including its EOS token
 
     def run(self, ids: list[int]) -> dict:
         if not self.warm:  # first-call overheads out of the timings
