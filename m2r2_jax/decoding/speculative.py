@@ -85,6 +85,12 @@ def _draft(cfg, mc, tree: DraftTree, draft_layers, base, m2r2, draft_ids, cache,
     return toks
 
 
+def _verify(cfg, tree: DraftTree, base, toks, cache, pos):
+    """One full-model forward over all tree nodes (tree mask over the prefix cache) -> (logits, cache)."""
+    return D.forward(cfg, base, toks, cache, pos, positions=pos[:, None] + jnp.asarray(tree.depth)[None],
+                     local_mask=jnp.asarray(tree.ancestor_mask))
+
+
 def _anc_at_depth(tree: DraftTree) -> np.ndarray:
     """[T, D+1]: the ancestor of each node at each depth (itself at its own depth), -1 below."""
     out = np.full((tree.size, tree.max_depth + 1), -1, np.int32)
@@ -178,8 +184,7 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
         def body(st):
             pos, cur, cache, out, n_out, done, key, stats = st
             toks = _draft(cfg, mc, tree, draft_layers, base, m2r2, draft_ids, cache, pos, cur)
-            logits, cache = D.forward(cfg, base, toks, cache, pos, positions=pos[:, None] + jnp.asarray(tree.depth)[None],
-                                      local_mask=jnp.asarray(tree.ancestor_mask))
+            logits, cache = _verify(cfg, tree, base, toks, cache, pos)
             key, sub = jax.random.split(key)
             if greedy:
                 a, path, bonus, correct = _accept_greedy(tree, toks, logits)
@@ -313,13 +318,8 @@ class SpeculativeDecoder:
         cur = jnp.ones((batch,), jnp.int32)
         dids = jnp.asarray(draft_ids, jnp.int32)
         draft = jax.jit(lambda b, m, d, c, p, t: _draft(cfg, self.mc, tree, self.draft_layers, b, m, d, c, p, t))
+        verify = jax.jit(lambda b, t, c, p: _verify(cfg, tree, b, t, c, p)[0])
         toks = jnp.zeros((batch, tree.size), jnp.int32)
-
-        def verify(b, t, c, p):
-            return D.forward(cfg, b, t, c, p, positions=p[:, None] + jnp.asarray(tree.depth)[None],
-                             local_mask=jnp.asarray(tree.ancestor_mask))[0]
-
-        verify = jax.jit(verify)
 
         def med(fn):
             jax.block_until_ready(fn())

@@ -142,11 +142,7 @@ class HFBaselines:
             for kw in self.options.values():
                 self._gen(ids, kw)
             self.warm = True
-        res = {}
-        for name, kw in self.options.items():
-            new, dt = self._gen(ids, kw)
-            res[name] = (new, dt)
-        return res
+        return {name: self._gen(ids, kw) for name, kw in self.options.items()}
 
 
 def _lossless(rows: list[dict]) -> bool | None:
@@ -185,7 +181,6 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
     gen = Generator(cfg)
     spec = SpeculativeDecoder(cfg, b.mc, tree, draft_layers)
     hf = None if hf_ref is None else HFBaselines(hf_ref, spec.draft_layers, max_new_tokens, cfg.eos_token_ids)
-    hf_units: list[dict] = []
     draft_ids = jnp.asarray(np.asarray(b.draft_ids), jnp.int32)
     D = tree.max_depth
     depth_hits = np.zeros(D + 1, np.int64)
@@ -231,15 +226,11 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                         spec_tps=u["spec_tps"], speedup=u["speedup"]))
                     answer = tok.decode(ar.new_ids[r], skip_special_tokens=True)
                     history[i] = msgs[r] + [{"role": "assistant", "content": answer}]
-                if hf is not None:
+                if hf is not None:  # batch 1: this unit is one prompt
                     hr = hf.run(ids[0])
-                    hf_units.append(dict(category=unit["category"], ar_tokens=unit["ar_tokens"],
-                                         spec_tokens=unit["spec_tokens"],
-                                         ar_seconds=unit["ar_seconds"], spec_seconds=unit["spec_seconds"],
-                                         **{f"{k}_seconds": dt for k, (_, dt) in hr.items()},
-                                         **{f"{k}_tokens": len(n) for k, (n, _) in hr.items()},
-                                         hf_equal=hr["hf_greedy"][0] == ar.new_ids[0]))
-                    per_prompt[-1]["hf_equal"] = hf_units[-1]["hf_equal"]
+                    unit.update({f"{k}_seconds": dt for k, (_, dt) in hr.items()})
+                    unit.update({f"{k}_tokens": len(n) for k, (n, _) in hr.items()})
+                    unit["hf_equal"] = per_prompt[-1]["hf_equal"] = hr["hf_greedy"][0] == ar.new_ids[0]
                 units.append(unit)
                 bar.update(len(rows))
                 tot = _agg(units)
@@ -289,15 +280,13 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                     "token; speed-up ~= tau / step_cost"},
         "compile_seconds": dict(compile_s, ar_executables=gen.compiles, spec_executables=spec.compiles),
         "wall_seconds": time.perf_counter() - t_start,
-        "hf": _hf_summary(hf_units, list(hf.options) if hf else []),
+        "hf": _hf_summary(units, list(hf.options)) if hf else None,
         "per_prompt": per_prompt,
     }
 
 
-def _hf_summary(units: list[dict], names: list[str]) -> dict | None:
+def _hf_summary(units: list[dict], names: list[str]) -> dict:
     """Tokens/s of each HF option and of ours over the same prompts; ratios to HF greedy."""
-    if not units:
-        return None
     tps = {n: _ratio(sum(u[f"{n}_tokens"] for u in units), sum(u[f"{n}_seconds"] for u in units)) for n in names}
     tps["ours_ar"] = _ratio(sum(u["ar_tokens"] for u in units), sum(u["ar_seconds"] for u in units))
     tps["ours_m2r2_spec"] = _ratio(sum(u["spec_tokens"] for u in units), sum(u["spec_seconds"] for u in units))

@@ -15,6 +15,7 @@ import numpy as np
 from m2r2_jax.m2r2 import stream as S
 from m2r2_jax.m2r2.config import M2R2Config
 from m2r2_jax.model import decoder as D
+from m2r2_jax.model.params import count_params
 
 
 def _kl(p_logits, q_logits):
@@ -113,7 +114,7 @@ def draft_weight_fraction(cfg, mc: M2R2Config, base: dict, m2r2: dict, draft_voc
     """Per fast depth l: weights a draft through fast layers 1..l reads (the base layers it runs, their
     adapters and gains, the final norm and the draft head's rows) relative to one plain decode step (all
     base weights). Batch-1 decode on CPU/GPU is bound by these reads, so this is the draft's cost model."""
-    size = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+    size = count_params
     full = size(base)
     head = draft_vocab_size * cfg.hidden_size if draft_vocab_size else cfg.vocab_size * cfg.hidden_size
     layers = mc.base_layers(cfg.num_layers)
