@@ -263,3 +263,38 @@ def test_draft_weight_fraction(tiny_model):
     assert f[0] == pytest.approx(expect / n(params))
     small = draft_weight_fraction(cfg, mc, params, m2r2, 16)
     assert all(s < x for s, x in zip(small, f))
+
+
+def test_train_positions_equal_full_pass(tiny_model):
+    """Training on the gathered loss positions only (m2r2.train_positions) gives the same loss,
+    metrics and gradients as the full pass when every row's loss positions fit; fewer positions
+    than a row has changes the loss (so the gather is not a no-op)."""
+    from m2r2_jax.m2r2.losses import m2r2_loss
+
+    cfg, params = tiny_model
+    base = jax.tree.map(jnp.asarray, params)
+    rs = np.random.RandomState(3)
+    B, T = 3, 24
+    toks = jnp.asarray(rs.randint(3, 256, (B, T)), jnp.int32)
+    mask = np.zeros((B, T), np.float32)
+    for b, (s, e) in enumerate([(5, 20), (9, 24), (2, 11)]):  # at most 15 loss positions per row
+        mask[b, s:e] = 1.0
+    mask = jnp.asarray(mask)
+    draft_ids = jnp.arange(0, 256, 2, dtype=jnp.int32)
+    for kd_vocab in ("full", "draft"):
+        mc = M2R2Config(rate=2, layer_map="skip", rank=4, router_dim=8, draft_vocab=128, kd_vocab=kd_vocab)
+        m2r2 = jax.tree.map(lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)),
+                            init_m2r2(cfg, mc, jax.random.key(2)))
+        full = jax.value_and_grad(m2r2_loss, has_aux=True)(m2r2, base, toks, mask, draft_ids, cfg, mc)
+        sub = jax.value_and_grad(m2r2_loss, has_aux=True)(
+            m2r2, base, toks, mask, draft_ids, cfg, dataclasses.replace(mc, train_positions=16))
+        np.testing.assert_allclose(float(sub[0][0]), float(full[0][0]), rtol=1e-5)
+        for k in ("agreement", "kd", "align", "router_bce", "tokens"):
+            np.testing.assert_allclose(np.asarray(sub[0][1][k]), np.asarray(full[0][1][k]), rtol=1e-5, atol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+                     sub[1], full[1])
+        short = m2r2_loss(m2r2, base, toks, mask, draft_ids, cfg, dataclasses.replace(mc, train_positions=8))
+        assert float(short[1]["tokens"]) == 8 * 2 + 8  # rows of 15, 15 and 9 loss positions, capped at 8
+        assert abs(float(short[0]) - float(full[0][0])) > 1e-6
+    with pytest.raises(M2R2Error, match="kd_vocab"):
+        M2R2Config(kd_vocab="some").validate(4)

@@ -28,8 +28,11 @@ class M2R2Config:
     kd_weight: float = 1.0
     kd_temperature: float = 1.0
     kd_layers: str = "final"            # final | all (KD on every fast layer's logits)
+    kd_vocab: str = "full"              # full | draft (KD over the draft head's vocabulary only)
     router_weight: float = 0.1
     draft_vocab: int = 8192             # draft head scores the most frequent tokens; 0 = full vocab
+    train_positions: int = 0            # > 0: the fast stream trains on the first M loss positions of
+                                        # each row only (exact when no row has more; much cheaper)
 
     def validate(self, num_layers: int) -> "M2R2Config":
         if not 0 <= self.branch < num_layers:
@@ -47,6 +50,10 @@ class M2R2Config:
             raise M2R2Error(f"m2r2.router_input={self.router_input!r}: expected latents or delta")
         if self.kd_layers not in ("final", "all"):
             raise M2R2Error(f"m2r2.kd_layers={self.kd_layers!r}: expected final or all")
+        if self.kd_vocab not in ("full", "draft"):
+            raise M2R2Error(f"m2r2.kd_vocab={self.kd_vocab!r}: expected full or draft")
+        if self.train_positions < 0:
+            raise M2R2Error(f"m2r2.train_positions={self.train_positions} must be >= 0")
         if self.n_fast(num_layers) > num_layers - self.branch:
             raise M2R2Error(f"m2r2.num_fast_layers={self.num_fast_layers} exceeds the {num_layers - self.branch} "
                             "layers after the branch")

@@ -26,13 +26,33 @@ class SlowPass(NamedTuple):
     logits: jax.Array      # [B, T, V] full model
 
 
-def slow_pass(cfg: ModelConfig, base: dict, tokens: jax.Array) -> SlowPass:
-    """Teacher-forced full forward collecting states and K/V (no gradients flow here)."""
+def slow_pass(cfg: ModelConfig, base: dict, tokens: jax.Array, select: jax.Array | None = None) -> SlowPass:
+    """Teacher-forced full forward collecting states and K/V (no gradients flow here).
+
+    `select` [B, M] (token indices per row): `hiddens` and `logits` are returned at those
+    positions only (the cache always covers all T tokens: it is the context)."""
     B, T = tokens.shape
     cache = D.init_cache(cfg, B, T)
     h0 = D.embed(cfg, base, tokens)
     h, cache, hs = D.forward_hidden(cfg, base, tokens, cache, jnp.zeros((B,), jnp.int32), h=h0, collect=True)
-    return SlowPass([h0] + hs, cache, D.logits_from_hidden(cfg, base, h))
+    hiddens = [h0] + hs
+    if select is not None:
+        hiddens = [gather_positions(x, select) for x in hiddens]
+        h = hiddens[-1]
+    return SlowPass(hiddens, cache, D.logits_from_hidden(cfg, base, h))
+
+
+def gather_positions(x: jax.Array, select: jax.Array) -> jax.Array:
+    """x [B, T, ...], select [B, M] -> [B, M, ...]."""
+    return jnp.take_along_axis(x, select.reshape(select.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def loss_positions(mask: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """The first `m` positions of each row where mask > 0, in order (padded with masked-out
+    positions when a row has fewer): -> (select [B, m] int32, mask [B, m])."""
+    on = mask > 0
+    select = jnp.argsort(~on, axis=1, stable=True)[:, :m].astype(jnp.int32)
+    return select, jnp.take_along_axis(mask, select, axis=1)
 
 
 def fast_layer(cfg: ModelConfig, lp: dict, ad: dict, h: jax.Array, kv_sets, m_self, cos, sin):
@@ -75,10 +95,20 @@ def teacher_forced_masks(B: int, T: int):
 
 
 def fast_train_pass(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, tokens: jax.Array,
-                    slow: SlowPass, depth: int | None = None) -> list:
+                    slow: SlowPass, depth: int | None = None, select: jax.Array | None = None) -> list:
+    """Teacher-forced fast stream. With `select` [B, M] (and a `slow` pass made with the same
+    `select`) it runs on those M positions only: a fast token reads the slow K/V of the tokens
+    before it and its own fast K/V, never another position's fast state, so this equals the
+    full pass at those positions (tested) at M/T of the cost."""
     B, T = tokens.shape
-    m_slow, m_local = teacher_forced_masks(B, T)
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    if select is None:
+        m_slow, m_local = teacher_forced_masks(B, T)
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    else:
+        M = select.shape[1]
+        positions = select
+        m_slow = jnp.arange(T)[None, None, :] < select[:, :, None]
+        m_local = jnp.broadcast_to(jnp.eye(M, dtype=bool), (B, M, M))
     h_b = jax.lax.stop_gradient(slow.hiddens[mc.branch])
     cache = jax.tree.map(jax.lax.stop_gradient, slow.cache)
     return fast_stream(cfg, mc, base, m2r2, h_b, cache, m_slow, m_local, positions, depth)
