@@ -26,8 +26,10 @@ ABLATIONS = {
     "skip_prompt": ["m2r2.layer_map=skip", "data.loss_on_prompt=true"],
     "prefix_prompt": ["m2r2.layer_map=prefix", "data.loss_on_prompt=true"],
     "r2_L15": ["m2r2.rate=2"],                    # rate 2: 15 fast layers
-    "L8": ["m2r2.num_fast_layers=8"],
+    "L8": ["m2r2.num_fast_layers=8"],             # with the config's map (skip since session 2)
     "L5": ["m2r2.num_fast_layers=5"],
+    "prefix_L8": ["m2r2.layer_map=prefix", "m2r2.num_fast_layers=8"],  # session 1's L8 / L5 rows
+    "prefix_L5": ["m2r2.layer_map=prefix", "m2r2.num_fast_layers=5"],
     "kd_only": ["m2r2.align_weight=0.0", "m2r2.align_final_weight=0.0"],
 }
 
@@ -79,7 +81,7 @@ def main():
         mc = tc.m2r2.validate(model.cfg.num_layers)
         ev = evaluate_alignment(model.cfg, model.params, mc, r.m2r2, r.draft_ids, eval_recs, seq_len=320)
         results[name] = {
-            "overrides": ABLATIONS[name], "steps": a.steps, "train_seconds": train_s,
+            "overrides": list(a.overrides) + ABLATIONS[name], "steps": a.steps, "train_seconds": train_s,
             "train_tokens_per_second": float(sum(float(h["tokens"]) for h in r.history) / train_s),
             "final_train_loss": float(r.history[-1]["loss"]),
             "m2r2": dataclasses.asdict(mc), "eval": ev,

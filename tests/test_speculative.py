@@ -217,3 +217,30 @@ def test_tree_selection_trades_acceptance_for_cost():
     rows = [{"depth": 1, "rank": 0, "tries": 10, "hits": 6}, {"depth": 1, "rank": 1, "tries": 10, "hits": 2},
             {"depth": 2, "rank": 0, "tries": 6, "hits": 3}, {"depth": 0, "rank": 0, "tries": 10, "hits": 10}]
     assert acceptance_from_nodes(rows) == [[0.6, 0.2], [0.5]]
+
+
+def test_merged_draft_params_equal_adapters(tiny):
+    """Drafting folds the adapters (W + A B) and gains into the layer weights: the same fast layer
+    and draft head up to float rounding."""
+    from m2r2_jax.m2r2 import stream as S
+    from m2r2_jax.model import layers as L
+
+    cfg, base = tiny
+    mc, m2r2 = _m2r2(cfg, gain=True)
+    m2r2["fast"] = [dict(ad, gain_attn=ad["gain_attn"] * 1.5, gain_mlp=ad["gain_mlp"] * 0.5) for ad in m2r2["fast"]]
+    draft_ids = jnp.asarray([7, 3, 100, 42, 5], jnp.int32)
+    dp = S.draft_params(cfg, mc, base, m2r2, draft_ids)
+    B, T = 2, 5
+    h = jax.random.normal(jax.random.key(1), (B, T, cfg.hidden_size))
+    pos = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
+    cos, sin = L.rope_cos_sin(cfg, pos)
+    m_self = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool))[None], (B, T, T))
+    for l, j in enumerate(mc.base_layers(cfg.num_layers)):
+        want, (wk, wv) = S.fast_layer(cfg, base["layers"][j], m2r2["fast"][l], h, [], m_self, cos, sin)
+        got, (gk, gv) = S.fast_layer(cfg, dp["layers"][l], {}, h, [], m_self, cos, sin)
+        assert float(jnp.abs(want - h).max()) > 1e-2  # the adapters really act
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(gk, wk, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(S.draft_head_logits(cfg, dp, h), S.draft_logits(cfg, base, h, draft_ids),
+                               atol=1e-4, rtol=1e-4)
+    assert len(S.draft_params(cfg, mc, base, m2r2, draft_ids, depth=1)["layers"]) == 1

@@ -45,10 +45,12 @@ class SpecConfig:
     draft_layers: int = 0      # fast layers used to draft (0 = all L_f)
 
 
-def _draft(cfg, mc, tree: DraftTree, draft_layers, base, m2r2, draft_ids, cache, pos, cur):
-    """Fill the tree's node tokens [B, T] with the fast stream's ranked candidates."""
+def _draft(cfg, mc, tree: DraftTree, base, dp, draft_ids, cache, pos, cur, adapters=None):
+    """Fill the tree's node tokens [B, T] with the fast stream's ranked candidates.
+    dp: `S.draft_params` (the fast layers with merged adapters, the draft head); `adapters`
+    (per-layer adapter dicts applied on top, for timing the unmerged form) is normally None."""
     B, T = cur.shape[0], tree.size
-    layers = mc.base_layers(cfg.num_layers)[:draft_layers]
+    layers = mc.base_layers(cfg.num_layers)[:len(dp["layers"])]
     toks = jnp.zeros((B, T), jnp.int32).at[:, 0].set(cur)
     KVd = (B, cfg.num_kv_heads, T, cfg.head_dim)
     lk = [jnp.zeros(KVd, cfg.jnp_dtype) for _ in layers]
@@ -71,11 +73,11 @@ def _draft(cfg, mc, tree: DraftTree, draft_layers, base, m2r2, draft_ids, cache,
         m_anc = jnp.broadcast_to(jnp.asarray(anc)[None], (B, n, T))
         m_self = jnp.broadcast_to(jnp.eye(n, dtype=bool)[None], (B, n, n))
         for l, j in enumerate(layers):
-            h, (k, v) = S.fast_layer(cfg, base["layers"][j], m2r2["fast"][l], h,
+            h, (k, v) = S.fast_layer(cfg, dp["layers"][l], adapters[l] if adapters else {}, h,
                                      [(cache.k[j], cache.v[j], m_prefix), (lk[l], lv[l], m_anc)], m_self, cos, sin)
             lk[l] = lk[l].at[:, :, nodes].set(k.astype(lk[l].dtype))
             lv[l] = lv[l].at[:, :, nodes].set(v.astype(lv[l].dtype))
-        logits = S.draft_logits(cfg, base, h, draft_ids)  # [B, n, Vd]
+        logits = S.draft_head_logits(cfg, dp, h)            # [B, n, Vd]
         _, top = lax.top_k(logits, tree.topk)
         cand = jnp.take(draft_ids, top)                    # [B, n, topk]
         for ii, i in enumerate(nodes):
@@ -177,13 +179,14 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
         stats = dict(steps=zeros_b, accepted=zeros_b, depth_hits=jnp.zeros((B, Dm + 1), jnp.int32),
                      node_tries=jnp.zeros((B, T), jnp.int32), node_hits=jnp.zeros((B, T), jnp.int32))
         state = (lengths, cur, cache, out, jnp.ones((B,), jnp.int32), done, key, stats)
+        dp = S.draft_params(cfg, mc, base, m2r2, draft_ids, draft_layers)
 
         def cond(st):
             return ~jnp.all(st[5])
 
         def body(st):
             pos, cur, cache, out, n_out, done, key, stats = st
-            toks = _draft(cfg, mc, tree, draft_layers, base, m2r2, draft_ids, cache, pos, cur)
+            toks = _draft(cfg, mc, tree, base, dp, draft_ids, cache, pos, cur)
             logits, cache = _verify(cfg, tree, base, toks, cache, pos)
             key, sub = jax.random.split(key)
             if greedy:
@@ -317,7 +320,8 @@ class SpeculativeDecoder:
         pos = jnp.full((batch,), fill, jnp.int32)
         cur = jnp.ones((batch,), jnp.int32)
         dids = jnp.asarray(draft_ids, jnp.int32)
-        draft = jax.jit(lambda b, m, d, c, p, t: _draft(cfg, self.mc, tree, self.draft_layers, b, m, d, c, p, t))
+        dp = jax.jit(lambda b, m, d: S.draft_params(cfg, self.mc, b, m, d, self.draft_layers))(base, m2r2, dids)
+        draft = jax.jit(lambda b, q, d, c, p, t: _draft(cfg, self.mc, tree, b, q, d, c, p, t))
         verify = jax.jit(lambda b, t, c, p: _verify(cfg, tree, b, t, c, p)[0])
         toks = jnp.zeros((batch, tree.size), jnp.int32)
 
@@ -330,7 +334,7 @@ class SpeculativeDecoder:
                 ts.append(time.perf_counter() - t0)
             return 1e3 * float(np.median(ts))
 
-        return {"draft_ms": med(lambda: draft(base, m2r2, dids, cache, pos, cur)),
+        return {"draft_ms": med(lambda: draft(base, dp, dids, cache, pos, cur)),
                 "verify_ms": med(lambda: verify(base, toks, cache, pos)),
                 "cache_len": cache_len, "fill": fill, "tree_size": tree.size, "draft_layers": self.draft_layers,
                 "batch": batch}

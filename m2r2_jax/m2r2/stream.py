@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from m2r2_jax.config import ModelConfig
+from m2r2_jax.errors import M2R2Error
 from m2r2_jax.m2r2.config import M2R2Config
 from m2r2_jax.model import decoder as D
 from m2r2_jax.model import layers as L
@@ -112,6 +113,48 @@ def fast_train_pass(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, to
     h_b = jax.lax.stop_gradient(slow.hiddens[mc.branch])
     cache = jax.tree.map(jax.lax.stop_gradient, slow.cache)
     return fast_stream(cfg, mc, base, m2r2, h_b, cache, m_slow, m_local, positions, depth)
+
+
+_TARGET_WEIGHT = {"q": ("attn", "wq"), "k": ("attn", "wk"), "v": ("attn", "wv"), "o": ("attn", "wo"),
+                  "gate": ("mlp", "gate"), "up": ("mlp", "up"), "down": ("mlp", "down")}
+
+
+def merge_fast_layer(lp: dict, ad: dict) -> dict:
+    """The base layer's params with the accelerator adapters folded in (W + A B) and the gains
+    folded into the output projections (gain * (x W_o) = x (W_o * gain)). Same function up to
+    float rounding, but one matmul per projection instead of three: the drafting path uses it
+    (verification never does, so losslessness does not depend on it)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in lp.items()}
+    for t, (blk, name) in _TARGET_WEIGHT.items():
+        if t in ad:
+            w = out[blk][name]
+            out[blk][name] = (w.astype(jnp.float32) + ad[t]["a"].astype(jnp.float32)
+                              @ ad[t]["b"].astype(jnp.float32)).astype(w.dtype)
+    for g, (blk, name) in (("gain_attn", ("attn", "wo")), ("gain_mlp", ("mlp", "down"))):
+        if g in ad:
+            w = out[blk][name]
+            out[blk][name] = (w.astype(jnp.float32) * ad[g].astype(jnp.float32)[None, :]).astype(w.dtype)
+    return out
+
+
+def draft_params(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, draft_ids: jax.Array | None,
+                 depth: int | None = None) -> dict:
+    """What drafting reads, built once per generation: the first `depth` fast layers with their
+    adapters merged, the final norm, and the LM head rows of the draft vocabulary ([Vd, D])."""
+    if cfg.mlp_type != "dense":
+        raise M2R2Error(f"merging adapters into a {cfg.mlp_type} MLP is not implemented")
+    layers = mc.base_layers(cfg.num_layers)[: depth or None]
+    head = base["embed"] if "lm_head" not in base else base["lm_head"].T
+    if draft_ids is not None:
+        head = jnp.take(head, draft_ids, axis=0)
+    return {"layers": [merge_fast_layer(base["layers"][j], m2r2["fast"][l]) for l, j in enumerate(layers)],
+            "final_norm": base["final_norm"], "head": head}
+
+
+def draft_head_logits(cfg: ModelConfig, dp: dict, h: jax.Array) -> jax.Array:
+    """Final norm + the draft head of `draft_params` -> [B, T, Vd] f32."""
+    x = L.rms_norm(h, dp["final_norm"], cfg.rms_norm_eps)
+    return jnp.einsum("btd,vd->btv", x, dp["head"].astype(x.dtype)).astype(jnp.float32)
 
 
 def draft_logits(cfg: ModelConfig, base: dict, h: jax.Array, draft_ids: jax.Array | None) -> jax.Array:
