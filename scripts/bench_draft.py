@@ -39,7 +39,8 @@ def main():
 
     m = load_model(a.model)
     cfg, base = m.cfg, m.params
-    mc, m2, dids, _ = load_m2r2(a.checkpoint or str(Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT), cfg, base, a.model)
+    ckpt = a.checkpoint or str(Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT)
+    mc, m2, dids, _ = load_m2r2(ckpt, cfg, base, a.model)
     dids = jnp.asarray(dids, jnp.int32)
     tree = chain(1)
     n = mc.n_fast(cfg.num_layers)
@@ -54,7 +55,7 @@ def main():
     merged = jax.jit(lambda b, q, d: S.draft_params(cfg, mc, b, q, d))(base, m2, dids)
     layers = mc.base_layers(cfg.num_layers)
     plain = {"layers": [base["layers"][j] for j in layers], "final_norm": base["final_norm"],
-             "head": jnp.take(base["embed"], dids, axis=0)}
+             "head": S.draft_head(base, dids)}
     draft = jax.jit(lambda b, q, d, c, p_, t, ad: _draft(cfg, mc, tree, b, q, d, c, p_, t, ad))
     verify = jax.jit(lambda b, t, c, p_: _verify(cfg, tree, b, t, c, p_)[0])
     step = jax.jit(lambda b, t, c, p_: D.forward(cfg, b, t, c, p_)[0])
@@ -70,11 +71,11 @@ def main():
 
     curs = [jnp.asarray([int(t)], jnp.int32) for t in rs.randint(3, cfg.vocab_size, 16)]
     same = sum(int(draft(base, merged, dids, cache, pos, c, None)[0, 1])
-               == int(draft(base, plain, dids, cache, pos, c, m2["fast"][:n])[0, 1]) for c in curs)
+               == int(draft(base, plain, dids, cache, pos, c, m2["fast"])[0, 1]) for c in curs)
     cur = curs[0]
     r = {
         "ar_step_ms": med(lambda: step(base, cur[:, None], cache, pos)),
-        "draft_adapters_ms": med(lambda: draft(base, plain, dids, cache, pos, cur, m2["fast"][:n])),
+        "draft_adapters_ms": med(lambda: draft(base, plain, dids, cache, pos, cur, m2["fast"])),
         "draft_merged_ms": med(lambda: draft(base, merged, dids, cache, pos, cur, None)),
         "verify2_ms": med(lambda: verify(base, jnp.stack([cur, cur], 1), cache, pos)),
         "same_draft_token": f"{same}/{len(curs)}",

@@ -144,11 +144,15 @@ def draft_params(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, draft
     if cfg.mlp_type != "dense":
         raise M2R2Error(f"merging adapters into a {cfg.mlp_type} MLP is not implemented")
     layers = mc.base_layers(cfg.num_layers)[: depth or None]
-    head = base["embed"] if "lm_head" not in base else base["lm_head"].T
-    if draft_ids is not None:
-        head = jnp.take(head, draft_ids, axis=0)
     return {"layers": [merge_fast_layer(base["layers"][j], m2r2["fast"][l]) for l, j in enumerate(layers)],
-            "final_norm": base["final_norm"], "head": head}
+            "final_norm": base["final_norm"], "head": draft_head(base, draft_ids)}
+
+
+def draft_head(base: dict, draft_ids: jax.Array | None) -> jax.Array:
+    """The LM head's rows [Vd, D] for the draft vocabulary (all rows when None)."""
+    if "lm_head" not in base:
+        return base["embed"] if draft_ids is None else jnp.take(base["embed"], draft_ids, axis=0)
+    return (base["lm_head"] if draft_ids is None else jnp.take(base["lm_head"], draft_ids, axis=1)).T
 
 
 def draft_head_logits(cfg: ModelConfig, dp: dict, h: jax.Array) -> jax.Array:
@@ -161,10 +165,7 @@ def draft_logits(cfg: ModelConfig, base: dict, h: jax.Array, draft_ids: jax.Arra
     """Final norm + LM head on a fast state; over the draft vocabulary subset when given."""
     if draft_ids is None:
         return D.logits_from_hidden(cfg, base, h)
-    x = L.rms_norm(h, base["final_norm"], cfg.rms_norm_eps)
-    w = jnp.take(base["embed"], draft_ids, axis=0) if "lm_head" not in base else \
-        jnp.take(base["lm_head"], draft_ids, axis=1).T
-    return jnp.einsum("btd,vd->btv", x, w.astype(x.dtype)).astype(jnp.float32)
+    return draft_head_logits(cfg, {"final_norm": base["final_norm"], "head": draft_head(base, draft_ids)}, h)
 
 
 def arla_router(cfg: ModelConfig, mc: M2R2Config, rp: dict, fast_hs: list, h_branch: jax.Array) -> jax.Array:
