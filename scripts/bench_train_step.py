@@ -1,8 +1,10 @@
 """Cost of the M2R2 loss (forward, and forward + gradient) on SmolLM2 for one random 8 x 256 batch,
-with the fast stream on all positions (train_positions=0) and on the first 160 answer positions
-per row (train_positions=160), in one process.
+in one process: the fast stream on the first 160 answer positions per row (train_positions=160)
+with the slow pass in the step, the same with the slow pass read from a teacher cache
+(data.teacher_cache_dir: cached states in bf16), and the fast stream on all positions
+(train_positions=0, slow pass in the step).
 
-    python scripts/bench_train_step.py [--positions 160]
+    python scripts/bench_train_step.py [--positions 160] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def main():
     import numpy as np
 
     from m2r2_jax.loading.registry import load_model
-    from m2r2_jax.m2r2.losses import m2r2_loss
+    from m2r2_jax.m2r2.losses import m2r2_loss, m2r2_loss_cached
     from m2r2_jax.m2r2.params import init_m2r2
     from m2r2_jax.training.config import load_train_config
 
@@ -51,13 +53,22 @@ def main():
             jax.block_until_ready(f(*args))
         return (time.perf_counter() - t) / a.repeats
 
-    for tp in (a.positions, 0):
-        mcx = dataclasses.replace(mc, train_positions=tp)
-        loss = lambda p_, b, t, mk, d: m2r2_loss(p_, b, t, mk, d, cfg, mcx)[0]  # noqa: E731
-        fwd = timeit(jax.jit(loss), m2, base, toks, mask, dids)
-        grad = timeit(jax.jit(jax.grad(loss)), m2, base, toks, mask, dids)
-        print(f"train_positions={tp}: loss forward {fwd:.2f} s, forward + gradient {grad:.2f} s")
-
+    mcx = dataclasses.replace(mc, train_positions=a.positions)
+    hid = jnp.asarray(rs.randn(B, len(mc.cached_layers(cfg.num_layers)), T, cfg.hidden_size), jnp.bfloat16)
+    fin = jnp.asarray(rs.randn(B, a.positions, cfg.hidden_size), jnp.float32)
+    variants = [
+        (f"train_positions={a.positions}, slow pass in the step",
+         lambda p_, b, t, mk, d: m2r2_loss(p_, b, t, mk, d, cfg, mcx)[0], ()),
+        (f"train_positions={a.positions}, teacher cache (bf16)",
+         lambda p_, b, t, mk, d, h, f: m2r2_loss_cached(p_, b, t, mk, d, h, f, cfg, mcx)[0], (hid, fin)),
+        ("train_positions=0, slow pass in the step",
+         lambda p_, b, t, mk, d: m2r2_loss(p_, b, t, mk, d, cfg, dataclasses.replace(mc, train_positions=0))[0],
+         ()),
+    ]
+    for name, loss, extra in variants:
+        fwd = timeit(jax.jit(loss), m2, base, toks, mask, dids, *extra)
+        grad = timeit(jax.jit(jax.grad(loss)), m2, base, toks, mask, dids, *extra)
+        print(f"{name}: loss forward {fwd:.2f} s, forward + gradient {grad:.2f} s", flush=True)
 
 if __name__ == "__main__":
     main()

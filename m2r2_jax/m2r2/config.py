@@ -68,6 +68,13 @@ class M2R2Config:
         span = num_layers - self.branch
         return [min(self.branch + round(span * l / n), num_layers) for l in range(1, n + 1)]
 
+    def cached_layers(self, num_layers: int) -> list[int]:
+        """Slow states a teacher cache keeps at every position: the inputs h_s^j of the fast layers'
+        base layers (their K/V are re-projected from them), the aligned targets and the branch;
+        not h_s^0 (= the embedding, recomputed) and not h_s^N (kept at the loss positions, f32)."""
+        need = set(self.base_layers(num_layers)) | set(self.targets_of(num_layers)) | {self.branch}
+        return sorted(need - {0, num_layers})
+
     def base_layers(self, num_layers: int) -> list[int]:
         """0-based index of the base layer whose (frozen) weights fast layer l runs."""
         if self.layer_map == "prefix":

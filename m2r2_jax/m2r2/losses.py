@@ -50,6 +50,23 @@ def m2r2_loss(m2r2: dict, base: dict, tokens: jax.Array, mask: jax.Array, draft_
     if mc.train_positions and mc.train_positions < tokens.shape[1]:
         select, mask = S.loss_positions(mask, mc.train_positions)
     slow = S.slow_pass(cfg, base, tokens, select)
+    return loss_from_slow(m2r2, base, tokens, mask, draft_ids, slow, select, cfg, mc)
+
+
+def m2r2_loss_cached(m2r2: dict, base: dict, tokens: jax.Array, mask: jax.Array, draft_ids: jax.Array,
+                     hid: jax.Array, final: jax.Array, cfg: ModelConfig, mc: M2R2Config):
+    """The same objective with the slow pass read from a teacher cache (training/teacher_cache.py):
+    hid [B, n, T, D] = the slow states `mc.cached_layers` at every position, final [B, M, D] = h_s^N
+    at the M loss positions. The fast layers' slow K/V are re-projected from the cached states
+    (2 small matmuls per fast layer instead of the 30-layer forward)."""
+    mask = mask.astype(jnp.float32)
+    m = mc.train_positions if mc.train_positions and mc.train_positions < tokens.shape[1] else tokens.shape[1]
+    select, mask = S.loss_positions(mask, m)
+    slow = S.slow_from_cache(cfg, mc, base, tokens, hid, final, select)
+    return loss_from_slow(m2r2, base, tokens, mask, draft_ids, slow, select, cfg, mc)
+
+
+def loss_from_slow(m2r2, base, tokens, mask, draft_ids, slow, select, cfg: ModelConfig, mc: M2R2Config):
     slow = jax.tree.map(jax.lax.stop_gradient, slow)
     hs = S.fast_train_pass(cfg, mc, base, m2r2, tokens, slow, select=select)
     targets = mc.targets_of(cfg.num_layers)

@@ -43,6 +43,30 @@ def slow_pass(cfg: ModelConfig, base: dict, tokens: jax.Array, select: jax.Array
     return SlowPass(hiddens, cache, D.logits_from_hidden(cfg, base, h))
 
 
+def slow_from_cache(cfg: ModelConfig, mc: M2R2Config, base: dict, tokens: jax.Array, hid: jax.Array,
+                    final: jax.Array, select: jax.Array) -> SlowPass:
+    """The SlowPass that `slow_pass(cfg, base, tokens, select)` would return, rebuilt from cached
+    slow states (hid [B, n, T, D]: layers `mc.cached_layers`; final [B, M, D]: h_s^N at `select`).
+    Only what the fast stream and the losses read is filled in: the K/V of the fast layers' base
+    layers (re-projected from their cached inputs exactly as the base layer projects them) and the
+    states at the branch and the targets; the other entries are None."""
+    N = cfg.num_layers
+    B, T = tokens.shape
+    dt = cfg.jnp_dtype
+    full = {0: D.embed(cfg, base, tokens)}
+    full.update({j: hid[:, i].astype(dt) for i, j in enumerate(mc.cached_layers(N))})
+    cos, sin = L.rope_cos_sin(cfg, jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T)))
+    ks, vs = [None] * N, [None] * N
+    for j in mc.base_layers(N):
+        lp = base["layers"][j]
+        _, k, v = L.qkv(cfg, lp["attn"], L.rms_norm(full[j], lp["attn_norm"], cfg.rms_norm_eps), cos, sin)
+        ks[j], vs[j] = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    hiddens = [gather_positions(full[j], select) if j in full else None for j in range(N)]
+    h = final.astype(dt)
+    hiddens.append(h)
+    return SlowPass(hiddens, D.KVCache(ks, vs), D.logits_from_hidden(cfg, base, h))
+
+
 def gather_positions(x: jax.Array, select: jax.Array) -> jax.Array:
     """x [B, T, ...], select [B, M] -> [B, M, ...]."""
     return jnp.take_along_axis(x, select.reshape(select.shape + (1,) * (x.ndim - 2)), axis=1)

@@ -46,10 +46,14 @@ class BatchStream:
         self.tokens, self.mask, self.batch_size, self.seed = tokens, mask, batch_size, seed
         self.per_epoch = len(tokens) // batch_size
 
-    def batch_at(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+    def indices_at(self, position: int) -> np.ndarray:
+        """Example indices of batch `position` (sorted)."""
         epoch, k = divmod(position, self.per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.tokens))
-        idx = np.sort(order[k * self.batch_size:(k + 1) * self.batch_size])
+        return np.sort(order[k * self.batch_size:(k + 1) * self.batch_size])
+
+    def batch_at(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.indices_at(position)
         return self.tokens[idx], self.mask[idx]
 
     def iterate(self, start: int = 0) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray]]]:

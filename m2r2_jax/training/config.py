@@ -23,6 +23,9 @@ class DataConfig:
     distill_batch_size: int = 16
     heldout_prompts: int = 64             # the last N prompts are kept out of training (alignment eval)
     loss_on_prompt: bool = False          # also train on prompt positions (the teacher is defined there too)
+    teacher_cache_dir: str = ""           # non-empty: cache the frozen base's slow states per example there
+                                          # (built once, resumable) and skip the slow forward in every step
+    teacher_cache_dtype: str = "bfloat16"  # bfloat16 | float32 (storage of the cached intermediate states)
 
 
 @dataclasses.dataclass(frozen=True)

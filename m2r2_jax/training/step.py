@@ -10,7 +10,7 @@ import optax
 
 from m2r2_jax.config import ModelConfig
 from m2r2_jax.m2r2.config import M2R2Config
-from m2r2_jax.m2r2.losses import m2r2_loss
+from m2r2_jax.m2r2.losses import m2r2_loss, m2r2_loss_cached
 from m2r2_jax.m2r2.params import m2r2_spec
 from m2r2_jax.model.params import logical_axes, model_spec
 from m2r2_jax.sharding import named_sharding, replicated, tree_shardings
@@ -28,16 +28,21 @@ def train_shardings(mesh, cfg: ModelConfig, mc: M2R2Config, base, m2r2, batch_sh
         "m2r2": tree_shardings(mesh, logical_axes(m2r2_spec(cfg, mc)), m2r2),
         "batch": named_sharding(mesh, ("batch", "seq"), batch_shape),
         "rep": replicated(mesh),
+        "teacher_hid": named_sharding(mesh, ("batch", None, "seq", "act_embed"), (batch_shape[0], 1) + batch_shape[1:] + (1,)),
+        "teacher_final": named_sharding(mesh, ("batch", "seq", "act_embed"), batch_shape + (1,)),
     }
 
 
 def make_train_step(cfg: ModelConfig, mc: M2R2Config, opt: optax.GradientTransformation, shardings=None,
-                    opt_shardings=None):
-    """-> jitted step(m2r2, opt_state, base, tokens, mask, draft_ids) -> (m2r2, opt_state, metrics)."""
+                    opt_shardings=None, cached: bool = False):
+    """-> jitted step(m2r2, opt_state, base, tokens, mask, draft_ids) -> (m2r2, opt_state, metrics).
 
-    def step(m2r2, opt_state, base, tokens, mask, draft_ids):
-        loss_fn = functools.partial(m2r2_loss, cfg=cfg, mc=mc)
-        (_, met), grads = jax.value_and_grad(loss_fn, has_aux=True)(m2r2, base, tokens, mask, draft_ids)
+    cached: step(..., draft_ids, hid, final) reads the slow pass from a teacher cache."""
+
+    def step(m2r2, opt_state, base, tokens, mask, draft_ids, *teacher):
+        loss_fn = functools.partial(m2r2_loss_cached if cached else m2r2_loss, cfg=cfg, mc=mc)
+        (_, met), grads = jax.value_and_grad(loss_fn, has_aux=True)(m2r2, base, tokens, mask, draft_ids,
+                                                                    *teacher)
         updates, opt_state = opt.update(grads, opt_state, m2r2)
         m2r2 = optax.apply_updates(m2r2, updates)
         met = dict(met, grad_norm=optax.tree.norm(grads))
@@ -46,7 +51,8 @@ def make_train_step(cfg: ModelConfig, mc: M2R2Config, opt: optax.GradientTransfo
     kw = {}
     if shardings is not None:
         s = shardings
-        kw = dict(in_shardings=(s["m2r2"], opt_shardings, s["base"], s["batch"], s["batch"], s["rep"]),
+        extra = (s["teacher_hid"], s["teacher_final"]) if cached else ()
+        kw = dict(in_shardings=(s["m2r2"], opt_shardings, s["base"], s["batch"], s["batch"], s["rep"]) + extra,
                   out_shardings=(s["m2r2"], opt_shardings, s["rep"]))
     return jax.jit(step, donate_argnums=(0, 1), **kw)
 

@@ -97,7 +97,14 @@ def train(tc: TrainConfig, *, model=None, records: Sequence[dict] | None = None,
         step, pos = int(meta["step"]), int(meta["data_position"])
         draft_ids = np.asarray(extra["draft_ids"])
     draft_dev = jax.device_put(jnp.asarray(draft_ids), sh["rep"])
-    step_fn = make_train_step(cfg, mc, opt, sh, opt_sh)
+    teacher = None
+    if tc.data.teacher_cache_dir:
+        from m2r2_jax.training.teacher_cache import open_or_build
+
+        teacher = open_or_build(tc.data.teacher_cache_dir, cfg, mc, base, base_id, tokens, mask,
+                                tc.data.teacher_cache_dtype, tc.batch_size,
+                                progress=progress and jax.process_index() == 0)
+    step_fn = make_train_step(cfg, mc, opt, sh, opt_sh, cached=teacher is not None)
     base_sh = sh["base"]
     base = jax.tree.map(lambda a, s: a if a.sharding == s else jax.device_put(a, s), base, base_sh)
 
@@ -117,10 +124,14 @@ def train(tc: TrainConfig, *, model=None, records: Sequence[dict] | None = None,
     try:
         while step < end:
             t0 = time.perf_counter()
-            bt, bm = stream.batch_at(pos)
-            bt = jax.device_put(bt, sh["batch"])
-            bm = jax.device_put(bm, sh["batch"])
-            m2r2, opt_state, met = step_fn(m2r2, opt_state, base, bt, bm, draft_dev)
+            idx = stream.indices_at(pos)
+            bt = jax.device_put(tokens[idx], sh["batch"])
+            bm = jax.device_put(mask[idx], sh["batch"])
+            extra = ()
+            if teacher is not None:
+                th, tf = teacher.batch(idx)
+                extra = (jax.device_put(th, sh["teacher_hid"]), jax.device_put(tf, sh["teacher_final"]))
+            m2r2, opt_state, met = step_fn(m2r2, opt_state, base, bt, bm, draft_dev, *extra)
             met = jax.tree.map(np.asarray, met)
             dt = time.perf_counter() - t0
             step, pos = step + 1, pos + 1
