@@ -84,8 +84,8 @@ def loss_from_slow(m2r2, base, tokens, mask, draft_ids, slow, select, cfg: Model
     kd_ids = draft_ids if mc.kd_vocab == "draft" else None
     teacher = slow.logits if kd_ids is None else jnp.take(slow.logits, kd_ids, axis=-1)
     kd_layers = hs if mc.kd_layers == "all" else hs[-1:]
-    kd_loss = jnp.mean(jnp.stack([masked_mean(kd_kl(teacher, S.draft_logits(cfg, base, h, kd_ids),
-                                                     mc.kd_temperature), mask) for h in kd_layers]))
+    student = [S.draft_logits(cfg, base, h, kd_ids) for h in kd_layers]
+    kd_loss = jnp.mean(jnp.stack([masked_mean(kd_kl(teacher, lg, mc.kd_temperature), mask) for lg in student]))
 
     # router labels: does fast layer l's draft-vocab argmax equal the full model's token?
     per_layer_hit = []
@@ -98,7 +98,9 @@ def loss_from_slow(m2r2, base, tokens, mask, draft_ids, slow, select, cfg: Model
     router_loss = masked_mean(bce, mask)
 
     loss = mc.align_weight * align_loss + mc.kd_weight * kd_loss + mc.router_weight * router_loss
-    final_top = jnp.argmax(jax.lax.stop_gradient(S.draft_logits(cfg, base, hs[-1], None)), -1)
+    # the final layer's full-vocabulary logits: the KD student's when KD uses them (computed once)
+    final_lg = student[-1] if kd_ids is None else S.draft_logits(cfg, base, hs[-1], None)
+    final_top = jnp.argmax(jax.lax.stop_gradient(final_lg), -1)
     agree_full = masked_mean((final_top == teacher_top).astype(jnp.float32), mask)
     router_acc = masked_mean(jnp.mean(((r_logits > 0) == (hits > 0.5)).astype(jnp.float32), -1), mask)
     metrics = {
