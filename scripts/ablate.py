@@ -73,8 +73,9 @@ def main():
             print(f"skip {name} (done)")
             continue
         tc = load_train_config(a.config, list(a.overrides) + ABLATIONS[name] + [
-            f"steps={a.steps}", f"warmup_steps={max(1, a.steps // 5)}", f"out_dir=runs/ablate/{name}",
-            f"save_every={a.steps}"])
+            f"steps={a.steps}", f"warmup_steps={max(1, a.steps // 5)}", f"out_dir=runs/ablate/{name}_s{a.steps}",
+            f"save_every={a.steps}",
+            "data.teacher_cache_dir="])   # short runs: a per-map teacher cache would not pay for itself
         t0 = time.time()
         r = train(tc, model=model, records=records, progress=True)
         train_s = time.time() - t0
