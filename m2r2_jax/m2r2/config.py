@@ -68,6 +68,11 @@ class M2R2Config:
         span = num_layers - self.branch
         return [min(self.branch + round(span * l / n), num_layers) for l in range(1, n + 1)]
 
+    def loss_width(self, seq_len: int) -> int:
+        """Loss positions per row the fast stream trains on: `train_positions` when it gathers
+        (0 < M < T), else all T."""
+        return self.train_positions if 0 < self.train_positions < seq_len else seq_len
+
     def cached_layers(self, num_layers: int) -> list[int]:
         """Slow states a teacher cache keeps at every position: the inputs h_s^j of the fast layers'
         base layers (their K/V are re-projected from them), the aligned targets and the branch;

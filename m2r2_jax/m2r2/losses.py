@@ -47,7 +47,7 @@ def m2r2_loss(m2r2: dict, base: dict, tokens: jax.Array, mask: jax.Array, draft_
     objective when no row has more than M loss positions, at a fraction of the cost."""
     mask = mask.astype(jnp.float32)
     select = None
-    if mc.train_positions and mc.train_positions < tokens.shape[1]:
+    if mc.loss_width(tokens.shape[1]) < tokens.shape[1]:
         select, mask = S.loss_positions(mask, mc.train_positions)
     slow = S.slow_pass(cfg, base, tokens, select)
     return loss_from_slow(m2r2, base, tokens, mask, draft_ids, slow, select, cfg, mc)
@@ -60,8 +60,7 @@ def m2r2_loss_cached(m2r2: dict, base: dict, tokens: jax.Array, mask: jax.Array,
     at the M loss positions. The fast layers' slow K/V are re-projected from the cached states
     (2 small matmuls per fast layer instead of the 30-layer forward)."""
     mask = mask.astype(jnp.float32)
-    m = mc.train_positions if mc.train_positions and mc.train_positions < tokens.shape[1] else tokens.shape[1]
-    select, mask = S.loss_positions(mask, m)
+    select, mask = S.loss_positions(mask, mc.loss_width(tokens.shape[1]))
     slow = S.slow_from_cache(cfg, mc, base, tokens, hid, final, select)
     return loss_from_slow(m2r2, base, tokens, mask, draft_ids, slow, select, cfg, mc)
 

@@ -34,10 +34,6 @@ FORMAT = "m2r2-teacher-cache/1"
 _STORE = {"bfloat16": (np.uint16, ml_dtypes.bfloat16), "float32": (np.float32, np.float32)}
 
 
-def loss_width(mc: M2R2Config, seq_len: int) -> int:
-    return mc.train_positions if mc.train_positions and mc.train_positions < seq_len else seq_len
-
-
 def data_digest(tokens: np.ndarray, mask: np.ndarray) -> str:
     h = hashlib.sha1()
     h.update(np.ascontiguousarray(tokens).tobytes())
@@ -48,7 +44,7 @@ def data_digest(tokens: np.ndarray, mask: np.ndarray) -> str:
 def make_teacher_fn(cfg: ModelConfig, mc: M2R2Config, m: int, dtype: str):
     """-> jitted f(base, tokens [B, T], mask [B, T]) -> (hid [B, n, T, D] store dtype, final [B, m, D] f32)."""
     layers = mc.cached_layers(cfg.num_layers)
-    store = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    store = _STORE[dtype][1]
 
     def f(base, tokens, mask):
         B, T = tokens.shape
@@ -89,7 +85,7 @@ def open_or_build(path: str | Path, cfg: ModelConfig, mc: M2R2Config, base: dict
         raise M2R2Error(f"data.teacher_cache_dtype={dtype!r}: expected one of {sorted(_STORE)}")
     path = Path(path)
     N, T = tokens.shape
-    m = loss_width(mc, T)
+    m = mc.loss_width(T)
     ident = {"format": FORMAT, "base": base_id, "data": data_digest(tokens, mask), "num_examples": int(N),
              "seq_len": int(T), "loss_width": int(m), "hidden_size": int(cfg.hidden_size),
              "layers": mc.cached_layers(cfg.num_layers), "dtype": dtype}
