@@ -51,6 +51,10 @@ class ModelConfig:
     # dtype policy: params stored in param_dtype, matmuls/activations in dtype
     param_dtype: str = "float32"
     dtype: str = "float32"
+    # matmul inputs (weights and activations) cast to this dtype, products accumulated and
+    # returned in f32 (the TPU default precision, done explicitly): "" = same as dtype. The
+    # M2R2 train step sets it for the fast stream only (m2r2.train_matmul_dtype).
+    matmul_dtype: str = ""
     # MLP slot: "dense" now; an MoE block plugs in here later.
     mlp_type: str = "dense"
 
@@ -65,6 +69,11 @@ class ModelConfig:
     @property
     def jnp_dtype(self):
         return jnp.dtype(self.dtype)
+
+    @property
+    def mm_dtype(self):
+        """The matmul input dtype, or None for "the activations' own dtype"."""
+        return jnp.dtype(self.matmul_dtype) if self.matmul_dtype else None
 
     @property
     def jnp_param_dtype(self):

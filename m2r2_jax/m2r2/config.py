@@ -33,6 +33,9 @@ class M2R2Config:
     draft_vocab: int = 8192             # draft head scores the most frequent tokens; 0 = full vocab
     train_positions: int = 0            # > 0: the fast stream trains on the first M loss positions of
                                         # each row only (exact when no row has more; much cheaper)
+    train_matmul_dtype: str = ""        # "bfloat16": the train step's fast stream, draft/KD heads and
+                                        # router labels multiply in bf16 with f32 accumulation (params,
+                                        # residual stream, optimizer and the teacher stay f32); "" = off
 
     def validate(self, num_layers: int) -> "M2R2Config":
         if not 0 <= self.branch < num_layers:
@@ -52,6 +55,8 @@ class M2R2Config:
             raise M2R2Error(f"m2r2.kd_layers={self.kd_layers!r}: expected final or all")
         if self.kd_vocab not in ("full", "draft"):
             raise M2R2Error(f"m2r2.kd_vocab={self.kd_vocab!r}: expected full or draft")
+        if self.train_matmul_dtype not in ("", "float32", "bfloat16"):
+            raise M2R2Error(f"m2r2.train_matmul_dtype={self.train_matmul_dtype!r}: expected '', float32 or bfloat16")
         if self.train_positions < 0:
             raise M2R2Error(f"m2r2.train_positions={self.train_positions} must be >= 0")
         if self.n_fast(num_layers) > num_layers - self.branch:

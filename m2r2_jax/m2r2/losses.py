@@ -8,6 +8,8 @@ of the final fast layer over the full vocabulary.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -67,6 +69,9 @@ def m2r2_loss_cached(m2r2: dict, base: dict, tokens: jax.Array, mask: jax.Array,
 
 def loss_from_slow(m2r2, base, tokens, mask, draft_ids, slow, select, cfg: ModelConfig, mc: M2R2Config):
     slow = jax.tree.map(jax.lax.stop_gradient, slow)
+    # the teacher (slow pass, its logits) stays in cfg's precision; the student side may multiply in
+    # mc.train_matmul_dtype (mixed precision: f32 params, residual stream and accumulation)
+    cfg = dataclasses.replace(cfg, matmul_dtype=mc.train_matmul_dtype) if mc.train_matmul_dtype else cfg
     hs = S.fast_train_pass(cfg, mc, base, m2r2, tokens, slow, select=select)
     targets = mc.targets_of(cfg.num_layers)
     n = len(hs)

@@ -90,7 +90,7 @@ def fast_layer(cfg: ModelConfig, lp: dict, ad: dict, h: jax.Array, kv_sets, m_se
     q, k, v = L.qkv(cfg, lp["attn"], x, cos, sin, ad)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     a = L.attend_multi(cfg, q, list(kv_sets) + [(k, v, m_self)])
-    upd = L.linear(a, lp["attn"]["wo"], ad, "o")
+    upd = L.linear(a, lp["attn"]["wo"], ad, "o", cfg.mm_dtype)
     h = h + (ad["gain_attn"].astype(h.dtype) * upd if "gain_attn" in ad else upd)
     x = L.rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     upd = L.mlp(cfg, lp["mlp"], x, ad)
@@ -182,7 +182,9 @@ def draft_head(base: dict, draft_ids: jax.Array | None) -> jax.Array:
 def draft_head_logits(cfg: ModelConfig, dp: dict, h: jax.Array) -> jax.Array:
     """Final norm + the draft head of `draft_params` -> [B, T, Vd] f32."""
     x = L.rms_norm(h, dp["final_norm"], cfg.rms_norm_eps)
-    return jnp.einsum("btd,vd->btv", x, dp["head"].astype(x.dtype)).astype(jnp.float32)
+    mm = cfg.mm_dtype or x.dtype
+    return jnp.einsum("btd,vd->btv", x.astype(mm), dp["head"].astype(mm),
+                      preferred_element_type=jnp.float32)
 
 
 def draft_logits(cfg: ModelConfig, base: dict, h: jax.Array, draft_ids: jax.Array | None) -> jax.Array:
@@ -202,9 +204,9 @@ def arla_router(cfg: ModelConfig, mc: M2R2Config, rp: dict, fast_hs: list, h_bra
     else:
         z = hs
     z = L.rms_norm(jax.lax.stop_gradient(z), rp["norm"], cfg.rms_norm_eps)
-    q, k, v = z @ rp["wq"], z @ rp["wk"], z @ rp["wv"]
+    q, k, v = L.linear(z, rp["wq"]), L.linear(z, rp["wk"]), L.linear(z, rp["wv"])
     n = hs.shape[2]
     s = jnp.einsum("btlr,btmr->btlm", q, k) / jnp.sqrt(q.shape[-1])
     s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -1e30)
     o = jnp.einsum("btlm,btmr->btlr", jax.nn.softmax(s, -1), v)
-    return (jax.nn.silu(o + q) @ rp["w_out"])[..., 0] + rp["layer_bias"]
+    return L.linear(jax.nn.silu(o + q), rp["w_out"])[..., 0] + rp["layer_bias"]

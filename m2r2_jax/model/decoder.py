@@ -54,7 +54,7 @@ def decoder_layer(cfg: ModelConfig, lp: dict, h: jax.Array, k_cache, v_cache, st
     k_cache = L.write_cache(k_cache, k.transpose(0, 2, 1, 3), start)
     v_cache = L.write_cache(v_cache, v.transpose(0, 2, 1, 3), start)
     a = L.attend(cfg, q, k_cache, v_cache, mask)
-    h = h + a @ lp["attn"]["wo"].astype(h.dtype)
+    h = h + L.matmul(a, lp["attn"]["wo"], cfg.mm_dtype)
     x = L.rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     h = h + L.mlp(cfg, lp["mlp"], x)
     return h, k_cache, v_cache
@@ -63,8 +63,12 @@ def decoder_layer(cfg: ModelConfig, lp: dict, h: jax.Array, k_cache, v_cache, st
 def logits_from_hidden(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
     """Final norm + LM head (tied: contract with embed's hidden axis, no transpose copy)."""
     x = L.rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    mm = cfg.mm_dtype
     if "lm_head" in params:
-        return (x @ params["lm_head"].astype(x.dtype)).astype(jnp.float32)
+        return L.matmul(x, params["lm_head"], mm).astype(jnp.float32)
+    if mm is not None:
+        return jnp.einsum("btd,vd->btv", x.astype(mm), params["embed"].astype(mm),
+                          preferred_element_type=jnp.float32)
     w = params["embed"].astype(x.dtype)
     return jnp.einsum("btd,vd->btv", x, w).astype(jnp.float32)
 

@@ -33,24 +33,37 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * c + rot * s
 
 
-def linear(x: jax.Array, w: jax.Array, ad: dict | None = None, name: str = "") -> jax.Array:
-    """x @ W, plus a low-rank accelerator adapter (x @ A) @ B when `ad` has one for `name`."""
-    y = x @ w.astype(x.dtype)
+def matmul(x: jax.Array, w: jax.Array, mm=None) -> jax.Array:
+    """x @ w in x's dtype; with `mm` (ModelConfig.mm_dtype) both inputs are cast to it and the
+    product is accumulated in f32 (bf16 inputs run 3-4x faster than f32 on AMX / AVX512-BF16 CPUs)."""
+    if mm is None:
+        return x @ w.astype(x.dtype)
+    return jnp.matmul(x.astype(mm), w.astype(mm), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def linear(x: jax.Array, w: jax.Array, ad: dict | None = None, name: str = "", mm=None) -> jax.Array:
+    """x @ W, plus a low-rank accelerator adapter (x @ A) @ B when `ad` has one for `name`.
+
+    Works on x flattened to [tokens, D]: the adapters' weight gradients are then plain GEMMs
+    (XLA:CPU runs a dot contracting over two batch axes, [B,T,D] x [B,T,R], ~2x slower)."""
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
+    y = matmul(x, w, mm)
     if ad is not None and name in ad:
-        y = y + (x @ ad[name]["a"].astype(x.dtype)) @ ad[name]["b"].astype(x.dtype)
-    return y
+        y = y + matmul(matmul(x, ad[name]["a"], mm), ad[name]["b"], mm)
+    return y.reshape(lead + (y.shape[-1],))
 
 
-def dense_mlp(p: dict, x: jax.Array, ad: dict | None = None) -> jax.Array:
-    g = linear(x, p["gate"], ad, "gate")
-    u = linear(x, p["up"], ad, "up")
-    return linear(jax.nn.silu(g) * u, p["down"], ad, "down")
+def dense_mlp(p: dict, x: jax.Array, ad: dict | None = None, mm=None) -> jax.Array:
+    g = linear(x, p["gate"], ad, "gate", mm)
+    u = linear(x, p["up"], ad, "up", mm)
+    return linear(jax.nn.silu(g) * u, p["down"], ad, "down", mm)
 
 
 def mlp(cfg: ModelConfig, p: dict, x: jax.Array, ad: dict | None = None) -> jax.Array:
     """The MLP slot: dense SwiGLU today; an MoE block dispatches here later."""
     if cfg.mlp_type == "dense":
-        return dense_mlp(p, x, ad)
+        return dense_mlp(p, x, ad, cfg.mm_dtype)
     raise NotImplementedError(cfg.mlp_type)
 
 
@@ -58,9 +71,10 @@ def qkv(cfg: ModelConfig, p: dict, x: jax.Array, cos, sin, ad: dict | None = Non
     """Project and rotate: q [B,T,H,hd], k/v [B,T,KV,hd]."""
     B, T, _ = x.shape
     dt = x.dtype
-    q = linear(x, p["wq"], ad, "q")
-    k = linear(x, p["wk"], ad, "k")
-    v = linear(x, p["wv"], ad, "v")
+    mm = cfg.mm_dtype
+    q = linear(x, p["wq"], ad, "q", mm)
+    k = linear(x, p["wk"], ad, "k", mm)
+    v = linear(x, p["wv"], ad, "v", mm)
     if "bq" in p:
         q = q + p["bq"].astype(dt)
         k = k + p["bk"].astype(dt)

@@ -23,7 +23,7 @@ def base_identity(model_name: str, cfg, params) -> dict:
     from m2r2_jax.training.distill import params_fingerprint
 
     c = dataclasses.asdict(cfg)
-    for k in ("dtype", "param_dtype"):  # the same weights in another dtype are the same base
+    for k in ("dtype", "param_dtype", "matmul_dtype"):  # the same weights in another dtype are the same base
         c.pop(k, None)
     return {"model": model_name, "config": json.loads(json.dumps(c)), "fingerprint": params_fingerprint(params)}
 

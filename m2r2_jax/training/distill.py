@@ -77,7 +77,10 @@ def params_fingerprint(params) -> str:
 
 
 def _identity(m: DistillModel) -> dict:
-    return {"source": m.source, "config": json.loads(m.cfg.to_json()),
+    config = json.loads(m.cfg.to_json())
+    if not config.get("matmul_dtype"):  # the default (no matmul cast) leaves manifests as they were
+        config.pop("matmul_dtype", None)
+    return {"source": m.source, "config": config,
             "params_fingerprint": params_fingerprint(m.params),
             "probe_ids": [int(i) for i in m.encode(PROBE)]}
 
