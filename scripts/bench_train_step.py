@@ -1,8 +1,9 @@
 """Cost of the M2R2 loss (forward, and forward + gradient) on SmolLM2 for one random 8 x 256 batch,
 in one process: the fast stream on the first 160 answer positions per row (train_positions=160)
 with the slow pass in the step, the same with the slow pass read from a teacher cache
-(data.teacher_cache_dir: cached states in bf16), and the fast stream on all positions
-(train_positions=0, slow pass in the step).
+(data.teacher_cache_dir: cached states in bf16), the same in mixed precision
+(m2r2.train_matmul_dtype=bfloat16: bf16 matmul inputs, f32 accumulation), and the fast stream on
+all positions (train_positions=0, slow pass in the step).
 
     python scripts/bench_train_step.py [--positions 160] [--repeats 2]
 """
@@ -53,6 +54,7 @@ def main():
             jax.block_until_ready(f(*args))
         return (time.perf_counter() - t) / a.repeats
 
+    mc = dataclasses.replace(mc, train_matmul_dtype="")  # f32 unless a variant says otherwise
     mcx = dataclasses.replace(mc, train_positions=a.positions)
     hid = jnp.asarray(rs.randn(B, len(mc.cached_layers(cfg.num_layers)), T, cfg.hidden_size), jnp.bfloat16)
     fin = jnp.asarray(rs.randn(B, a.positions, cfg.hidden_size), jnp.float32)
@@ -61,6 +63,9 @@ def main():
          lambda p_, b, t, mk, d: m2r2_loss(p_, b, t, mk, d, cfg, mcx)[0], ()),
         (f"train_positions={a.positions}, teacher cache (bf16)",
          lambda p_, b, t, mk, d, h, f: m2r2_loss_cached(p_, b, t, mk, d, h, f, cfg, mcx)[0], (hid, fin)),
+        (f"train_positions={a.positions}, teacher cache, train_matmul_dtype=bfloat16",
+         lambda p_, b, t, mk, d, h, f: m2r2_loss_cached(
+             p_, b, t, mk, d, h, f, cfg, dataclasses.replace(mcx, train_matmul_dtype="bfloat16"))[0], (hid, fin)),
         ("train_positions=0, slow pass in the step",
          lambda p_, b, t, mk, d: m2r2_loss(p_, b, t, mk, d, cfg, dataclasses.replace(mc, train_positions=0))[0],
          ()),

@@ -386,3 +386,45 @@ def test_teacher_cache_training_resume_and_refusals(tiny_model, tmp_path):
     with pytest.raises(M2R2Error, match="no manifest"):
         TC.open_or_build(tmp_path / "junk", cfg, _tc(tmp_path).m2r2.validate(cfg.num_layers), base, m["base"],
                          toks, mask, "float32", progress=False)
+
+
+def test_train_matmul_dtype_bf16(tiny_model, tmp_path):
+    """m2r2.train_matmul_dtype=bfloat16: the student side multiplies in bf16 (f32 accumulation), so
+    loss and gradients move by bf16 rounding only; the teacher stays f32 (the agreement metric's
+    reference and the KD target are unchanged); the base identity ignores compute dtypes; a bf16 run
+    still overfits a batch; an unknown dtype is refused."""
+    from m2r2_jax.m2r2.losses import m2r2_loss
+    from m2r2_jax.model import decoder as D
+    from m2r2_jax.training.checkpoint import base_identity
+
+    cfg, params = tiny_model
+    base = jax.tree.map(jnp.asarray, params)
+    rs = np.random.RandomState(5)
+    toks = jnp.asarray(rs.randint(3, 256, (2, 24)), jnp.int32)
+    mask = jnp.asarray(np.r_[np.zeros(8), np.ones(16)][None].repeat(2, 0), jnp.float32)
+    draft_ids = jnp.arange(0, 256, 2, dtype=jnp.int32)
+    mc = M2R2Config(rate=2, layer_map="skip", rank=4, router_dim=8, draft_vocab=128)
+    m2r2 = jax.tree.map(lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)),
+                        init_m2r2(cfg, mc, jax.random.key(2)))
+    vg = jax.value_and_grad(m2r2_loss, has_aux=True)
+    (l32, m32), g32 = vg(m2r2, base, toks, mask, draft_ids, cfg, mc)
+    (l16, m16), g16 = vg(m2r2, base, toks, mask, draft_ids, cfg, dataclasses.replace(mc, train_matmul_dtype="bfloat16"))
+    assert 0 < abs(float(l16) - float(l32)) < 2e-2 * abs(float(l32))
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g32)])
+    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g16)])
+    assert not np.array_equal(a, b) and a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.98
+    assert float(m16["tokens"]) == float(m32["tokens"])
+    # the model-level knob: a bf16-matmul forward is close to, and different from, the f32 one
+    h = jnp.asarray(rs.randn(2, 5, cfg.hidden_size), jnp.float32)
+    lg32 = D.logits_from_hidden(cfg, base, h)
+    lg16 = D.logits_from_hidden(dataclasses.replace(cfg, matmul_dtype="bfloat16"), base, h)
+    assert lg16.dtype == jnp.float32 and 0 < float(jnp.abs(lg16 - lg32).max()) < 0.05 * float(jnp.abs(lg32).max())
+    assert base_identity("tiny", dataclasses.replace(cfg, matmul_dtype="bfloat16"), params) == \
+        base_identity("tiny", cfg, params)
+    mcb = dataclasses.replace(_tc(tmp_path).m2r2, train_matmul_dtype="bfloat16")
+    r = train(_tc(tmp_path, steps=30, save_every=100, m2r2=mcb), model=_model(tiny_model), records=_records(4),
+              progress=False)
+    losses = [float(x["loss"]) for x in r.history]
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(M2R2Error, match="train_matmul_dtype"):
+        M2R2Config(train_matmul_dtype="float8").validate(4)
