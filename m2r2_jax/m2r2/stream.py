@@ -182,9 +182,7 @@ def draft_head(base: dict, draft_ids: jax.Array | None) -> jax.Array:
 def draft_head_logits(cfg: ModelConfig, dp: dict, h: jax.Array) -> jax.Array:
     """Final norm + the draft head of `draft_params` -> [B, T, Vd] f32."""
     x = L.rms_norm(h, dp["final_norm"], cfg.rms_norm_eps)
-    mm = cfg.mm_dtype or x.dtype
-    return jnp.einsum("btd,vd->btv", x.astype(mm), dp["head"].astype(mm),
-                      preferred_element_type=jnp.float32)
+    return L.rows_logits(x, dp["head"], cfg.mm_dtype)
 
 
 def draft_logits(cfg: ModelConfig, base: dict, h: jax.Array, draft_ids: jax.Array | None) -> jax.Array:

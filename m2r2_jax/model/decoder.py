@@ -63,14 +63,9 @@ def decoder_layer(cfg: ModelConfig, lp: dict, h: jax.Array, k_cache, v_cache, st
 def logits_from_hidden(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
     """Final norm + LM head (tied: contract with embed's hidden axis, no transpose copy)."""
     x = L.rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    mm = cfg.mm_dtype
     if "lm_head" in params:
-        return L.matmul(x, params["lm_head"], mm).astype(jnp.float32)
-    if mm is not None:
-        return jnp.einsum("btd,vd->btv", x.astype(mm), params["embed"].astype(mm),
-                          preferred_element_type=jnp.float32)
-    w = params["embed"].astype(x.dtype)
-    return jnp.einsum("btd,vd->btv", x, w).astype(jnp.float32)
+        return L.matmul(x, params["lm_head"], cfg.mm_dtype).astype(jnp.float32)
+    return L.rows_logits(x, params["embed"], cfg.mm_dtype)
 
 
 def forward_hidden(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache,

@@ -41,6 +41,14 @@ def matmul(x: jax.Array, w: jax.Array, mm=None) -> jax.Array:
     return jnp.matmul(x.astype(mm), w.astype(mm), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def rows_logits(x: jax.Array, w: jax.Array, mm=None) -> jax.Array:
+    """x [B, T, D] against the rows of w [V, D] (a tied embedding or a draft head) -> f32 [B, T, V];
+    with `mm` the inputs are cast to it and accumulated in f32, as in `matmul`."""
+    if mm is None:
+        return jnp.einsum("btd,vd->btv", x, w.astype(x.dtype)).astype(jnp.float32)
+    return jnp.einsum("btd,vd->btv", x.astype(mm), w.astype(mm), preferred_element_type=jnp.float32)
+
+
 def linear(x: jax.Array, w: jax.Array, ad: dict | None = None, name: str = "", mm=None) -> jax.Array:
     """x @ W, plus a low-rank accelerator adapter (x @ A) @ B when `ad` has one for `name`.
 
