@@ -42,7 +42,7 @@ def main(argv=None):
     ckpt = a.checkpoint or str(Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT)
     dataset = a.dataset or str(data_root() / "mt_bench" / "question.jsonl")
     m = load_model(a.model)
-    mc, m2r2, draft_ids, meta = load_m2r2(ckpt, m.cfg, m.params, a.model)
+    mc, m2r2, draft_ids, meta = load_m2r2(ckpt, m.cfg, m.params, a.model, base_fingerprint=m.fingerprint)
     prompts = load_prompts([dataset], limit=None, exclude_eval=False, shuffle=False)[: a.limit]
     ids = [encode_prompt(m.tokenizer, t, chat=True) for t in prompts]
     gen = Generator(m.cfg)

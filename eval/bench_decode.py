@@ -112,7 +112,7 @@ def main(argv=None):
     from m2r2_jax.decoding.generate import Generator
     from m2r2_jax.loading.registry import load_model
 
-    m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype)
+    m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype)
     prompts = [encode_prompt(m.tokenizer, t, chat=bool(getattr(m.tokenizer, "chat_template", None)))
                for t in PROMPTS]
     gen = Generator(m.cfg)

@@ -33,7 +33,7 @@ def main(argv=None):
     if a.max_new_tokens < 1:
         raise M2R2Error("--max-new-tokens must be >= 1")
     mesh = parse_mesh(a.mesh)
-    m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, mesh=mesh)
+    m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype, mesh=mesh)
     ids = encode_prompt(m.tokenizer, a.prompt, a.chat)
     gen = GenerateConfig(max_new_tokens=a.max_new_tokens, cache_len=a.cache_len,
                          sampling=SamplingConfig(a.temperature, a.top_k, a.top_p, a.seed))

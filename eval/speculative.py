@@ -65,6 +65,10 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None,
                    help="number of items, taken round-robin over categories (default: all)")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--ar-block", type=int, default=1,
+                   help="AR decode steps over blocks of this many slots (the token + padding), the shapes of a "
+                        "verification of that many tree nodes, so that both round alike (use the tree size with "
+                        "bf16 matmuls); the one-slot AR loop is then timed too (speedup_vs_block1_ar)")
     p.add_argument("--out", default=None,
                    help="result JSON (its directory must exist; default runs/speculative/<dataset>.json)")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
@@ -110,8 +114,8 @@ def main(argv=None):
     items = load_eval_set(a.dataset, limit=a.limit)
     ckpt = a.checkpoint or str(Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT)
     resolve_checkpoint_dir(ckpt)  # fail before loading the model
-    m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype)
-    mc, m2r2, draft_ids, meta = load_m2r2(ckpt, m.cfg, m.params, a.model)
+    m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype)
+    mc, m2r2, draft_ids, meta = load_m2r2(ckpt, m.cfg, m.params, a.model, base_fingerprint=m.fingerprint)
     hf_ref = None
     if a.hf_baselines:
         from eval.bench_decode import _hf_model
@@ -119,7 +123,8 @@ def main(argv=None):
         hf_ref = _hf_model(m)
     res = run_spec_eval(m, M2R2Bundle(mc, m2r2, draft_ids, meta), items, tree, max_new_tokens=a.max_new_tokens,
                         temperature=a.temperature, top_p=a.top_p, seed=a.seed, batch_size=a.batch_size,
-                        draft_layers=a.draft_layers, progress=not a.no_progress, hf_ref=hf_ref)
+                        draft_layers=a.draft_layers, progress=not a.no_progress, hf_ref=hf_ref,
+                        ar_block=a.ar_block)
     res["config"].update(model=a.model, checkpoint=ckpt, train_step=meta.get("step"), dataset=a.dataset,
                          limit=a.limit, dtype=m.cfg.dtype, rate=mc.rate, num_fast_layers=mc.n_fast(m.cfg.num_layers))
     res["machine"] = machine_info()
@@ -135,6 +140,9 @@ def main(argv=None):
           f"lossless {_yn(res['lossless'])}, {res['prompts']} prompts; compile {res['compile_seconds']['ar']:.1f}s AR "
           f"+ {res['compile_seconds']['spec']:.1f}s spec")
     c = res["cost"]
+    if res.get("speedup_vs_block1_ar"):
+        print(f"AR decoded in blocks of {res['ar_block']}; speed-up over the one-slot AR loop: "
+              f"{_f(res['speedup_vs_block1_ar'])}x")
     print(f"cost per speculative step: {_f(c['spec_ms_per_step'], '.1f')} ms = draft {_f(c['draft_ms'], '.1f')} + "
           f"verify {_f(c['verify_ms'], '.1f')} + other {_f(c['other_ms'], '.1f')} ms; one AR token "
           f"{_f(c['ar_ms_per_token'], '.1f')} ms")

@@ -24,6 +24,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="alias (smollm2-135m), .gguf file, HF safetensors dir or hub id")
     p.add_argument("--dtype", default=None, help="compute dtype (default float32; bfloat16 on TPU/GPU)")
     p.add_argument("--param-dtype", default=None, help="parameter dtype (default float32)")
+    p.add_argument("--matmul-dtype", default=None,
+                   help="matmul input dtype, accumulated in f32 (default: the compute dtype); "
+                        "bfloat16 with --param-dtype bfloat16 is the fast mode on AMX / AVX512-BF16 CPUs")
     p.add_argument("--mesh", default=None,
                    help="mesh axes, e.g. data=1,fsdp=1,tensor=8 (default: no mesh, one device)")
 

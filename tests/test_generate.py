@@ -103,3 +103,47 @@ def test_prompt_longer_than_cache(tiny):
         Generator(cfg).generate(params, [list(range(3, 30))], GenerateConfig(max_new_tokens=8, cache_len=32))
     with pytest.raises(M2R2Error, match="exceeds the model's context"):
         Generator(cfg).generate(params, [[3] * 500], GenerateConfig(max_new_tokens=64))
+
+
+def test_decode_block_same_tokens_and_checked(tiny):
+    """block > 1 runs each step over the token + padding slots: same greedy tokens, cache sized for it."""
+    cfg, params = tiny
+    gen = Generator(cfg)
+    prompts = _prompts(3, seed=4)
+    plain = gen.generate(params, prompts, GenerateConfig(max_new_tokens=12, stop_ids=(-1,))).new_ids
+    blocked = gen.generate(params, prompts, GenerateConfig(max_new_tokens=12, stop_ids=(-1,), block=4)).new_ids
+    assert blocked == plain
+    with pytest.raises(M2R2Error, match="decode block must be >= 1"):
+        gen.generate(params, prompts, GenerateConfig(max_new_tokens=4, block=0))
+    # the padding slots need room: 20 + 10 + 3 > 32
+    with pytest.raises(M2R2Error, match="needs a cache of 33"):
+        gen.generate(params, [list(range(3, 23))], GenerateConfig(max_new_tokens=10, cache_len=32, block=4))
+
+
+def test_bf16_matmul_rows_padded_same_result():
+    """A one-row bf16 product is padded to MIN_MM_ROWS rows (XLA:CPU's one-row bf16 path is slow);
+    the row's result is the unpadded product's up to f32 accumulation order."""
+    from m2r2_jax.model import layers as L
+
+    rs = np.random.RandomState(0)
+    w = jnp.asarray(rs.randn(64, 96), jnp.bfloat16)
+    x = jnp.asarray(rs.randn(1, 64), jnp.float32)
+    ref = np.asarray(x.astype(jnp.bfloat16), np.float32) @ np.asarray(w, np.float32)
+    y = L.matmul(x, w, jnp.dtype(jnp.bfloat16))
+    assert y.shape == (1, 96) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+    x3 = jnp.asarray(rs.randn(1, 1, 64), jnp.float32)
+    lg = L.rows_logits(x3, w.T, jnp.dtype(jnp.bfloat16))
+    assert lg.shape == (1, 1, 96)
+    np.testing.assert_allclose(np.asarray(lg[0]), np.asarray(x3[0].astype(jnp.bfloat16), np.float32)
+                               @ np.asarray(w, np.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_dtype_refused(tiny):
+    import dataclasses
+
+    cfg, _ = tiny
+    for k, v in (("matmul_dtype", "float9"), ("param_dtype", "int8"), ("dtype", "")):
+        with pytest.raises(M2R2Error, match=f"{k}="):
+            dataclasses.replace(cfg, **{k: v}).validate()
+    assert dataclasses.replace(cfg, matmul_dtype="").validate().mm_dtype is None

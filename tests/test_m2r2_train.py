@@ -157,7 +157,7 @@ def test_config_overrides_and_unknown_key(tmp_path):
         load_train_config(str(p))
 
 
-def test_alignment_eval_and_checkpoint_loading(tiny_model, tmp_path):
+def test_alignment_eval_and_checkpoint_loading(tiny_model, tiny_llama_dir, tmp_path):
     """Zero-init, prefix map, rate 1: every fast layer IS the slow stream, so agreement is 1 at
     the last layer; load_m2r2 restores what the trainer saved; a foreign base is refused."""
     from m2r2_jax.m2r2.alignment import evaluate_alignment
@@ -191,6 +191,17 @@ def test_alignment_eval_and_checkpoint_loading(tiny_model, tmp_path):
         load_m2r2(tmp_path / "checkpoints", cfg, jax.tree.map(lambda x: x + 1.0, base), "tiny")
     with pytest.raises(M2R2Error, match="checkpoint not found"):
         load_m2r2(tmp_path / "nope", cfg, base, "tiny")
+    # the same base loaded in bf16 (--param-dtype bfloat16) is the same base: its loader-side
+    # fingerprint (source weights at float32) matches; the bf16 arrays' own fingerprint does not
+    from m2r2_jax.loading.registry import load_model
+    from m2r2_jax.training.distill import params_fingerprint
+
+    m16 = load_model(str(tiny_llama_dir), param_dtype="bfloat16", tokenizer=False)
+    assert m16.fingerprint == params_fingerprint(base) != params_fingerprint(m16.params)
+    assert load_m2r2(tmp_path / "checkpoints", m16.cfg, m16.params, "tiny",
+                     base_fingerprint=m16.fingerprint)[3]["step"] == 2
+    with pytest.raises(M2R2Error, match="made for base model"):
+        load_m2r2(tmp_path / "checkpoints", m16.cfg, m16.params, "tiny")
 
 
 _CHILD = r"""

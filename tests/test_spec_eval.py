@@ -175,6 +175,12 @@ def test_run_spec_eval_tiny(tiny_setup, tmp_path):
     assert res3["lossless"] is None and res3["node_acceptance"] == [] and res3["tau"] >= 1.0
     assert res3["per_category"]["qa"]["lossless"] is None
 
+    # AR through 2-slot blocks for a chain1 tree; the one-slot AR loop is timed too
+    res4 = run_spec_eval(model, bundle, items[1:], build_tree([(0,)], "c1"), max_new_tokens=10, progress=False,
+                         ar_block=2)
+    assert res4["lossless"] is True and res4["ar_block"] == 2 and res4["speedup_vs_block1_ar"] > 0
+    assert res["ar_block"] == 1 and res["speedup_vs_block1_ar"] is None
+
     png = plot_spec_eval(res, tmp_path / "r.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     table = format_table(res)

@@ -244,3 +244,57 @@ def test_merged_draft_params_equal_adapters(tiny):
     np.testing.assert_allclose(S.draft_head_logits(cfg, dp, h), S.draft_logits(cfg, base, h, draft_ids),
                                atol=1e-4, rtol=1e-4)
     assert len(S.draft_params(cfg, mc, base, m2r2, draft_ids, depth=1)["layers"]) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("T", [2, 4])
+def test_decode_block_rows_bit_identical_to_chain_verification(tiny, dtype, T):
+    """One AR step over a block of T slots (the token + padding) gives the same logits, bit for bit,
+    as that token's row in a T-token chain verification: same shapes, same cache slots."""
+    import dataclasses
+
+    from m2r2_jax.model import decoder as D
+
+    cfg, base = tiny
+    if dtype == "bfloat16":
+        cfg = dataclasses.replace(cfg, param_dtype="bfloat16", matmul_dtype="bfloat16").validate()
+        base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+    fwd = jax.jit(lambda p, t, c, s: D.forward(cfg, p, t, c, s))
+    prompt = jnp.asarray([_prompts(1, seed=7)[0]], jnp.int32)
+    P = prompt.shape[1]
+    toks = np.random.RandomState(1).randint(3, cfg.vocab_size, 3 * T).tolist()
+    cache0 = D.init_cache(cfg, 1, 64)
+    _, cache0 = fwd(base, prompt, cache0, jnp.zeros((1,), jnp.int32))
+    ar, c = [], cache0
+    for j, t in enumerate(toks):
+        lg, c = fwd(base, jnp.asarray([[t] + [0] * (T - 1)]), c, jnp.asarray([P + j]))
+        ar.append(np.asarray(lg[0, 0]))
+    c = cache0
+    for j in range(0, len(toks), T):
+        lg, c = fwd(base, jnp.asarray([toks[j:j + T]]), c, jnp.asarray([P + j]))
+        for r in range(T):
+            np.testing.assert_array_equal(np.asarray(lg[0, r]), ar[j + r])
+
+
+@pytest.mark.parametrize("tree", ["chain1", "chain3"])
+def test_bf16_lossless_with_ar_block(tiny, tree):
+    """bf16 weights and matmuls. Rounding the matmul inputs to bf16 can turn the f32-level
+    differences between a one-slot step and a T-node verification into different tokens; decoding
+    AR through blocks of T slots (GenerateConfig.block) gives every token the verification's shapes
+    and cache slots, and a chain's speculative output equals that AR output token for token,
+    whatever the (random) draft. (Trees with siblings put a node's K/V in another slot than AR
+    does; the attention sums then differ in rounding.)"""
+    import dataclasses
+
+    cfg, base = tiny
+    cfg = dataclasses.replace(cfg, param_dtype="bfloat16", matmul_dtype="bfloat16").validate()
+    base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+    mc, m2r2 = _m2r2(cfg, scale=0.02)  # drafts partly accepted
+    tree = get_tree(tree)
+    prompts = _prompts(4, seed=2)
+    gen = Generator(cfg)
+    ar = gen.generate(base, prompts, GenerateConfig(max_new_tokens=24, stop_ids=(-1,), block=tree.size)).new_ids
+    spec = SpeculativeDecoder(cfg, mc, tree)
+    r = spec.generate(base, m2r2, np.arange(cfg.vocab_size, dtype=np.int32), prompts,
+                      SpecConfig(max_new_tokens=24, stop_ids=(-1,)))
+    assert r.new_ids == ar and 0 < sum(r.accepted) < 4 * 23

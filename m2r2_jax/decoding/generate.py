@@ -59,6 +59,11 @@ class GenerateConfig:
     stop_ids: tuple[int, ...] | None = None  # None -> the model's EOS ids
     cache_len: int | None = None             # None -> bucketed prompt + max_new_tokens
     pad_id: int = 0
+    # Slots per decode step: the token, then block - 1 padding slots that no real token attends to
+    # (overwritten by the next step). With the speculative decoder's verification block size it runs
+    # every row through the same shapes as verification, so both round identically (see
+    # docs/STATUS.md, "bf16"); 1 is the plain and fastest loop.
+    block: int = 1
 
 
 @dataclasses.dataclass
@@ -82,7 +87,7 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache):
     return D.logits_from_hidden(cfg, params, last)[:, 0], cache
 
 
-def _generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int):
+def _generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int, block: int = 1):
     def run(params, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
         B = tokens.shape[0]
         cache = D.init_cache(cfg, B, cache_len)
@@ -99,7 +104,8 @@ def _generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int):
         def body(st):
             i, tok, cache, out, done, key = st
             pos = lengths + i - 1  # slot of `tok`
-            logits, cache = D.forward(cfg, params, tok[:, None], cache, pos)
+            blk = tok[:, None] if block == 1 else jnp.pad(tok[:, None], ((0, 0), (0, block - 1)))
+            logits, cache = D.forward(cfg, params, blk, cache, pos)
             key, sub = jax.random.split(key)
             nxt = select(logits[:, 0], sub, greedy, temperature, top_k, top_p)
             nxt = jnp.where(done, stop_ids[0], nxt)
@@ -128,7 +134,9 @@ class Generator:
         if min(prompt_lens) < 1:
             raise M2R2Error("empty prompt: at least one token is required")
         P = bucket(longest)
-        need = longest + gen.max_new_tokens
+        if gen.block < 1:
+            raise M2R2Error(f"decode block must be >= 1, got {gen.block}")
+        need = longest + gen.max_new_tokens + gen.block - 1
         if gen.cache_len is not None:
             S = gen.cache_len
             if need > S:
@@ -174,10 +182,10 @@ class Generator:
 
     def _lookup(self, params, B, P, S, gen, args):
         greedy = gen.sampling.greedy
-        key = (B, P, S, gen.max_new_tokens, greedy)
+        key = (B, P, S, gen.max_new_tokens, greedy, gen.block)
         if key in self._compiled:
             return self._compiled[key], 0.0
-        fn = _generate_fn(self.cfg, greedy, gen.max_new_tokens, S)
+        fn = _generate_fn(self.cfg, greedy, gen.max_new_tokens, S, gen.block)
         jit_kw = {}
         if self.mesh is not None:
             from m2r2_jax.sharding import named_sharding, replicated, tree_shardings

@@ -152,11 +152,14 @@ def _lossless(rows: list[dict]) -> bool | None:
 
 def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_new_tokens: int = 128,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 1,
-                  draft_layers: int = 0, progress: bool = True, hf_ref=None) -> dict:
+                  draft_layers: int = 0, progress: bool = True, hf_ref=None, ar_block: int = 1) -> dict:
     """AR vs speculative on every turn of every item; see the module doc. `model` has `.cfg`, `.params`,
     `.tokenizer` (a `LoadedModel`); `m2r2` is an `M2R2Bundle` or `load_m2r2`'s tuple. `hf_ref`: an HF
     transformers (torch) model of the same base; when given (greedy, batch 1), HF greedy, prompt-lookup
-    and early-exit assisted generation are timed on every prompt too (`hf` in the result)."""
+    and early-exit assisted generation are timed on every prompt too (`hf` in the result).
+    `ar_block` > 1: the AR loop decodes through blocks of that many slots (`GenerateConfig.block`), the
+    shapes of a verification of that many nodes, so both round alike; the plain one-slot AR loop is then
+    timed on every prompt as well and `speedup_vs_block1_ar` compares against it."""
     import jax.numpy as jnp
     from tqdm import tqdm
 
@@ -200,7 +203,12 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                 ids = [chat_ids(tok, m) for m in msgs]
                 s = SamplingConfig(temperature=max(temperature, 0.0), top_p=top_p, seed=seed + len(units))
                 ar, c_ar = _timed(lambda: gen.generate(base, ids, GenerateConfig(max_new_tokens=max_new_tokens,
-                                                                                 sampling=s)))
+                                                                                 sampling=s, block=ar_block)))
+                ar1 = None
+                if ar_block > 1:
+                    ar1, c_ar1 = _timed(lambda: gen.generate(base, ids, GenerateConfig(max_new_tokens=max_new_tokens,
+                                                                                       sampling=s)))
+                    compile_s["ar"] += c_ar1
                 sp, c_sp = _timed(lambda: spec.generate(base, b.params, draft_ids, ids,
                                                         SpecConfig(max_new_tokens=max_new_tokens, sampling=s)))
                 compile_s["ar"] += c_ar
@@ -212,6 +220,8 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                             spec_seconds=sp.decode_seconds, ar_tokens=sum(len(x) for x in ar.new_ids),
                             spec_tokens=sum(len(x) for x in sp.new_ids), steps=int(sum(sp.steps)),
                             accepted=int(sum(sp.accepted)))
+                if ar1 is not None:
+                    unit.update(ar1_seconds=ar1.decode_seconds, ar1_tokens=sum(len(x) for x in ar1.new_ids))
                 u = _agg([unit])
                 for r, i in enumerate(rows):
                     it = batch[i]
@@ -278,6 +288,10 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
             "predicted_speedup": _ratio(tot["tau"], step_cost) if step_cost and tot["tau"] else None,
             "note": "one speculative step (draft + verify + accept, prefill amortised) in units of one AR "
                     "token; speed-up ~= tau / step_cost"},
+        "ar_block": ar_block,
+        "speedup_vs_block1_ar": _ratio(tot["spec_tps"], _ratio(sum(u["ar1_tokens"] for u in units),
+                                                               sum(u["ar1_seconds"] for u in units)))
+        if ar_block > 1 and tot["spec_tps"] else None,
         "compile_seconds": dict(compile_s, ar_executables=gen.compiles, spec_executables=spec.compiles),
         "wall_seconds": time.perf_counter() - t_start,
         "hf": _hf_summary(units, list(hf.options)) if hf else None,

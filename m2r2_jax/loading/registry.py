@@ -53,6 +53,8 @@ class LoadedModel:
     tokenizer: Any
     source: str
     kind: str
+    fingerprint: str = ""  # params_fingerprint of the source weights at float32, whatever param_dtype
+
 
     @property
     def name(self) -> str:
@@ -100,8 +102,8 @@ def load_tokenizer(kind: str, path: str):
         raise M2R2Error(f"cannot load tokenizer from {d}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def load_model(name: str, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None,
-               tokenizer: bool = True) -> LoadedModel:
+def load_model(name: str, *, dtype: str | None = None, param_dtype: str | None = None,
+               matmul_dtype: str | None = None, mesh=None, tokenizer: bool = True) -> LoadedModel:
     kind, path = resolve(name)
     cfg, params_np = _read(kind, path)
     kw = {}
@@ -109,7 +111,12 @@ def load_model(name: str, *, dtype: str | None = None, param_dtype: str | None =
         kw["dtype"] = dtype
     if param_dtype:
         kw["param_dtype"] = param_dtype
+    if matmul_dtype:
+        kw["matmul_dtype"] = matmul_dtype
     cfg = replace(cfg, **kw).validate()
     params = place_params(cfg, params_np, mesh)
     tok = load_tokenizer(kind, path) if tokenizer else None
-    return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=path, kind=kind)
+    from m2r2_jax.training.distill import params_fingerprint
+
+    return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=path, kind=kind,
+                       fingerprint=params_fingerprint(params_np, as_dtype="float32"))

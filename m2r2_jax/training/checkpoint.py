@@ -19,13 +19,17 @@ import numpy as np
 from m2r2_jax.errors import M2R2Error
 
 
-def base_identity(model_name: str, cfg, params) -> dict:
+def base_identity(model_name: str, cfg, params, fingerprint: str | None = None) -> dict:
+    """The base model an M2R2 checkpoint belongs to. The same weights in another dtype are the same
+    base: pass `fingerprint` (LoadedModel.fingerprint, taken from the source weights at float32)
+    when `params` were loaded in another dtype."""
     from m2r2_jax.training.distill import params_fingerprint
 
     c = dataclasses.asdict(cfg)
-    for k in ("dtype", "param_dtype", "matmul_dtype"):  # the same weights in another dtype are the same base
+    for k in ("dtype", "param_dtype", "matmul_dtype"):
         c.pop(k, None)
-    return {"model": model_name, "config": json.loads(json.dumps(c)), "fingerprint": params_fingerprint(params)}
+    fp = fingerprint or params_fingerprint(params)
+    return {"model": model_name, "config": json.loads(json.dumps(c)), "fingerprint": fp}
 
 
 def _ocp():
@@ -110,15 +114,16 @@ def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, int]:
     return steps[-1][1], steps[-1][0]
 
 
-def load_m2r2(path: str | Path, cfg, base_params, model_name: str, mesh=None):
-    """Load trained M2R2 params for inference: -> (M2R2Config, params, draft_ids, meta)."""
+def load_m2r2(path: str | Path, cfg, base_params, model_name: str, mesh=None, base_fingerprint: str | None = None):
+    """Load trained M2R2 params for inference: -> (M2R2Config, params, draft_ids, meta).
+    `base_fingerprint`: see `base_identity` (needed when the base was loaded in another dtype)."""
     from m2r2_jax.m2r2.params import m2r2_spec
     from m2r2_jax.model.params import abstract_params, logical_axes
     from m2r2_jax.training.config import config_from_dict
 
     step_dir, step = resolve_checkpoint_dir(path)
     meta = read_meta(step_dir)
-    check_compatible(meta, base_identity(model_name, cfg, base_params), None, str(step_dir))
+    check_compatible(meta, base_identity(model_name, cfg, base_params, base_fingerprint), None, str(step_dir))
     tc = config_from_dict(meta["config"])
     mc = tc.m2r2.validate(cfg.num_layers)
     spec = m2r2_spec(cfg, mc)

@@ -64,14 +64,19 @@ def as_distill_model(model) -> DistillModel:
                     "expected a LoadedModel or (cfg, params, encode_fn)")
 
 
-def params_fingerprint(params) -> str:
+def params_fingerprint(params, as_dtype: str | None = None) -> str:
     """Hash of every leaf's path, shape, dtype and a small corner of its values
-    (sliced on device, so cheap for sharded models)."""
+    (sliced on device, so cheap for sharded models). `as_dtype`: the fingerprint the params
+    would have once cast to that dtype (used on the loader's source arrays)."""
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         shape = tuple(np.shape(leaf))
-        corner = np.asarray(leaf[tuple(slice(0, 8) for _ in shape)] if shape else leaf, np.float32)
-        h.update(f"{jax.tree_util.keystr(path)}|{shape}|{leaf.dtype}|".encode())
+        corner = np.asarray(leaf[tuple(slice(0, 8) for _ in shape)] if shape else leaf)
+        if as_dtype is not None:
+            corner = corner.astype(jax.numpy.dtype(as_dtype))
+        corner = corner.astype(np.float32)
+        dtype = jax.numpy.dtype(as_dtype) if as_dtype is not None else leaf.dtype
+        h.update(f"{jax.tree_util.keystr(path)}|{shape}|{dtype}|".encode())
         h.update(corner.tobytes())
     return h.hexdigest()[:32]
 
