@@ -60,9 +60,9 @@ class GenerateConfig:
     cache_len: int | None = None             # None -> bucketed prompt + max_new_tokens
     pad_id: int = 0
     # Slots per decode step: the token, then block - 1 padding slots that no real token attends to
-    # (overwritten by the next step). With the speculative decoder's verification block size it runs
-    # every row through the same shapes as verification, so both round identically (see
-    # docs/STATUS.md, "bf16"); 1 is the plain and fastest loop.
+    # (overwritten by the next step). Equal to a chain's verification size, every token goes through
+    # the verification's shapes and cache slots and both round identically, which bf16 matmuls need
+    # for token-for-token equality (BENCHMARKS.md, "bf16 matmuls, bit-exact chains"); 1 is the plain loop.
     block: int = 1
 
 

@@ -46,10 +46,10 @@ def matmul(x: jax.Array, w: jax.Array, mm=None) -> jax.Array:
     return y[: math.prod(lead)].reshape(lead + (w.shape[-1],)).astype(x.dtype)
 
 
-# Products with `mm` run on at least this many rows. XLA:CPU takes a slow path for a one-row bf16
-# product (the 576 x 49152 LM head: 32.8 ms for one row, 5.4 ms for two) and rounds a two-row bf16
-# product differently from a product of 3+ rows, while any 3+-row product gives each row bit-identical
-# results. Padding makes one-token decode and multi-token verification agree bit for bit.
+# Products with `mm` run on at least this many rows: XLA:CPU takes a slow path for a one-row bf16
+# product (the 576 x 49152 LM head: 32.8 ms for one row, 5.4 ms for two). Three rather than two: alone,
+# a two-row bf16 product rounded differently from 3- to 16-row ones, which agreed bit for bit per row.
+# (Whole forwards over different block sizes still round differently: see GenerateConfig.block.)
 MIN_MM_ROWS = 3
 
 
