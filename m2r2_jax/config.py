@@ -88,10 +88,10 @@ class ModelConfig:
             raise M2R2Error(f"head_dim={self.head_dim} must be even for RoPE")
         if self.mlp_type != "dense":
             raise M2R2Error(f"mlp_type {self.mlp_type!r} is not implemented yet (only 'dense')")
-        for k in ("dtype", "param_dtype", "matmul_dtype"):
-            v = getattr(self, k)
-            if (v or k != "matmul_dtype") and v not in ("float32", "bfloat16", "float16"):
-                raise M2R2Error(f"{k}={v!r}: expected float32, bfloat16 or float16")
+        for k, v in (("dtype", self.dtype), ("param_dtype", self.param_dtype),
+                     ("matmul_dtype", self.matmul_dtype or "float32")):  # "" = no matmul cast
+            if v not in ("float32", "bfloat16", "float16"):
+                raise M2R2Error(f"{k}={getattr(self, k)!r}: expected float32, bfloat16 or float16")
         return self
 
     def check_cache_len(self, cache_len: int) -> None:

@@ -202,12 +202,11 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                 msgs = [history[i] + [{"role": "user", "content": batch[i].turns[t]}] for i in rows]
                 ids = [chat_ids(tok, m) for m in msgs]
                 s = SamplingConfig(temperature=max(temperature, 0.0), top_p=top_p, seed=seed + len(units))
-                ar, c_ar = _timed(lambda: gen.generate(base, ids, GenerateConfig(max_new_tokens=max_new_tokens,
-                                                                                 sampling=s, block=ar_block)))
+                g1 = GenerateConfig(max_new_tokens=max_new_tokens, sampling=s)
+                ar, c_ar = _timed(lambda: gen.generate(base, ids, dataclasses.replace(g1, block=ar_block)))
                 ar1 = None
                 if ar_block > 1:
-                    ar1, c_ar1 = _timed(lambda: gen.generate(base, ids, GenerateConfig(max_new_tokens=max_new_tokens,
-                                                                                       sampling=s)))
+                    ar1, c_ar1 = _timed(lambda: gen.generate(base, ids, g1))
                     compile_s["ar"] += c_ar1
                 sp, c_sp = _timed(lambda: spec.generate(base, b.params, draft_ids, ids,
                                                         SpecConfig(max_new_tokens=max_new_tokens, sampling=s)))

@@ -40,10 +40,8 @@ def matmul(x: jax.Array, w: jax.Array, mm=None) -> jax.Array:
     product is accumulated in f32 (bf16 inputs run 3-4x faster than f32 on AMX / AVX512-BF16 CPUs)."""
     if mm is None:
         return x @ w.astype(x.dtype)
-    lead = x.shape[:-1]
-    x2 = _min_rows(x.reshape(-1, x.shape[-1]))
-    y = jnp.matmul(x2.astype(mm), w.astype(mm), preferred_element_type=jnp.float32)
-    return y[: math.prod(lead)].reshape(lead + (w.shape[-1],)).astype(x.dtype)
+    y = _on_min_rows(x, lambda x2: jnp.matmul(x2.astype(mm), w.astype(mm), preferred_element_type=jnp.float32))
+    return y.astype(x.dtype)
 
 
 # Products with `mm` run on at least this many rows: XLA:CPU takes a slow path for a one-row bf16
@@ -53,9 +51,15 @@ def matmul(x: jax.Array, w: jax.Array, mm=None) -> jax.Array:
 MIN_MM_ROWS = 3
 
 
-def _min_rows(x2: jax.Array) -> jax.Array:
-    n = x2.shape[0]
-    return jnp.pad(x2, ((0, MIN_MM_ROWS - n), (0, 0))) if n < MIN_MM_ROWS else x2
+def _on_min_rows(x: jax.Array, product) -> jax.Array:
+    """`product` ([n, D] -> [n, N]) on x flattened to rows, padded to MIN_MM_ROWS rows; reshaped back."""
+    lead = x.shape[:-1]
+    n = math.prod(lead)
+    x2 = x.reshape(n, x.shape[-1])
+    if n < MIN_MM_ROWS:
+        x2 = jnp.pad(x2, ((0, MIN_MM_ROWS - n), (0, 0)))
+    y = product(x2)
+    return y[:n].reshape(lead + (y.shape[-1],))
 
 
 def rows_logits(x: jax.Array, w: jax.Array, mm=None) -> jax.Array:
@@ -63,10 +67,8 @@ def rows_logits(x: jax.Array, w: jax.Array, mm=None) -> jax.Array:
     with `mm` the inputs are cast to it and accumulated in f32, as in `matmul`."""
     if mm is None:
         return jnp.einsum("btd,vd->btv", x, w.astype(x.dtype)).astype(jnp.float32)
-    B, T, Dm = x.shape
-    x2 = _min_rows(x.reshape(B * T, Dm))
-    y = jnp.einsum("nd,vd->nv", x2.astype(mm), w.astype(mm), preferred_element_type=jnp.float32)
-    return y[: B * T].reshape(B, T, -1)
+    return _on_min_rows(x, lambda x2: jnp.einsum("nd,vd->nv", x2.astype(mm), w.astype(mm),
+                                                 preferred_element_type=jnp.float32))
 
 
 def linear(x: jax.Array, w: jax.Array, ad: dict | None = None, name: str = "", mm=None) -> jax.Array:

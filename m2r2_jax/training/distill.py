@@ -71,11 +71,9 @@ def params_fingerprint(params, as_dtype: str | None = None) -> str:
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         shape = tuple(np.shape(leaf))
-        corner = np.asarray(leaf[tuple(slice(0, 8) for _ in shape)] if shape else leaf)
-        if as_dtype is not None:
-            corner = corner.astype(jax.numpy.dtype(as_dtype))
-        corner = corner.astype(np.float32)
         dtype = jax.numpy.dtype(as_dtype) if as_dtype is not None else leaf.dtype
+        corner = np.asarray(leaf[tuple(slice(0, 8) for _ in shape)] if shape else leaf).astype(dtype)
+        corner = corner.astype(np.float32)
         h.update(f"{jax.tree_util.keystr(path)}|{shape}|{dtype}|".encode())
         h.update(corner.tobytes())
     return h.hexdigest()[:32]

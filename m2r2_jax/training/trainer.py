@@ -72,7 +72,7 @@ def train(tc: TrainConfig, *, model=None, records: Sequence[dict] | None = None,
     cfg, base = model.cfg, model.params
     mc = tc.m2r2.validate(cfg.num_layers)
     out = Path(tc.out_dir)
-    base_id = C.base_identity(tc.model, cfg, base, getattr(model, "fingerprint", None) or None)
+    base_id = C.base_identity(tc.model, cfg, base, getattr(model, "fingerprint", None))
     ckpt = C.Checkpointer(out / "checkpoints", tc.save_every, tc.keep, tc.async_save)
     latest = ckpt.latest_step()
     if latest is not None:  # refuse before any expensive work
