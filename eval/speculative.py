@@ -3,7 +3,11 @@ tokens/s, speed-up, tau and losslessness per category, acceptance by tree depth.
 
     python -m eval.speculative --model smollm2-135m [--checkpoint DIR] --dataset NAME_OR_PATH \
         [--tree NAME] [--draft-layers N] [--temperature T] [--top-p P] [--seed S] \
-        [--max-new-tokens N] [--limit K] [--batch-size B] [--out FILE.json] [--plot FILE.png]
+        [--max-new-tokens N] [--limit K] [--batch-size B] [--out FILE.json] [--plot FILE.png] [--resume]
+
+Every finished item is appended to FILE.partial.jsonl next to --out; after an
+interruption, the same command with --resume carries on from there (the
+journal is removed once FILE.json is written).
 
 Multi-turn items (MT-Bench, Spec-Bench's multi-turn group) evaluate every
 turn; later turns carry the model's own earlier answers. Compilation is
@@ -75,6 +79,9 @@ def main(argv=None):
     p.add_argument("--hf-baselines", action="store_true",
                    help="also time HF transformers greedy, prompt-lookup and early-exit assisted generation on "
                         "every prompt in the same run (greedy, batch 1; needs torch)")
+    p.add_argument("--resume", action="store_true",
+                   help="carry on from --out's journal (FILE.partial.jsonl) of an interrupted run of the same "
+                        "command: finished items are taken from it, the rest are run")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     quiet_env()
@@ -88,6 +95,9 @@ def main(argv=None):
     else:
         out = Path(a.out)
     plot = Path(a.plot) if a.plot else out.with_suffix(".png")
+    journal = out.with_suffix(".partial.jsonl")
+    if journal.exists() and not a.resume:
+        raise M2R2Error(f"{journal} holds an interrupted run: pass --resume to carry on from it, or delete it")
     for f, what, given in ((out, "--out", a.out), (plot, "--plot", a.plot or a.out)):
         if given is not None and not f.parent.is_dir():
             raise M2R2Error(f"{what}: directory {f.parent} does not exist")
@@ -121,10 +131,16 @@ def main(argv=None):
         from eval.bench_decode import _hf_model
 
         hf_ref = _hf_model(m)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if a.resume and journal.exists():
+        print(f"resuming from {journal}", file=sys.stderr)
     res = run_spec_eval(m, M2R2Bundle(mc, m2r2, draft_ids, meta), items, tree, max_new_tokens=a.max_new_tokens,
                         temperature=a.temperature, top_p=a.top_p, seed=a.seed, batch_size=a.batch_size,
                         draft_layers=a.draft_layers, progress=not a.no_progress, hf_ref=hf_ref,
-                        ar_block=a.ar_block)
+                        ar_block=a.ar_block, journal=journal, resume=a.resume,
+                        journal_key=dict(model=a.model, checkpoint=str(Path(ckpt).resolve()), dataset=a.dataset,
+                                         limit=a.limit, dtype=a.dtype, param_dtype=a.param_dtype,
+                                         matmul_dtype=a.matmul_dtype))
     res["config"].update(model=a.model, checkpoint=ckpt, train_step=meta.get("step"), dataset=a.dataset,
                          limit=a.limit, dtype=m.cfg.dtype, rate=mc.rate, num_fast_layers=mc.n_fast(m.cfg.num_layers))
     res["machine"] = machine_info()
@@ -133,6 +149,7 @@ def main(argv=None):
     plot.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     plot.write_bytes(png)
+    journal.unlink(missing_ok=True)
     print(format_table(res))
     sp = res["overall_speedup"]
     print(f"overall: speedup {_f(sp)}x (spec tok/s / AR tok/s = total AR time / total spec time when greedy; "

@@ -252,3 +252,51 @@ def test_hf_baselines_keep_eos_like_ours():
     res = hb.run([1, 5, 6])
     assert set(res) == {"hf_greedy", "hf_prompt_lookup", "hf_early_exit"}
     assert all(new == [7, 8, 2] for new, _ in res.values())
+
+
+def test_journal_resume(tiny_setup, tmp_path):
+    """An interrupted eval carries on from its journal: finished items are read back, not rerun, and the
+    result matches an uninterrupted run's; a journal from another run is refused."""
+    from m2r2_jax.decoding.trees import build_tree
+    from m2r2_jax.evaluation.datasets import EvalItem
+    from m2r2_jax.evaluation.spec_eval import run_spec_eval
+
+    model, bundle = tiny_setup
+    items = [EvalItem("a", "chat", ["Hello!", "Again?"]), EvalItem("b", "qa", ["Why blue?"]),
+             EvalItem("c", "qa", ["What is 2+2?"])]
+    tree = build_tree([(0,), (0, 0)], "c2")
+    kw = dict(max_new_tokens=8, progress=False, journal_key={"model": "tiny"})
+    j = tmp_path / "r.partial.jsonl"
+    full = run_spec_eval(model, bundle, items, tree, journal=j, **kw)
+    lines = j.read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[0])["header"]["items"][0] == ["a", "chat", 2]
+    assert [json.loads(x)["batch"] for x in lines[1:]] == [0, 1, 2] and full["resumed_batches"] == 0
+
+    j.write_text("\n".join(lines[:3]) + "\n")  # interrupted after two items
+    n_calls = len(model.tokenizer.calls)
+    res = run_spec_eval(model, bundle, items, tree, journal=j, resume=True, **kw)
+    assert len(model.tokenizer.calls) - n_calls == 1  # only item c was run
+    assert res["resumed_batches"] == 2 and res["prompts"] == 4 and res["lossless"] is True
+    key = ("id", "turn", "ar_tokens", "spec_tokens", "steps", "accepted", "equal")
+    assert [[r[k] for k in key] for r in res["per_prompt"]] == [[r[k] for k in key] for r in full["per_prompt"]]
+    assert res["tau"] == pytest.approx(full["tau"])
+    assert [d["rate"] for d in res["depth_acceptance"]] == pytest.approx([d["rate"] for d in full["depth_acceptance"]])
+    assert len(j.read_text().splitlines()) == 4
+
+    with pytest.raises(M2R2Error, match="different run .*max_new_tokens: 8 there, 6 now"):
+        run_spec_eval(model, bundle, items, tree, journal=j, resume=True, **{**kw, "max_new_tokens": 6})
+    with pytest.raises(M2R2Error, match="different run .*model: 'tiny' there, 'other' now"):
+        run_spec_eval(model, bundle, items, tree, journal=j, resume=True, **{**kw, "journal_key": {"model": "other"}})
+
+
+def test_cli_refuses_to_overwrite_journal(tmp_path, capsys):
+    from eval.speculative import main
+    from m2r2_jax.cli import run_main
+
+    j = tmp_path / "r.partial.jsonl"
+    j.write_text('{"header": {}}\n')
+    with pytest.raises(SystemExit) as e:
+        run_main(main, ["--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--resume" in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.partial.jsonl"] and j.read_text() == '{"header": {}}\n'

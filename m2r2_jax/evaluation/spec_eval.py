@@ -21,6 +21,7 @@ lossless) this is exactly total AR time / total spec time.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -150,16 +151,65 @@ def _lossless(rows: list[dict]) -> bool | None:
     return None if any(e is None for e in eq) else all(eq)
 
 
+class Journal:
+    """Append-only JSONL record of finished batches, so that a long eval can be resumed.
+
+    Line 1 is a header (everything that decides the results: run config, item ids, the caller's
+    `key`: model, checkpoint, dtypes); each later line is one finished batch (all its turns): its
+    units, per-prompt rows, acceptance counts and compile seconds. A batch is either on a line or
+    redone: the per-prompt AR/spec timings are taken back to back inside one process either way."""
+
+    def __init__(self, path, header: dict):
+        from pathlib import Path
+
+        self.path, self.header = Path(path), json.loads(json.dumps(header))
+        self.done: list[dict] = []
+
+    def load(self) -> "Journal":
+        """Read finished batches from an existing journal; error if it was written by another run."""
+        try:
+            lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+        except (OSError, ValueError) as e:
+            raise M2R2Error(f"journal {self.path} is unreadable ({e}); delete it to start over") from None
+        if not lines or lines[0].get("header") is None:
+            raise M2R2Error(f"journal {self.path} has no header line; delete it to start over")
+        old = lines[0]["header"]
+        diff = sorted(k for k in set(old) | set(self.header) if old.get(k) != self.header.get(k))
+        if diff:
+            k = diff[0]
+            raise M2R2Error(f"journal {self.path} was written by a different run ({k}: {old.get(k)!r} there, "
+                            f"{self.header.get(k)!r} now); delete it or run without --resume")
+        for i, rec in enumerate(lines[1:]):
+            if rec.get("batch") != i:
+                raise M2R2Error(f"journal {self.path}: line {i + 2} holds batch {rec.get('batch')}, expected {i}")
+        self.done = lines[1:]
+        return self
+
+    def start(self) -> "Journal":
+        self.path.write_text(json.dumps({"header": self.header}) + "\n")
+        return self
+
+    def append(self, rec: dict):
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_new_tokens: int = 128,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 1,
-                  draft_layers: int = 0, progress: bool = True, hf_ref=None, ar_block: int = 1) -> dict:
+                  draft_layers: int = 0, progress: bool = True, hf_ref=None, ar_block: int = 1,
+                  journal=None, resume: bool = False, journal_key: dict | None = None) -> dict:
     """AR vs speculative on every turn of every item; see the module doc. `model` has `.cfg`, `.params`,
     `.tokenizer` (a `LoadedModel`); `m2r2` is an `M2R2Bundle` or `load_m2r2`'s tuple. `hf_ref`: an HF
     transformers (torch) model of the same base; when given (greedy, batch 1), HF greedy, prompt-lookup
     and early-exit assisted generation are timed on every prompt too (`hf` in the result).
     `ar_block` > 1: the AR loop decodes through blocks of that many slots (`GenerateConfig.block`), the
     shapes of a verification of that many nodes, so both round alike; the plain one-slot AR loop is then
-    timed on every prompt as well and `speedup_vs_block1_ar` compares against it."""
+    timed on every prompt as well and `speedup_vs_block1_ar` compares against it.
+    `journal` (a path): every finished batch is appended there (see `Journal`); with `resume` the
+    batches already in it are taken from it, not rerun, provided it was written by the same run
+    (same config, items and `journal_key`)."""
     import jax.numpy as jnp
     from tqdm import tqdm
 
@@ -193,9 +243,31 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
     units: list[dict] = []
     per_prompt: list[dict] = []
     t_start = time.perf_counter()
-    bar = tqdm(total=sum(len(it.turns) for it in items), disable=not progress, desc="spec eval", unit="prompt")
+    jr = None
+    if journal is not None:
+        header = dict(tree_paths=[list(p) for p in tree.paths], max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+                      draft_layers=spec.draft_layers, ar_block=ar_block, hf=hf is not None,
+                      items=[[it.id, it.category, len(it.turns)] for it in items], **(journal_key or {}))
+        jr = Journal(journal, header)
+        jr = jr.load() if resume and jr.path.exists() else jr.start()
+        for rec in jr.done:
+            units += rec["units"]
+            per_prompt += rec["per_prompt"]
+            depth_hits += np.asarray(rec["depth_hits"], np.int64)
+            node_tries += np.asarray(rec["node_tries"], np.int64)
+            node_hits += np.asarray(rec["node_hits"], np.int64)
+            for k in compile_s:
+                compile_s[k] += rec["compile_seconds"][k]
+    n_resumed = len(jr.done) if jr else 0
+    bar = tqdm(total=sum(len(it.turns) for it in items), initial=len(per_prompt), disable=not progress,
+               desc="spec eval", unit="prompt")
     try:
         for bi, batch in enumerate(_batches(items, batch_size)):
+            if bi < n_resumed:
+                continue
+            snap = (len(units), len(per_prompt), depth_hits.copy(), node_tries.copy(), node_hits.copy(),
+                    dict(compile_s))
             history: list[list[dict]] = [[] for _ in batch]
             for t in range(max(len(it.turns) for it in batch)):
                 rows = [i for i, it in enumerate(batch) if t < len(it.turns)]
@@ -244,6 +316,12 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                 bar.update(len(rows))
                 tot = _agg(units)
                 bar.set_postfix(speedup=f"{tot['speedup'] or 0:.2f}", tau=f"{tot['tau'] or 0:.2f}")
+            if jr is not None:
+                nu, npp, dh, nt, nh, cs = snap
+                jr.append(dict(batch=bi, units=units[nu:], per_prompt=per_prompt[npp:],
+                               depth_hits=(depth_hits - dh).tolist(), node_tries=(node_tries - nt).tolist(),
+                               node_hits=(node_hits - nh).tolist(),
+                               compile_seconds={k: compile_s[k] - cs[k] for k in compile_s}))
     finally:
         bar.close()
 
@@ -293,6 +371,7 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
         if ar_block > 1 and tot["spec_tps"] else None,
         "compile_seconds": dict(compile_s, ar_executables=gen.compiles, spec_executables=spec.compiles),
         "wall_seconds": time.perf_counter() - t_start,
+        "resumed_batches": n_resumed,
         "hf": _hf_summary(units, list(hf.options)) if hf else None,
         "per_prompt": per_prompt,
     }
