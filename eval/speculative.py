@@ -79,6 +79,11 @@ def main(argv=None):
     p.add_argument("--hf-baselines", action="store_true",
                    help="also time HF transformers greedy, prompt-lookup and early-exit assisted generation on "
                         "every prompt in the same run (greedy, batch 1; needs torch)")
+    p.add_argument("--lookup", type=int, default=0,
+                   help="prompt lookup: when the last --lookup-ngram (down to 2) tokens occurred earlier in the "
+                        "prompt or the answer, verify the N tokens that followed them instead of an M2R2 draft "
+                        "(0 = off; lossless either way)")
+    p.add_argument("--lookup-ngram", type=int, default=3, help="longest n-gram matched by --lookup (default 3)")
     p.add_argument("--resume", action="store_true",
                    help="carry on from --out's journal (FILE.partial.jsonl) of an interrupted run of the same "
                         "command: finished items are taken from it, the rest are run")
@@ -109,6 +114,8 @@ def main(argv=None):
         raise M2R2Error("--max-new-tokens, --batch-size and --limit must be >= 1")
     if a.temperature < 0 or not 0.0 < a.top_p <= 1.0:
         raise M2R2Error("need --temperature >= 0 and 0 < --top-p <= 1")
+    if a.lookup < 0 or a.lookup_ngram < 2:
+        raise M2R2Error("need --lookup >= 0 and --lookup-ngram >= 2")
     if a.draft_layers < 0:
         raise M2R2Error("--draft-layers must be >= 0")
     tree = get_tree(a.tree)
@@ -137,7 +144,8 @@ def main(argv=None):
     res = run_spec_eval(m, M2R2Bundle(mc, m2r2, draft_ids, meta), items, tree, max_new_tokens=a.max_new_tokens,
                         temperature=a.temperature, top_p=a.top_p, seed=a.seed, batch_size=a.batch_size,
                         draft_layers=a.draft_layers, progress=not a.no_progress, hf_ref=hf_ref,
-                        ar_block=a.ar_block, journal=journal, resume=a.resume,
+                        ar_block=a.ar_block, journal=journal, resume=a.resume, lookup=a.lookup,
+                        lookup_ngram=a.lookup_ngram, lookup_min_ngram=2,
                         journal_key=dict(model=a.model, checkpoint=str(Path(ckpt).resolve()), dataset=a.dataset,
                                          limit=a.limit, dtype=a.dtype, param_dtype=a.param_dtype,
                                          matmul_dtype=a.matmul_dtype))
@@ -163,6 +171,10 @@ def main(argv=None):
     print(f"cost per speculative step: {_f(c['spec_ms_per_step'], '.1f')} ms = draft {_f(c['draft_ms'], '.1f')} + "
           f"verify {_f(c['verify_ms'], '.1f')} + other {_f(c['other_ms'], '.1f')} ms; one AR token "
           f"{_f(c['ar_ms_per_token'], '.1f')} ms")
+    if res.get("lookup"):
+        lk = res["lookup"]
+        print(f"prompt lookup drafted {_f(100 * (lk['share_of_steps'] or 0), '.0f')}% of the steps (tau there "
+              f"{_f(lk['tau'])}; M2R2-drafted steps: tau {_f(lk['tau_m2r2'])})")
     if res.get("hf"):
         h = res["hf"]
         print(f"\nsame prompts, same run ({h['prompts']} prompts; HF greedy == ours on every prompt: "

@@ -181,6 +181,13 @@ def test_run_spec_eval_tiny(tiny_setup, tmp_path):
     assert res4["lossless"] is True and res4["ar_block"] == 2 and res4["speedup_vs_block1_ar"] > 0
     assert res["ar_block"] == 1 and res["speedup_vs_block1_ar"] is None
 
+    # prompt lookup on top of the M2R2 drafts: still lossless, its steps counted
+    res5 = run_spec_eval(model, bundle, items, tree, max_new_tokens=10, progress=False, lookup=3)
+    lk = res5["lookup"]
+    assert res5["lossless"] is True and lk["tokens"] == 3 and lk["steps"] > 0 and res["lookup"] is None
+    assert lk["share_of_steps"] == pytest.approx(lk["steps"] / res5["totals"]["steps"])
+    assert [r["ar_tokens"] for r in res5["per_prompt"]] == [r["ar_tokens"] for r in res["per_prompt"]]
+
     png = plot_spec_eval(res, tmp_path / "r.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     table = format_table(res)

@@ -128,15 +128,17 @@ def test_no_recompile_within_bucket(tiny):
     assert spec.compiles == 1 and r.compile_seconds == 0.0
 
 
-def test_sampling_lossless_distribution(tiny):
-    """Empirical next-2-token distribution of speculative sampling == the base's (chi-square, fixed seed)."""
+@pytest.mark.parametrize("lookup", [0, 2])
+def test_sampling_lossless_distribution(tiny, lookup):
+    """Empirical next-2-token distribution of speculative sampling == the base's (chi-square, fixed seed);
+    with prompt lookup, the prompt repeats so that the lookup branch drafts."""
     cfg, base = tiny
     base = dict(base, final_norm=base["final_norm"] * 40.0)  # a peaked distribution: few likely tokens
     mc, m2r2 = _m2r2(cfg, scale=1.0)
-    spec = SpeculativeDecoder(cfg, mc, get_tree("tree16"))
+    spec = SpeculativeDecoder(cfg, mc, get_tree("tree16"), lookup=lookup, lookup_min_ngram=1)
     gen = Generator(cfg)
     d = np.arange(cfg.vocab_size, dtype=np.int32)
-    prompt = [11, 12, 13]
+    prompt = [11, 12, 13] if not lookup else [11, 12, 13, 11, 12, 13, 11]
     n = 300
     sc = lambda s: SamplingConfig(temperature=1.0, seed=s)
     # tokens 2-3 come from a speculative step (token 1 is sampled after prefill)
@@ -165,6 +167,8 @@ def test_sampling_lossless_distribution(tiny):
     # the drafts were really used: some drafted tokens were accepted
     r = spec.generate(base, m2r2, d, [prompt] * 4, SpecConfig(max_new_tokens=16, stop_ids=(-1,), sampling=sc(1)))
     assert sum(r.accepted) > 0
+    if lookup:
+        assert sum(r.lookup_steps) > 0
 
 
 def _chi2_ok(counts, probs, alpha=1e-3):
@@ -298,3 +302,55 @@ def test_bf16_lossless_with_ar_block(tiny, tree):
     r = spec.generate(base, m2r2, np.arange(cfg.vocab_size, dtype=np.int32), prompts,
                       SpecConfig(max_new_tokens=24, stop_ids=(-1,)))
     assert r.new_ids == ar and 0 < sum(r.accepted) < 4 * 23
+
+
+def test_prompt_lookup_matches_oracle():
+    """_lookup against a plain-Python search: the K tokens after the latest earlier occurrence of the
+    last n tokens, longest n first."""
+    from m2r2_jax.decoding.speculative import _lookup
+
+    def oracle(h, hl, K, nmax, nmin):
+        t = list(h[:hl])
+        for n in range(nmax, nmin - 1, -1):
+            for i in range(hl - n - 1, -1, -1) if hl > n else ():
+                if t[i:i + n] == t[-n:]:
+                    return True, list(h[i + n:i + n + K])
+        return False, None
+
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(60):
+        K, nmax = int(rng.integers(1, 5)), int(rng.integers(1, 4))
+        nmin = int(rng.integers(1, nmax + 1))
+        h = rng.integers(0, 4, (3, 40)).astype(np.int32)
+        hl = rng.integers(1, 32, 3).astype(np.int32)
+        found, cand = _lookup(jnp.asarray(h), jnp.asarray(hl), K, nmax, nmin)
+        for b in range(3):
+            of, oc = oracle(h[b], int(hl[b]), K, nmax, nmin)
+            assert bool(found[b]) == of
+            if of:
+                hits += 1
+                assert np.asarray(cand[b]).tolist() == oc
+    assert hits > 30
+
+
+@pytest.mark.parametrize("tree", ["chain1", "tree16"])
+def test_greedy_lossless_with_prompt_lookup(tiny, tree):
+    """Prompt lookup drafts some steps (repetitive prompts), the fast stream the others; the output is
+    the AR output token for token, one by one and batched."""
+    cfg, base = tiny
+    mc, m2r2 = _m2r2(cfg)
+    d = np.arange(cfg.vocab_size, dtype=np.int32)
+    spec = SpeculativeDecoder(cfg, mc, get_tree(tree), lookup=3, lookup_ngram=2, lookup_min_ngram=1)
+    gen = Generator(cfg)
+    prompts = [(p * 3)[:17] for p in _prompts(4, seed=2)] + [[7]]
+    sc = SpecConfig(max_new_tokens=24, stop_ids=(-1,))
+    ar = [gen.generate(base, [p], GenerateConfig(max_new_tokens=24, stop_ids=(-1,))).new_ids[0] for p in prompts]
+    single = [spec.generate(base, m2r2, d, [p], sc) for p in prompts]
+    assert [r.new_ids[0] for r in single] == ar
+    assert sum(sum(r.lookup_steps) for r in single) > 0 and sum(sum(r.lookup_accepted) for r in single) > 0
+    assert sum(sum(r.steps) - sum(r.lookup_steps) for r in single) > 0  # some M2R2-drafted steps too
+    batched = spec.generate(base, m2r2, d, prompts, sc)
+    assert batched.new_ids == ar
+    with pytest.raises(M2R2Error, match="prompt lookup"):
+        SpeculativeDecoder(cfg, mc, get_tree(tree), lookup=2, lookup_ngram=1, lookup_min_ngram=2)

@@ -14,6 +14,14 @@ accepted token, not yet in the cache):
   4. the accepted nodes' K/V move to contiguous slots; pos += accepted + 1.
 Rows advance independently (per-row positions), so a batch equals its rows
 one by one.
+
+Prompt lookup (`lookup` = K > 0): before drafting, the last n tokens (n =
+`lookup_ngram` down to `lookup_min_ngram`) are searched for in the prompt and
+the text generated so far; when they occur earlier, the K tokens that followed
+their latest occurrence are verified as a chain instead, and the fast stream
+does not draft that step (both branches sit in one `lax.cond`; a batch takes
+the lookup branch when any active row has a match). Verification is the same,
+so the output is unchanged.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from jax import lax
 from m2r2_jax.config import ModelConfig
 from m2r2_jax.decoding.generate import bucket, pad_prompts, prefill, round_cache, stop_tuple
 from m2r2_jax.decoding.sampling import SamplingConfig, sample_probs, select
-from m2r2_jax.decoding.trees import DraftTree
+from m2r2_jax.decoding.trees import DraftTree, chain
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.m2r2 import stream as S
 from m2r2_jax.m2r2.config import M2R2Config
@@ -151,6 +159,28 @@ def _accept_sampling(tree: DraftTree, toks, probs, key):
     return a, path, bonus, jnp.zeros(toks.shape, bool)
 
 
+def _lookup(hist, hlen, K: int, nmax: int, nmin: int):
+    """Prompt lookup: for each row of hist [B, H] (the first hlen [B] tokens are the text so far), the
+    K tokens after the latest earlier occurrence of the last n tokens, n = nmax..nmin (longest first).
+    -> (found [B] bool, candidates [B, K] int32; arbitrary where not found or past the text)."""
+    H = hist.shape[1]
+    idx = jnp.arange(H)
+
+    def row(h, hl):
+        best_i, best_n = jnp.int32(-1), jnp.int32(0)
+        for n in range(nmin, nmax + 1):  # longer n-grams override shorter ones
+            key = lax.dynamic_slice(h, (jnp.maximum(hl - n, 0),), (n,))
+            m = idx + n < hl             # the occurrence ends before the text's last token
+            for k in range(n):
+                m &= jnp.roll(h, -k) == key[k]
+            i = jnp.max(jnp.where(m, idx, -1))
+            ok = (i >= 0) & (hl > n)
+            best_i, best_n = jnp.where(ok, i, best_i), jnp.where(ok, n, best_n)
+        return best_n > 0, lax.dynamic_slice(h, (jnp.maximum(best_i, 0) + best_n,), (K,))
+
+    return jax.vmap(row)(hist, hlen)
+
+
 def _compact(cache: D.KVCache, pos, path) -> D.KVCache:
     """Move accepted nodes' K/V (slots pos + path[k]) to slots pos + k, k = 1..D."""
     src = pos[:, None] + jnp.maximum(path[:, 1:], 0)                 # [B, D]
@@ -163,66 +193,104 @@ def _compact(cache: D.KVCache, pos, path) -> D.KVCache:
 
 
 def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bool, max_new: int,
-                   cache_len: int, draft_layers: int, filtered: bool):
+                   cache_len: int, draft_layers: int, filtered: bool, lookup: int = 0, lookup_ngram: int = 3,
+                   lookup_min_ngram: int = 2):
     T, Dm = tree.size, tree.max_depth
+    ltree = chain(lookup) if lookup else None
+    W = max(Dm, lookup) + 1   # tokens one step can emit
 
     def run(base, m2r2, draft_ids, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
-        B = tokens.shape[0]
+        B, P = tokens.shape
         cache = D.init_cache(cfg, B, cache_len)
         logits, cache = prefill(cfg, base, tokens, lengths, cache)
         key, sub = jax.random.split(key)
         cur = select(logits, sub, greedy, temperature, top_k, top_p)
-        W = Dm + 1
         out = jnp.zeros((B, max_new + W), jnp.int32).at[:, 0].set(cur)
         done = jnp.isin(cur, stop_ids) | (max_new <= 1)
         zeros_b = jnp.zeros((B,), jnp.int32)
         stats = dict(steps=zeros_b, accepted=zeros_b, depth_hits=jnp.zeros((B, Dm + 1), jnp.int32),
-                     node_tries=jnp.zeros((B, T), jnp.int32), node_hits=jnp.zeros((B, T), jnp.int32))
-        state = (lengths, cur, cache, out, jnp.ones((B,), jnp.int32), done, key, stats)
+                     node_tries=jnp.zeros((B, T), jnp.int32), node_hits=jnp.zeros((B, T), jnp.int32),
+                     lookup_steps=zeros_b, lookup_accepted=zeros_b)
+        # the text so far (prompt, then the emitted tokens), for prompt lookup
+        hist = jnp.zeros((B, P + max_new + W + lookup), jnp.int32).at[:, :P].set(tokens)
+        hist = jax.vmap(lambda h, c, n: h.at[n].set(c))(hist, cur, lengths)
+        state = (lengths, cur, cache, out, jnp.ones((B,), jnp.int32), done, key, stats, hist)
         dp = S.draft_params(cfg, mc, base, m2r2, draft_ids, draft_layers)
+        par = np.maximum(tree.parent, 0)
+
+        def accept(tr, toks, logits, sub):
+            if greedy:
+                return _accept_greedy(tr, toks, logits)
+            if filtered:
+                probs = jax.vmap(lambda lg: sample_probs(lg, temperature, top_k, top_p), 1, 1)(logits)
+            else:
+                probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6), -1)
+            return _accept_sampling(tr, toks, probs, sub)
+
+        def tree_step(tr, toks, cache, pos, sub):
+            """verify + accept + compact -> (a, accepted tokens [B, W-1], bonus, cache, node_correct)."""
+            logits, cache = _verify(cfg, tr, base, toks, cache, pos)
+            a, path, bonus, correct = accept(tr, toks, logits, sub)
+            cache = _compact(cache, pos, path)
+            pt = jnp.take_along_axis(toks, jnp.maximum(path[:, 1:], 0), 1)
+            pt = jnp.pad(pt, ((0, 0), (0, W - 1 - pt.shape[1])))
+            return a, pt, bonus, cache, correct
+
+        def m2r2_step(x):
+            cache, pos, cur, cand, sub = x
+            toks = _draft(cfg, mc, tree, base, dp, draft_ids, cache, pos, cur)
+            return tree_step(tree, toks, cache, pos, sub)
+
+        def lookup_step(x):
+            cache, pos, cur, cand, sub = x
+            a, pt, bonus, cache, _ = tree_step(ltree, jnp.concatenate([cur[:, None], cand], 1), cache, pos, sub)
+            return a, pt, bonus, cache, jnp.zeros((B, T), bool)
 
         def cond(st):
             return ~jnp.all(st[5])
 
         def body(st):
-            pos, cur, cache, out, n_out, done, key, stats = st
-            toks = _draft(cfg, mc, tree, base, dp, draft_ids, cache, pos, cur)
-            logits, cache = _verify(cfg, tree, base, toks, cache, pos)
+            pos, cur, cache, out, n_out, done, key, stats, hist = st
+            active = ~done
             key, sub = jax.random.split(key)
-            if greedy:
-                a, path, bonus, correct = _accept_greedy(tree, toks, logits)
+            if lookup:
+                found, cand = _lookup(hist, lengths + n_out, lookup, lookup_ngram, lookup_min_ngram)
+                use_lookup = jnp.any(found & active)
+                a, path_toks, bonus, cache, correct = lax.cond(use_lookup, lookup_step, m2r2_step,
+                                                               (cache, pos, cur, cand, sub))
             else:
-                if filtered:
-                    probs = jax.vmap(lambda lg: sample_probs(lg, temperature, top_k, top_p), 1, 1)(logits)
-                else:
-                    probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6), -1)
-                a, path, bonus, correct = _accept_sampling(tree, toks, probs, sub)
-            cache = _compact(cache, pos, path)
+                use_lookup = jnp.bool_(False)
+                a, path_toks, bonus, cache, correct = m2r2_step((cache, pos, cur, None, sub))
             k = jnp.arange(W)[None]
-            path_toks = jnp.take_along_axis(toks, jnp.maximum(path[:, 1:], 0), 1)          # [B, D]
             path_toks = jnp.concatenate([path_toks, jnp.zeros((B, 1), jnp.int32)], 1)
             emitted = jnp.where(k < a[:, None], path_toks, jnp.where(k == a[:, None], bonus[:, None], 0))
             is_stop = jnp.isin(emitted, stop_ids) & (k <= a[:, None])
             first_stop = jnp.where(jnp.any(is_stop, 1), jnp.argmax(is_stop, 1), W)
             n_new = jnp.minimum(jnp.minimum(a + 1, first_stop + 1), max_new - n_out)
             new_out = jax.vmap(lambda o, e, s: lax.dynamic_update_slice(o, e, (s,)))(out, emitted, n_out)
-            active = ~done
             out = jnp.where(active[:, None], new_out, out)
+            if lookup:
+                new_hist = jax.vmap(lambda h, e, s: lax.dynamic_update_slice(h, e, (s,)))(hist, emitted,
+                                                                                         lengths + n_out)
+                hist = jnp.where(active[:, None], new_hist, hist)
             n_out2 = n_out + jnp.where(active, n_new, 0)
             done2 = done | (first_stop < W) | (n_out2 >= max_new)
             pos = jnp.where(active, pos + a + 1, pos)
             cur = jnp.where(active, bonus, cur)
             act = active.astype(jnp.int32)
-            par = np.maximum(tree.parent, 0)
+            act_m = act * (~use_lookup).astype(jnp.int32)   # an M2R2-drafted step
+            act_l = act - act_m
             parent_ok = jnp.take_along_axis(_node_accepted(tree, correct), jnp.asarray(par)[None].repeat(B, 0), 1)
             stats = dict(
                 steps=stats["steps"] + act, accepted=stats["accepted"] + act * a,
-                depth_hits=stats["depth_hits"] + act[:, None] * (jnp.arange(Dm + 1)[None] <= a[:, None]),
-                node_tries=stats["node_tries"] + act[:, None] * parent_ok.astype(jnp.int32),
-                node_hits=stats["node_hits"] + act[:, None] * (parent_ok & correct).astype(jnp.int32))
-            return pos, cur, cache, out, n_out2, done2, key, stats
+                depth_hits=stats["depth_hits"] + act_m[:, None] * (jnp.arange(Dm + 1)[None] <= a[:, None]),
+                node_tries=stats["node_tries"] + act_m[:, None] * parent_ok.astype(jnp.int32),
+                node_hits=stats["node_hits"] + act_m[:, None] * (parent_ok & correct).astype(jnp.int32),
+                lookup_steps=stats["lookup_steps"] + act_l, lookup_accepted=stats["lookup_accepted"] + act_l * a)
+            return pos, cur, cache, out, n_out2, done2, key, stats, hist
 
-        _, _, _, out, n_out, _, _, stats = lax.while_loop(cond, body, state)
+        st = lax.while_loop(cond, body, state)
+        out, n_out, stats = st[3], st[4], st[7]
         return out[:, :max_new], n_out, stats
 
     return run
@@ -243,6 +311,8 @@ class SpecResult:
     depth_hits: np.ndarray      # [B, D+1] steps whose accepted depth >= d
     node_tries: np.ndarray      # [B, T] steps where the node's parent was accepted (greedy)
     node_hits: np.ndarray       # [B, T] ... and the node itself matched
+    lookup_steps: list[int] = dataclasses.field(default_factory=list)     # steps drafted by prompt lookup
+    lookup_accepted: list[int] = dataclasses.field(default_factory=list)  # ... and their accepted tokens
 
     @property
     def tau(self) -> float:
@@ -254,8 +324,15 @@ class SpecResult:
 class SpeculativeDecoder:
     """Compiled speculative executables for one (model, M2R2) pair, cached per shape bucket."""
 
-    def __init__(self, cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, draft_layers: int = 0):
+    def __init__(self, cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, draft_layers: int = 0,
+                 lookup: int = 0, lookup_ngram: int = 3, lookup_min_ngram: int = 2):
+        """lookup: K > 0 turns on prompt lookup (K tokens per lookup step; see the module doc), matching
+        the last lookup_ngram .. lookup_min_ngram tokens."""
         self.cfg, self.mc, self.tree = cfg, mc, tree
+        if lookup < 0 or (lookup and not 1 <= lookup_min_ngram <= lookup_ngram):
+            raise M2R2Error(f"prompt lookup: need lookup >= 0 and 1 <= lookup_min_ngram <= lookup_ngram "
+                            f"(got {lookup}, {lookup_min_ngram}, {lookup_ngram})")
+        self.lookup, self.lookup_ngram, self.lookup_min_ngram = lookup, lookup_ngram, lookup_min_ngram
         n = mc.n_fast(cfg.num_layers)
         self.draft_layers = draft_layers or n
         if not 1 <= self.draft_layers <= n:
@@ -268,9 +345,10 @@ class SpeculativeDecoder:
         if min(lens) < 1:
             raise M2R2Error("empty prompt: at least one token is required")
         P = bucket(longest)
-        need = longest + max_new + self.tree.size + 1
+        T = max(self.tree.size, self.lookup + 1)
+        need = longest + max_new + T + 1
         if need > self.cfg.max_position_embeddings:
-            raise M2R2Error(f"prompt of {longest} tokens + {max_new} new tokens (+ a {self.tree.size}-node tree) "
+            raise M2R2Error(f"prompt of {longest} tokens + {max_new} new tokens (+ a {T}-node tree) "
                             f"exceeds the model's context of {self.cfg.max_position_embeddings} positions")
         S_ = round_cache(max(need, P))
         self.cfg.check_cache_len(S_)
@@ -294,7 +372,7 @@ class SpeculativeDecoder:
         compile_s = 0.0
         if key not in self._compiled:
             fn = speculative_fn(self.cfg, self.mc, self.tree, s.greedy, sc.max_new_tokens, S_, self.draft_layers,
-                                filtered)
+                                filtered, self.lookup, self.lookup_ngram, self.lookup_min_ngram)
             t0 = time.perf_counter()
             self._compiled[key] = jax.jit(fn).lower(*args).compile()
             compile_s = time.perf_counter() - t0
@@ -306,7 +384,8 @@ class SpeculativeDecoder:
         n_out = np.asarray(n_out)
         st = jax.tree.map(np.asarray, stats)
         return SpecResult([out[b, :n_out[b]].tolist() for b in range(B)], dt, compile_s, st["steps"].tolist(),
-                          st["accepted"].tolist(), st["depth_hits"], st["node_tries"], st["node_hits"])
+                          st["accepted"].tolist(), st["depth_hits"], st["node_tries"], st["node_hits"],
+                          st["lookup_steps"].tolist(), st["lookup_accepted"].tolist())
 
     def cost_breakdown(self, base, m2r2, draft_ids, cache_len: int = 512, fill: int = 256,
                        repeats: int = 5, batch: int = 1) -> dict:

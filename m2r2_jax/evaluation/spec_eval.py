@@ -199,7 +199,8 @@ class Journal:
 def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_new_tokens: int = 128,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 1,
                   draft_layers: int = 0, progress: bool = True, hf_ref=None, ar_block: int = 1,
-                  journal=None, resume: bool = False, journal_key: dict | None = None) -> dict:
+                  journal=None, resume: bool = False, journal_key: dict | None = None, lookup: int = 0,
+                  lookup_ngram: int = 3, lookup_min_ngram: int = 2) -> dict:
     """AR vs speculative on every turn of every item; see the module doc. `model` has `.cfg`, `.params`,
     `.tokenizer` (a `LoadedModel`); `m2r2` is an `M2R2Bundle` or `load_m2r2`'s tuple. `hf_ref`: an HF
     transformers (torch) model of the same base; when given (greedy, batch 1), HF greedy, prompt-lookup
@@ -209,7 +210,9 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
     timed on every prompt as well and `speedup_vs_block1_ar` compares against it.
     `journal` (a path): every finished batch is appended there (see `Journal`); with `resume` the
     batches already in it are taken from it, not rerun, provided it was written by the same run
-    (same config, items and `journal_key`)."""
+    (same config, items and `journal_key`). `lookup` > 0: prompt lookup drafts the steps where the last
+    `lookup_ngram`..`lookup_min_ngram` tokens occurred earlier (`SpeculativeDecoder`); `lookup` in the
+    result counts those steps."""
     import jax.numpy as jnp
     from tqdm import tqdm
 
@@ -232,7 +235,7 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
         raise M2R2Error("HF baselines are timed greedy at batch size 1 only")
     cfg, base, tok = model.cfg, model.params, model.tokenizer
     gen = Generator(cfg)
-    spec = SpeculativeDecoder(cfg, b.mc, tree, draft_layers)
+    spec = SpeculativeDecoder(cfg, b.mc, tree, draft_layers, lookup, lookup_ngram, lookup_min_ngram)
     hf = None if hf_ref is None else HFBaselines(hf_ref, spec.draft_layers, max_new_tokens, cfg.eos_token_ids)
     draft_ids = jnp.asarray(np.asarray(b.draft_ids), jnp.int32)
     D = tree.max_depth
@@ -248,6 +251,7 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
         header = dict(tree_paths=[list(p) for p in tree.paths], max_new_tokens=max_new_tokens,
                       temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                       draft_layers=spec.draft_layers, ar_block=ar_block, hf=hf is not None,
+                      lookup=[lookup, lookup_ngram, lookup_min_ngram],
                       items=[[it.id, it.category, len(it.turns)] for it in items], **(journal_key or {}))
         jr = Journal(journal, header)
         jr = jr.load() if resume and jr.path.exists() else jr.start()
@@ -290,7 +294,8 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                 unit = dict(category=batch[0].category, rows=len(rows), ar_seconds=ar.decode_seconds,
                             spec_seconds=sp.decode_seconds, ar_tokens=sum(len(x) for x in ar.new_ids),
                             spec_tokens=sum(len(x) for x in sp.new_ids), steps=int(sum(sp.steps)),
-                            accepted=int(sum(sp.accepted)))
+                            accepted=int(sum(sp.accepted)), lookup_steps=int(sum(sp.lookup_steps)),
+                            lookup_accepted=int(sum(sp.lookup_accepted)))
                 if ar1 is not None:
                     unit.update(ar1_seconds=ar1.decode_seconds, ar1_tokens=sum(len(x) for x in ar1.new_ids))
                 u = _agg([unit])
@@ -360,11 +365,21 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
             "ar_ms_per_token": ar_ms_tok, "spec_ms_per_step": sp_ms_step,
             "step_cost_in_ar_tokens": step_cost,
             "draft_ms": parts["draft_ms"], "verify_ms": parts["verify_ms"],
-            "other_ms": sp_ms_step - parts["draft_ms"] - parts["verify_ms"] if sp_ms_step else None,
+            # (with prompt lookup, steps mix two kinds: the M2R2 draft + verify split does not apply)
+            "other_ms": sp_ms_step - parts["draft_ms"] - parts["verify_ms"] if sp_ms_step and not lookup else None,
             "breakdown_setup": {k: parts[k] for k in ("cache_len", "fill", "tree_size", "draft_layers", "batch")},
             "predicted_speedup": _ratio(tot["tau"], step_cost) if step_cost and tot["tau"] else None,
             "note": "one speculative step (draft + verify + accept, prefill amortised) in units of one AR "
                     "token; speed-up ~= tau / step_cost"},
+        "lookup": dict(tokens=lookup, ngram=lookup_ngram, min_ngram=lookup_min_ngram,
+                       steps=sum(u.get("lookup_steps", 0) for u in units),
+                       share_of_steps=_ratio(sum(u.get("lookup_steps", 0) for u in units), steps),
+                       tau=_ratio(sum(u.get("lookup_accepted", 0) + u.get("lookup_steps", 0) for u in units),
+                                  sum(u.get("lookup_steps", 0) for u in units)),
+                       tau_m2r2=_ratio(sum(u["accepted"] - u.get("lookup_accepted", 0) + u["steps"]
+                                           - u.get("lookup_steps", 0) for u in units),
+                                       sum(u["steps"] - u.get("lookup_steps", 0) for u in units)))
+        if lookup else None,
         "ar_block": ar_block,
         "speedup_vs_block1_ar": _ratio(tot["spec_tps"], _ratio(sum(u["ar1_tokens"] for u in units),
                                                                sum(u["ar1_seconds"] for u in units)))
