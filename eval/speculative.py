@@ -79,10 +79,10 @@ def main(argv=None):
     p.add_argument("--hf-baselines", action="store_true",
                    help="also time HF transformers greedy, prompt-lookup and early-exit assisted generation on "
                         "every prompt in the same run (greedy, batch 1; needs torch)")
-    p.add_argument("--lookup", type=int, default=0,
+    p.add_argument("--lookup", type=int, default=4,
                    help="prompt lookup: when the last --lookup-ngram (down to 2) tokens occurred earlier in the "
                         "prompt or the answer, verify the N tokens that followed them instead of an M2R2 draft "
-                        "(0 = off; lossless either way)")
+                        "(default 4; 0 = M2R2 drafts only; lossless either way)")
     p.add_argument("--lookup-ngram", type=int, default=3, help="longest n-gram matched by --lookup (default 3)")
     p.add_argument("--resume", action="store_true",
                    help="carry on from --out's journal (FILE.partial.jsonl) of an interrupted run of the same "
