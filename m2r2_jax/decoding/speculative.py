@@ -168,11 +168,12 @@ def _lookup(hist, hlen, K: int, nmax: int, nmin: int):
 
     def row(h, hl):
         best_i, best_n = jnp.int32(-1), jnp.int32(0)
+        shifted = [jnp.roll(h, -k) for k in range(nmax)]  # shifted[k][i] = h[i + k]
         for n in range(nmin, nmax + 1):  # longer n-grams override shorter ones
             key = lax.dynamic_slice(h, (jnp.maximum(hl - n, 0),), (n,))
             m = idx + n < hl             # the occurrence ends before the text's last token
             for k in range(n):
-                m &= jnp.roll(h, -k) == key[k]
+                m &= shifted[k] == key[k]
             i = jnp.max(jnp.where(m, idx, -1))
             ok = (i >= 0) & (hl > n)
             best_i, best_n = jnp.where(ok, i, best_i), jnp.where(ok, n, best_n)
@@ -211,9 +212,10 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
         stats = dict(steps=zeros_b, accepted=zeros_b, depth_hits=jnp.zeros((B, Dm + 1), jnp.int32),
                      node_tries=jnp.zeros((B, T), jnp.int32), node_hits=jnp.zeros((B, T), jnp.int32),
                      lookup_steps=zeros_b, lookup_accepted=zeros_b)
-        # the text so far (prompt, then the emitted tokens), for prompt lookup
-        hist = jnp.zeros((B, P + max_new + W + lookup), jnp.int32).at[:, :P].set(tokens)
-        hist = jax.vmap(lambda h, c, n: h.at[n].set(c))(hist, cur, lengths)
+        hist = None  # prompt lookup: the text so far (prompt, then the emitted tokens)
+        if lookup:
+            hist = jnp.zeros((B, P + max_new + W + lookup), jnp.int32).at[:, :P].set(tokens)
+            hist = jax.vmap(lambda h, c, n: h.at[n].set(c))(hist, cur, lengths)
         state = (lengths, cur, cache, out, jnp.ones((B,), jnp.int32), done, key, stats, hist)
         dp = S.draft_params(cfg, mc, base, m2r2, draft_ids, draft_layers)
         par = np.maximum(tree.parent, 0)

@@ -26,6 +26,7 @@ import os
 import platform
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -100,10 +101,13 @@ def _agg(units: list[dict]) -> dict:
     sp_n = sum(u["spec_tokens"] for u in units)
     steps = sum(u["steps"] for u in units)
     acc = sum(u["accepted"] for u in units)
+    l_steps = sum(u.get("lookup_steps", 0) for u in units)
+    l_acc = sum(u.get("lookup_accepted", 0) for u in units)
     ar_tps, sp_tps = _ratio(ar_n, ar_s), _ratio(sp_n, sp_s)
     return dict(ar_seconds=ar_s, spec_seconds=sp_s, ar_tokens=ar_n, spec_tokens=sp_n, ar_tps=ar_tps,
                 spec_tps=sp_tps, speedup=sp_tps / ar_tps if ar_tps and sp_tps else None,
-                tau=_ratio(acc + steps, steps), steps=steps, accepted=acc)
+                tau=_ratio(acc + steps, steps), steps=steps, accepted=acc, lookup_steps=l_steps,
+                lookup_accepted=l_acc)
 
 
 HF_OPTIONS = {
@@ -160,8 +164,6 @@ class Journal:
     redone: the per-prompt AR/spec timings are taken back to back inside one process either way."""
 
     def __init__(self, path, header: dict):
-        from pathlib import Path
-
         self.path, self.header = Path(path), json.loads(json.dumps(header))
         self.done: list[dict] = []
 
@@ -339,6 +341,7 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                                  spec_seconds=a["spec_seconds"], tokens=a["spec_tokens"])
     tot = _agg(units)
     steps = tot["steps"]
+    l_steps, l_acc = tot["lookup_steps"], tot["lookup_accepted"]
     depth_acc = [dict(depth=d, rate=_ratio(float(depth_hits[d]), steps)) for d in range(1, D + 1)]
     node_acc = [dict(node=i, path=list(tree.paths[i - 1]), depth=int(tree.depth[i]), rank=int(tree.rank[i]),
                      tries=int(node_tries[i]), hits=int(node_hits[i]),
@@ -371,14 +374,9 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
             "predicted_speedup": _ratio(tot["tau"], step_cost) if step_cost and tot["tau"] else None,
             "note": "one speculative step (draft + verify + accept, prefill amortised) in units of one AR "
                     "token; speed-up ~= tau / step_cost"},
-        "lookup": dict(tokens=lookup, ngram=lookup_ngram, min_ngram=lookup_min_ngram,
-                       steps=sum(u.get("lookup_steps", 0) for u in units),
-                       share_of_steps=_ratio(sum(u.get("lookup_steps", 0) for u in units), steps),
-                       tau=_ratio(sum(u.get("lookup_accepted", 0) + u.get("lookup_steps", 0) for u in units),
-                                  sum(u.get("lookup_steps", 0) for u in units)),
-                       tau_m2r2=_ratio(sum(u["accepted"] - u.get("lookup_accepted", 0) + u["steps"]
-                                           - u.get("lookup_steps", 0) for u in units),
-                                       sum(u["steps"] - u.get("lookup_steps", 0) for u in units)))
+        "lookup": dict(tokens=lookup, ngram=lookup_ngram, min_ngram=lookup_min_ngram, steps=l_steps,
+                       share_of_steps=_ratio(l_steps, steps), tau=_ratio(l_acc + l_steps, l_steps),
+                       tau_m2r2=_ratio(tot["accepted"] - l_acc + steps - l_steps, steps - l_steps))
         if lookup else None,
         "ar_block": ar_block,
         "speedup_vs_block1_ar": _ratio(tot["spec_tps"], _ratio(sum(u["ar1_tokens"] for u in units),

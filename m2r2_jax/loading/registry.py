@@ -55,7 +55,6 @@ class LoadedModel:
     kind: str
     fingerprint: str = ""  # params_fingerprint of the source weights at float32, whatever param_dtype
 
-
     @property
     def name(self) -> str:
         return self.source
