@@ -55,7 +55,7 @@ def main():
     merged = jax.jit(lambda b, q, d: S.draft_params(cfg, mc, b, q, d))(base, m2, dids)
     layers = mc.base_layers(cfg.num_layers)
     plain = {"layers": [base["layers"][j] for j in layers], "final_norm": base["final_norm"],
-             "head": S.draft_head(base, dids)}
+             "head": S.draft_head(cfg, base, dids)}
     draft = jax.jit(lambda b, q, d, c, p_, t, ad: _draft(cfg, mc, tree, b, q, d, c, p_, t, ad))
     verify = jax.jit(lambda b, t, c, p_: _verify(cfg, tree, b, t, c, p_)[0])
     step = jax.jit(lambda b, t, c, p_: D.forward(cfg, b, t, c, p_)[0])

@@ -182,7 +182,7 @@ class Generator:
 
     def _lookup(self, params, B, P, S, gen, args):
         greedy = gen.sampling.greedy
-        key = (B, P, S, gen.max_new_tokens, greedy, gen.block)
+        key = (B, P, S, gen.max_new_tokens, greedy, gen.block, jax.tree.structure(params))
         if key in self._compiled:
             return self._compiled[key], 0.0
         fn = _generate_fn(self.cfg, greedy, gen.max_new_tokens, S, gen.block)

@@ -38,6 +38,7 @@ from m2r2_jax.config import ModelConfig
 from m2r2_jax.decoding.generate import bucket, pad_prompts, prefill, round_cache, stop_tuple
 from m2r2_jax.decoding.sampling import SamplingConfig, sample_probs, select
 from m2r2_jax.decoding.trees import DraftTree, chain
+from m2r2_jax import kernels as K
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.m2r2 import stream as S
 from m2r2_jax.m2r2.config import M2R2Config
@@ -64,6 +65,7 @@ def _draft(cfg, mc, tree: DraftTree, base, dp, draft_ids, cache, pos, cur, adapt
     lk = [jnp.zeros(KVd, cfg.jnp_dtype) for _ in layers]
     lv = [jnp.zeros(KVd, cfg.jnp_dtype) for _ in layers]
     m_prefix_1 = jnp.arange(cache.length)[None, :] < pos[:, None]  # [B, S]
+    packed = isinstance(dp["layers"][0]["attn"]["wq"], K.PackedWeight)
     for d in range(tree.max_depth):
         nodes = np.asarray([i for i in tree.levels[d] if tree.children[i, 0] >= 0], np.int32)
         n = len(nodes)
@@ -80,9 +82,17 @@ def _draft(cfg, mc, tree: DraftTree, base, dp, draft_ids, cache, pos, cur, adapt
         anc[np.arange(n), nodes] = False  # own K/V comes from the block itself
         m_anc = jnp.broadcast_to(jnp.asarray(anc)[None], (B, n, T))
         m_self = jnp.broadcast_to(jnp.eye(n, dtype=bool)[None], (B, n, n))
+        # CPU kernel form: the prefix is pos[b] cache slots; local keys = the ancestor buffer + the block
+        l_mask = np.concatenate([anc, np.eye(n, dtype=bool)], 1)   # [n, T + n]
         for l, j in enumerate(layers):
+            attend = None
+            if packed:
+                def attend(q, k, v, j=j, l=l):
+                    return K.block_attention(q, cache.k[j], cache.v[j], pos, jnp.concatenate([lk[l], k], 2),
+                                             jnp.concatenate([lv[l], v], 2), l_mask)
             h, (k, v) = S.fast_layer(cfg, dp["layers"][l], adapters[l] if adapters else {}, h,
-                                     [(cache.k[j], cache.v[j], m_prefix), (lk[l], lv[l], m_anc)], m_self, cos, sin)
+                                     [(cache.k[j], cache.v[j], m_prefix), (lk[l], lv[l], m_anc)], m_self, cos, sin,
+                                     attend)
             lk[l] = lk[l].at[:, :, nodes].set(k.astype(lk[l].dtype))
             lv[l] = lv[l].at[:, :, nodes].set(v.astype(lv[l].dtype))
         logits = S.draft_head_logits(cfg, dp, h)            # [B, n, Vd]
@@ -200,7 +210,8 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
     ltree = chain(lookup) if lookup else None
     W = max(Dm, lookup) + 1   # tokens one step can emit
 
-    def run(base, m2r2, draft_ids, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
+    def run(base, dp, draft_ids, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
+        """dp: `S.draft_params` of the M2R2 checkpoint (built once per checkpoint, not per call)."""
         B, P = tokens.shape
         cache = D.init_cache(cfg, B, cache_len)
         logits, cache = prefill(cfg, base, tokens, lengths, cache)
@@ -217,7 +228,6 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
             hist = jnp.zeros((B, P + max_new + W + lookup), jnp.int32).at[:, :P].set(tokens)
             hist = jax.vmap(lambda h, c, n: h.at[n].set(c))(hist, cur, lengths)
         state = (lengths, cur, cache, out, jnp.ones((B,), jnp.int32), done, key, stats, hist)
-        dp = S.draft_params(cfg, mc, base, m2r2, draft_ids, draft_layers)
         par = np.maximum(tree.parent, 0)
 
         def accept(tr, toks, logits, sub):
@@ -341,6 +351,18 @@ class SpeculativeDecoder:
             raise M2R2Error(f"draft_layers={draft_layers} must be in [1, {n}]")
         self._compiled: dict[tuple, Any] = {}
         self.compiles = 0
+        self._dp = None
+
+    def draft_params(self, base, m2r2, draft_ids):
+        """What drafting reads (`S.draft_params`: merged adapters, draft head), built once per
+        (base, checkpoint, draft vocabulary) and kept: merging the rank-r adapters into 10 layers'
+        weights costs about as much as a few decode steps."""
+        key = (id(base), id(m2r2), id(draft_ids))
+        if self._dp is None or self._dp[0] != key:
+            dp = jax.jit(lambda b, m, d: S.draft_params(self.cfg, self.mc, b, m, d, self.draft_layers))(
+                base, m2r2, jnp.asarray(draft_ids, jnp.int32))
+            self._dp = (key, dp, (base, m2r2, draft_ids))  # the inputs are held so their ids stay theirs
+        return self._dp[1]
 
     def plan(self, lens: Sequence[int], max_new: int) -> tuple[int, int]:
         longest = max(lens)
@@ -367,10 +389,11 @@ class SpeculativeDecoder:
         tokens = pad_prompts(prompts, P)
         s = sc.sampling
         filtered = (s.top_k > 0) or (s.top_p < 1.0)
-        args = (base, m2r2, jnp.asarray(draft_ids, jnp.int32), jnp.asarray(tokens), jnp.asarray(lens, jnp.int32),
+        dp = self.draft_params(base, m2r2, draft_ids)
+        args = (base, dp, jnp.asarray(draft_ids, jnp.int32), jnp.asarray(tokens), jnp.asarray(lens, jnp.int32),
                 jnp.asarray(stop, jnp.int32), jax.random.key(s.seed), jnp.float32(max(s.temperature, 0.0)),
                 jnp.int32(s.top_k), jnp.float32(s.top_p))
-        key = (B, P, S_, sc.max_new_tokens, s.greedy, filtered)
+        key = (B, P, S_, sc.max_new_tokens, s.greedy, filtered, jax.tree.structure((base, dp)))
         compile_s = 0.0
         if key not in self._compiled:
             fn = speculative_fn(self.cfg, self.mc, self.tree, s.greedy, sc.max_new_tokens, S_, self.draft_layers,
@@ -401,7 +424,7 @@ class SpeculativeDecoder:
         pos = jnp.full((batch,), fill, jnp.int32)
         cur = jnp.ones((batch,), jnp.int32)
         dids = jnp.asarray(draft_ids, jnp.int32)
-        dp = jax.jit(lambda b, m, d: S.draft_params(cfg, self.mc, b, m, d, self.draft_layers))(base, m2r2, dids)
+        dp = self.draft_params(base, m2r2, dids)
         draft = jax.jit(lambda b, q, d, c, p, t: _draft(cfg, self.mc, tree, b, q, d, c, p, t))
         verify = jax.jit(lambda b, t, c, p: _verify(cfg, tree, b, t, c, p)[0])
         toks = jnp.zeros((batch, tree.size), jnp.int32)

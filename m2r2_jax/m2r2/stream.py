@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from m2r2_jax.config import ModelConfig
+from m2r2_jax import kernels as K
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.m2r2.config import M2R2Config
 from m2r2_jax.model import decoder as D
@@ -80,16 +81,21 @@ def loss_positions(mask: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
     return select, jnp.take_along_axis(mask, select, axis=1)
 
 
-def fast_layer(cfg: ModelConfig, lp: dict, ad: dict, h: jax.Array, kv_sets, m_self, cos, sin):
+def fast_layer(cfg: ModelConfig, lp: dict, ad: dict, h: jax.Array, kv_sets, m_self, cos, sin, attend=None):
     """One accelerated layer over a block of tokens.
 
     kv_sets: [(k, v, mask)] K/V the block may read besides its own (the slow cache for the prefix,
     and at draft time the fast K/V of tree ancestors); m_self [B,T,T]: visibility within the block.
+    `attend` (q, k, v) -> [B, T, H*hd], given the block's own k, v, replaces that attention (the
+    CPU kernel's form at draft time; kv_sets and m_self are then unused).
     Returns (h, (k, v)) with the block's own fast K/V as [B, KV, T, hd] for a local buffer."""
     x = L.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     q, k, v = L.qkv(cfg, lp["attn"], x, cos, sin, ad)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    a = L.attend_multi(cfg, q, list(kv_sets) + [(k, v, m_self)])
+    if attend is not None:
+        a = attend(q, k, v).astype(h.dtype)
+    else:
+        a = L.attend_multi(cfg, q, list(kv_sets) + [(k, v, m_self)])
     upd = L.linear(a, lp["attn"]["wo"], ad, "o", cfg.mm_dtype)
     h = h + (ad["gain_attn"].astype(h.dtype) * upd if "gain_attn" in ad else upd)
     x = L.rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
@@ -147,36 +153,44 @@ def merge_fast_layer(lp: dict, ad: dict) -> dict:
     """The base layer's params with the accelerator adapters folded in (W + A B) and the gains
     folded into the output projections (gain * (x W_o) = x (W_o * gain)). Same function up to
     float rounding, but one matmul per projection instead of three: the drafting path uses it
-    (verification never does, so losslessness does not depend on it)."""
+    (verification never does, so losslessness does not depend on it). Weights packed for the
+    CPU kernel (`kernels.PackedWeight`) are merged in their packed layout."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in lp.items()}
     for t, (blk, name) in _TARGET_WEIGHT.items():
         if t in ad:
             w = out[blk][name]
-            out[blk][name] = (w.astype(jnp.float32) + ad[t]["a"].astype(jnp.float32)
-                              @ ad[t]["b"].astype(jnp.float32)).astype(w.dtype)
+            ab = ad[t]["a"].astype(jnp.float32) @ ad[t]["b"].astype(jnp.float32)
+            out[blk][name] = (K.add_dense(w, ab) if isinstance(w, K.PackedWeight)
+                              else (w.astype(jnp.float32) + ab).astype(w.dtype))
     for g, (blk, name) in (("gain_attn", ("attn", "wo")), ("gain_mlp", ("mlp", "down"))):
         if g in ad:
             w = out[blk][name]
-            out[blk][name] = (w.astype(jnp.float32) * ad[g].astype(jnp.float32)[None, :]).astype(w.dtype)
+            out[blk][name] = (K.scale_columns(w, ad[g]) if isinstance(w, K.PackedWeight)
+                              else (w.astype(jnp.float32) * ad[g].astype(jnp.float32)[None, :]).astype(w.dtype))
     return out
 
 
 def draft_params(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, draft_ids: jax.Array | None,
                  depth: int | None = None) -> dict:
     """What drafting reads, built once per generation: the first `depth` fast layers with their
-    adapters merged, the final norm, and the LM head rows of the draft vocabulary ([Vd, D])."""
+    adapters merged, the final norm, and the LM head rows of the draft vocabulary ([Vd, D]; packed
+    for the CPU kernel when the base is)."""
     if cfg.mlp_type != "dense":
         raise M2R2Error(f"merging adapters into a {cfg.mlp_type} MLP is not implemented")
     layers = mc.base_layers(cfg.num_layers)[: depth or None]
+    head = draft_head(cfg, base, draft_ids)
     return {"layers": [merge_fast_layer(base["layers"][j], m2r2["fast"][l]) for l, j in enumerate(layers)],
-            "final_norm": base["final_norm"], "head": draft_head(base, draft_ids)}
+            "final_norm": base["final_norm"], "head": K.pack_rows(head) if K.is_packed(base) else head}
 
 
-def draft_head(base: dict, draft_ids: jax.Array | None) -> jax.Array:
+def draft_head(cfg: ModelConfig, base: dict, draft_ids: jax.Array | None) -> jax.Array:
     """The LM head's rows [Vd, D] for the draft vocabulary (all rows when None)."""
-    if "lm_head" not in base:
+    if cfg.tie_word_embeddings:
         return base["embed"] if draft_ids is None else jnp.take(base["embed"], draft_ids, axis=0)
-    return (base["lm_head"] if draft_ids is None else jnp.take(base["lm_head"], draft_ids, axis=1)).T
+    head = base["lm_head"]
+    if isinstance(head, K.PackedWeight):
+        head = K.unpack(head)
+    return (head if draft_ids is None else jnp.take(head, draft_ids, axis=1)).T
 
 
 def draft_head_logits(cfg: ModelConfig, dp: dict, h: jax.Array) -> jax.Array:
@@ -189,7 +203,7 @@ def draft_logits(cfg: ModelConfig, base: dict, h: jax.Array, draft_ids: jax.Arra
     """Final norm + LM head on a fast state; over the draft vocabulary subset when given."""
     if draft_ids is None:
         return D.logits_from_hidden(cfg, base, h)
-    return draft_head_logits(cfg, {"final_norm": base["final_norm"], "head": draft_head(base, draft_ids)}, h)
+    return draft_head_logits(cfg, {"final_norm": base["final_norm"], "head": draft_head(cfg, base, draft_ids)}, h)
 
 
 def arla_router(cfg: ModelConfig, mc: M2R2Config, rp: dict, fast_hs: list, h_branch: jax.Array) -> jax.Array:

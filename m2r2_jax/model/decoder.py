@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from m2r2_jax import kernels as K
 from m2r2_jax.config import ModelConfig
 from m2r2_jax.model import layers as L
 
@@ -48,12 +49,17 @@ def embed(cfg: ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:
 
 
 def decoder_layer(cfg: ModelConfig, lp: dict, h: jax.Array, k_cache, v_cache, start, cos, sin, mask):
-    """One pre-norm block. Returns (h, k_cache, v_cache)."""
+    """One pre-norm block. Returns (h, k_cache, v_cache). `mask` is the [B, T, S] visibility, or with
+    params packed for the CPU kernels the block's own [T, T] local mask (the prefix is start[b])."""
     x = L.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     q, k, v = L.qkv(cfg, lp["attn"], x, cos, sin)
-    k_cache = L.write_cache(k_cache, k.transpose(0, 2, 1, 3), start)
-    v_cache = L.write_cache(v_cache, v.transpose(0, 2, 1, 3), start)
-    a = L.attend(cfg, q, k_cache, v_cache, mask)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    k_cache, v_cache = L.write_cache(k_cache, k, start), L.write_cache(v_cache, v, start)
+    if isinstance(lp["attn"]["wq"], K.PackedWeight):
+        # reads the cache after the write (slots < start only), so XLA updates it in place
+        a = K.block_attention(q, k_cache, v_cache, start, k, v, mask).astype(h.dtype)
+    else:
+        a = L.attend(cfg, q, k_cache, v_cache, mask)
     h = h + L.matmul(a, lp["attn"]["wo"], cfg.mm_dtype)
     x = L.rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     h = h + L.mlp(cfg, lp["mlp"], x)
@@ -82,8 +88,11 @@ def forward_hidden(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVC
     if positions is None:
         positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     cos, sin = L.rope_cos_sin(cfg, positions)
-    mask = L.block_mask(start, T, cache.length, local_mask)
     lo, hi = layer_range or (0, cfg.num_layers)
+    if lo < hi and isinstance(params["layers"][lo]["attn"]["wq"], K.PackedWeight):
+        mask = jnp.tril(jnp.ones((T, T), bool)) if local_mask is None else local_mask
+    else:
+        mask = L.block_mask(start, T, cache.length, local_mask)
     if h is None:
         h = embed(cfg, params, tokens)
     ks, vs = list(cache.k), list(cache.v)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from m2r2_jax.config import ModelConfig, rope_inv_freq
+from m2r2_jax.kernels import PackedWeight, packed_matmul
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -35,9 +36,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * c + rot * s
 
 
-def matmul(x: jax.Array, w: jax.Array, mm=None) -> jax.Array:
+def matmul(x: jax.Array, w, mm=None) -> jax.Array:
     """x @ w in x's dtype; with `mm` (ModelConfig.mm_dtype) both inputs are cast to it and the
-    product is accumulated in f32 (bf16 inputs run 3-4x faster than f32 on AMX / AVX512-BF16 CPUs)."""
+    product is accumulated in f32 (bf16 inputs run 3-4x faster than f32 on AMX / AVX512-BF16 CPUs).
+    A `PackedWeight` (decode-time float32 params on CPU) goes to the CPU kernel."""
+    if isinstance(w, PackedWeight):
+        return packed_matmul(x, w).astype(x.dtype)
     if mm is None:
         return x @ w.astype(x.dtype)
     y = _on_min_rows(x, lambda x2: jnp.matmul(x2.astype(mm), w.astype(mm), preferred_element_type=jnp.float32))
@@ -62,9 +66,12 @@ def _on_min_rows(x: jax.Array, product) -> jax.Array:
     return y[:n].reshape(lead + (y.shape[-1],))
 
 
-def rows_logits(x: jax.Array, w: jax.Array, mm=None) -> jax.Array:
+def rows_logits(x: jax.Array, w, mm=None) -> jax.Array:
     """x [B, T, D] against the rows of w [V, D] (a tied embedding or a draft head) -> f32 [B, T, V];
-    with `mm` the inputs are cast to it and accumulated in f32, as in `matmul`."""
+    with `mm` the inputs are cast to it and accumulated in f32, as in `matmul`. A `PackedWeight`
+    holds w.T already packed (`kernels.pack_rows`)."""
+    if isinstance(w, PackedWeight):
+        return packed_matmul(x, w)
     if mm is None:
         return jnp.einsum("btd,vd->btv", x, w.astype(x.dtype)).astype(jnp.float32)
     return _on_min_rows(x, lambda x2: jnp.einsum("nd,vd->nv", x2.astype(mm), w.astype(mm),
