@@ -18,7 +18,7 @@ DEFAULT_CHECKPOINT = "m2r2_jax/assets/smollm2-135m-r3"
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.alignment", description=__doc__.split("\n")[0])
-    add_model_args(p)
+    add_model_args(p, decode=False)
     p.add_argument("--checkpoint", default=None, help=f"M2R2 checkpoint (default: the shipped {DEFAULT_CHECKPOINT})")
     p.add_argument("--dataset", default=None,
                    help="prompts: a .json/.jsonl file or dir (any supported format) or a hub dataset name "

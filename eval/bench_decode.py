@@ -16,7 +16,7 @@ import json
 import statistics
 import time
 
-from m2r2_jax.cli import add_model_args, encode_prompt, quiet_env, run_main
+from m2r2_jax.cli import add_model_args, decode_params, encode_prompt, quiet_env, run_main
 
 PROMPTS = (
     "Explain why the sky is blue to a ten-year-old.",
@@ -116,12 +116,13 @@ def main(argv=None):
     prompts = [encode_prompt(m.tokenizer, t, chat=bool(getattr(m.tokenizer, "chat_template", None)))
                for t in PROMPTS]
     gen = Generator(m.cfg)
+    params = decode_params(m, a.cpu_kernel)
     ref = None if a.skip_hf else _hf_model(m)
-    ours_t, hf_t, same, compile_s = bench_interleaved(gen, m.params, ref, prompts, a.max_new_tokens, a.repeats)
+    ours_t, hf_t, same, compile_s = bench_interleaved(gen, params, ref, prompts, a.max_new_tokens, a.repeats)
     n_tok = a.max_new_tokens * len(ours_t)
     res = {
         "model": a.model, "device": str(jax.devices()[0].platform), "batch": 1,
-        "dtype": m.cfg.dtype, "max_new_tokens": a.max_new_tokens, "prompts": len(prompts),
+        "dtype": m.cfg.dtype, "cpu_kernel": params is not m.params, "max_new_tokens": a.max_new_tokens, "prompts": len(prompts),
         "repeats": a.repeats, "timing": "wall clock per generate call incl. prefill; load and compile excluded",
         "ours_tokens_per_second": n_tok / sum(ours_t), "ours_ms_per_token": 1e3 * sum(ours_t) / n_tok,
         "compile_seconds": compile_s,
@@ -134,7 +135,7 @@ def main(argv=None):
             "ratio_vs_hf": sum(hf_t) / sum(ours_t), "torch_threads": torch.get_num_threads(),
             "greedy_tokens_identical_to_hf": all(same),
         })
-    res["verify_cost"] = verify_cost_curve(m.cfg, m.params)
+    res["verify_cost"] = verify_cost_curve(m.cfg, params)
     if a.json:
         print(json.dumps(res))
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from m2r2_jax.cli import add_model_args, encode_prompt, parse_mesh, quiet_env, run_main
+from m2r2_jax.cli import add_model_args, decode_params, encode_prompt, parse_mesh, quiet_env, run_main
 
 
 def main(argv=None):
@@ -37,7 +37,7 @@ def main(argv=None):
     ids = encode_prompt(m.tokenizer, a.prompt, a.chat)
     gen = GenerateConfig(max_new_tokens=a.max_new_tokens, cache_len=a.cache_len,
                          sampling=SamplingConfig(a.temperature, a.top_k, a.top_p, a.seed))
-    res = Generator(m.cfg, mesh).generate(m.params, [ids], gen)
+    res = Generator(m.cfg, mesh).generate(decode_params(m, a.cpu_kernel, mesh), [ids], gen)
     new = res.new_ids[0]
     text = m.tokenizer.decode(new, skip_special_tokens=True)
     tps = len(new) / res.decode_seconds if res.decode_seconds > 0 else 0.0

@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from m2r2_jax.cli import add_model_args, quiet_env, run_main
+from m2r2_jax.cli import add_model_args, decode_params, quiet_env, run_main
 
 
 def _f(x, spec=".2f", none="-"):
@@ -87,6 +87,9 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="carry on from --out's journal (FILE.partial.jsonl) of an interrupted run of the same "
                         "command: finished items are taken from it, the rest are run")
+    p.add_argument("--ref-ar", action="store_true",
+                   help="with the CPU kernels on: also time the plain AR loop through XLA's own dot and attention "
+                        "on every prompt (speedup_vs_ref_ar; whether its greedy output equals the kernels' AR)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     quiet_env()
@@ -133,6 +136,10 @@ def main(argv=None):
     resolve_checkpoint_dir(ckpt)  # fail before loading the model
     m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype)
     mc, m2r2, draft_ids, meta = load_m2r2(ckpt, m.cfg, m.params, a.model, base_fingerprint=m.fingerprint)
+    params = decode_params(m, a.cpu_kernel)
+    kernel = params is not m.params
+    if a.ref_ar and not kernel:
+        raise M2R2Error("--ref-ar compares the CPU kernels' AR with XLA's: it needs the kernels on (--cpu-kernel)")
     hf_ref = None
     if a.hf_baselines:
         from eval.bench_decode import _hf_model
@@ -145,12 +152,14 @@ def main(argv=None):
                         temperature=a.temperature, top_p=a.top_p, seed=a.seed, batch_size=a.batch_size,
                         draft_layers=a.draft_layers, progress=not a.no_progress, hf_ref=hf_ref,
                         ar_block=a.ar_block, journal=journal, resume=a.resume, lookup=a.lookup,
-                        lookup_ngram=a.lookup_ngram, lookup_min_ngram=2,
+                        lookup_ngram=a.lookup_ngram, lookup_min_ngram=2, decode_params=params,
+                        ref_ar_params=m.params if a.ref_ar else None,
                         journal_key=dict(model=a.model, checkpoint=str(Path(ckpt).resolve()), dataset=a.dataset,
                                          limit=a.limit, dtype=a.dtype, param_dtype=a.param_dtype,
-                                         matmul_dtype=a.matmul_dtype))
+                                         matmul_dtype=a.matmul_dtype, cpu_kernel=kernel))
     res["config"].update(model=a.model, checkpoint=ckpt, train_step=meta.get("step"), dataset=a.dataset,
-                         limit=a.limit, dtype=m.cfg.dtype, rate=mc.rate, num_fast_layers=mc.n_fast(m.cfg.num_layers))
+                         limit=a.limit, dtype=m.cfg.dtype, rate=mc.rate, num_fast_layers=mc.n_fast(m.cfg.num_layers),
+                         cpu_kernel=kernel)
     res["machine"] = machine_info()
     png = render_png(res, title=f"{a.model} on {a.dataset}: tree {tree.name}, T={a.temperature}, B={a.batch_size}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +174,10 @@ def main(argv=None):
           f"lossless {_yn(res['lossless'])}, {res['prompts']} prompts; compile {res['compile_seconds']['ar']:.1f}s AR "
           f"+ {res['compile_seconds']['spec']:.1f}s spec")
     c = res["cost"]
+    if res.get("speedup_vs_ref_ar"):
+        print(f"AR through XLA's dot/attention (no CPU kernels), same prompts: the kernels' AR is "
+              f"{_f(res['ref_ar_speedup'])}x it, speculative {_f(res['speedup_vs_ref_ar'])}x it; same greedy "
+              f"output: {_yn(res['ref_ar_equal'])}")
     if res.get("speedup_vs_block1_ar"):
         print(f"AR decoded in blocks of {res['ar_block']}; speed-up over the one-slot AR loop: "
               f"{_f(res['speedup_vs_block1_ar'])}x")

@@ -19,7 +19,7 @@ def run_main(main: Callable[[list[str] | None], int | None], argv=None) -> None:
     sys.exit(rc or 0)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, decode: bool = True) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="alias (smollm2-135m), .gguf file, HF safetensors dir or hub id")
     p.add_argument("--dtype", default=None, help="compute dtype (default float32; bfloat16 on TPU/GPU)")
@@ -29,6 +29,26 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "bfloat16 with --param-dtype bfloat16 is the fast mode on AMX / AVX512-BF16 CPUs")
     p.add_argument("--mesh", default=None,
                    help="mesh axes, e.g. data=1,fsdp=1,tensor=8 (default: no mesh, one device)")
+    if not decode:
+        return
+    p.add_argument("--cpu-kernel", choices=("auto", "on", "off"), default="auto",
+                   help="decode through the CPU kernels (packed small-row matmul + block attention, "
+                        "m2r2_jax/kernels): auto = on the CPU backend with float32 params on one device; "
+                        "off = XLA's own dot and attention")
+
+
+def decode_params(m, mode: str = "auto", mesh=None):
+    """The params decoding should use: `m.params` packed for the CPU kernels (`--cpu-kernel`), or as
+    they are. `on` fails with one clear line where the kernels cannot be used."""
+    from m2r2_jax import kernels as K
+
+    if mode == "off":
+        return m.params
+    if K.wanted(m.cfg, mesh):
+        return K.pack_decode_params(m.cfg, m.params)
+    if mode == "on":
+        raise M2R2Error(f"--cpu-kernel on: {K.why_not(m.cfg, mesh)}")
+    return m.params
 
 
 def parse_mesh(spec: str | None):

@@ -209,6 +209,17 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
     T, Dm = tree.size, tree.max_depth
     ltree = chain(lookup) if lookup else None
     W = max(Dm, lookup) + 1   # tokens one step can emit
+    Tv = max(T, lookup + 1)   # nodes per verification: both kinds of step verify a block of this size
+
+    def padded(tr: DraftTree):
+        """The tree's ancestor mask and depths on Tv nodes; extra nodes are dummies that see only
+        themselves (their rows are computed and ignored: they are never accepted)."""
+        m = np.eye(Tv, dtype=bool)
+        m[:tr.size, :tr.size] = tr.ancestor_mask
+        return jnp.asarray(m), jnp.asarray(np.pad(tr.depth, (0, Tv - tr.size)).astype(np.int32))
+
+    if lookup:
+        (t_mask, t_depth), (l_mask, l_depth) = padded(tree), padded(ltree)
 
     def run(base, dp, draft_ids, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
         """dp: `S.draft_params` of the M2R2 checkpoint (built once per checkpoint, not per call)."""
@@ -239,24 +250,32 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
                 probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6), -1)
             return _accept_sampling(tr, toks, probs, sub)
 
-        def tree_step(tr, toks, cache, pos, sub):
-            """verify + accept + compact -> (a, accepted tokens [B, W-1], bonus, cache, node_correct)."""
-            logits, cache = _verify(cfg, tr, base, toks, cache, pos)
-            a, path, bonus, correct = accept(tr, toks, logits, sub)
+        def pad_nodes(x, n):  # [B, t] -> [B, n] (dummy nodes carry token 0)
+            return jnp.pad(x, ((0, 0), (0, n - x.shape[1])))
+
+        def pad_path(path):  # [B, d+1] -> [B, W]; extra entries point at the root (harmless slots)
+            return jnp.pad(path, ((0, 0), (0, W - path.shape[1])))
+
+        def step(toks, cache, pos, use_lookup, sub):
+            """One verification over the Tv-node block, then acceptance under the tree that drafted it,
+            then compaction -> (a, accepted tokens [B, W-1], bonus, cache, node_correct [B, T])."""
+            if lookup:  # the block's tree (mask, depths) is data: the same shapes for both kinds of step
+                local = jnp.where(use_lookup, l_mask, t_mask)
+                depth = jnp.where(use_lookup, l_depth, t_depth)
+            else:
+                local, depth = jnp.asarray(tree.ancestor_mask), jnp.asarray(tree.depth)
+            logits, cache = D.forward(cfg, base, toks, cache, pos, positions=pos[:, None] + depth[None],
+                                      local_mask=local)
+            a, path, bonus, correct = accept(tree, toks[:, :T], logits[:, :T], sub)
+            path = pad_path(path)
+            if lookup:
+                la, lpath, lbonus, _ = accept(ltree, toks[:, :lookup + 1], logits[:, :lookup + 1], sub)
+                a, bonus = jnp.where(use_lookup, la, a), jnp.where(use_lookup, lbonus, bonus)
+                path = jnp.where(use_lookup, pad_path(lpath), path)
+                correct = jnp.where(use_lookup, False, correct)
             cache = _compact(cache, pos, path)
-            pt = jnp.take_along_axis(toks, jnp.maximum(path[:, 1:], 0), 1)
-            pt = jnp.pad(pt, ((0, 0), (0, W - 1 - pt.shape[1])))
+            pt = jnp.take_along_axis(toks, path[:, 1:], 1)
             return a, pt, bonus, cache, correct
-
-        def m2r2_step(x):
-            cache, pos, cur, cand, sub = x
-            toks = _draft(cfg, mc, tree, base, dp, draft_ids, cache, pos, cur)
-            return tree_step(tree, toks, cache, pos, sub)
-
-        def lookup_step(x):
-            cache, pos, cur, cand, sub = x
-            a, pt, bonus, cache, _ = tree_step(ltree, jnp.concatenate([cur[:, None], cand], 1), cache, pos, sub)
-            return a, pt, bonus, cache, jnp.zeros((B, T), bool)
 
         def cond(st):
             return ~jnp.all(st[5])
@@ -268,11 +287,14 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
             if lookup:
                 found, cand = _lookup(hist, lengths + n_out, lookup, lookup_ngram, lookup_min_ngram)
                 use_lookup = jnp.any(found & active)
-                a, path_toks, bonus, cache, correct = lax.cond(use_lookup, lookup_step, m2r2_step,
-                                                               (cache, pos, cur, cand, sub))
+                # only the drafting sits in the cond: it reads the cache, never writes it, so XLA keeps the
+                # cache in place (a cond that updates the cache copies all of it on every step)
+                toks = lax.cond(use_lookup, lambda: pad_nodes(jnp.concatenate([cur[:, None], cand], 1), Tv),
+                                lambda: pad_nodes(_draft(cfg, mc, tree, base, dp, draft_ids, cache, pos, cur), Tv))
             else:
                 use_lookup = jnp.bool_(False)
-                a, path_toks, bonus, cache, correct = m2r2_step((cache, pos, cur, None, sub))
+                toks = _draft(cfg, mc, tree, base, dp, draft_ids, cache, pos, cur)
+            a, path_toks, bonus, cache, correct = step(toks, cache, pos, use_lookup, sub)
             k = jnp.arange(W)[None]
             path_toks = jnp.concatenate([path_toks, jnp.zeros((B, 1), jnp.int32)], 1)
             emitted = jnp.where(k < a[:, None], path_toks, jnp.where(k == a[:, None], bonus[:, None], 0))

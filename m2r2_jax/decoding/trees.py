@@ -121,6 +121,9 @@ PRESETS = {
     "chain3": lambda: chain(3),
     "chain4": lambda: chain(4),
     "chain6": lambda: chain(6),
+    "star2": lambda: wide_tree((2,), "star2"),     # the top-2 draft tokens, one depth
+    "star3": lambda: wide_tree((3,), "star3"),
+    "star4": lambda: wide_tree((4,), "star4"),
     "tree16": lambda: sparse_tree((4, 4, 3, 2, 2), "tree16"),      # 15 drafted nodes + root
     "tree32": lambda: sparse_tree((8, 8, 6, 5, 4), "tree32"),      # 31 + root
     "tree64": lambda: sparse_tree((10, 16, 14, 12, 11), "tree64"),  # 63 + root

@@ -202,7 +202,8 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 1,
                   draft_layers: int = 0, progress: bool = True, hf_ref=None, ar_block: int = 1,
                   journal=None, resume: bool = False, journal_key: dict | None = None, lookup: int = 0,
-                  lookup_ngram: int = 3, lookup_min_ngram: int = 2) -> dict:
+                  lookup_ngram: int = 3, lookup_min_ngram: int = 2, decode_params=None,
+                  ref_ar_params=None) -> dict:
     """AR vs speculative on every turn of every item; see the module doc. `model` has `.cfg`, `.params`,
     `.tokenizer` (a `LoadedModel`); `m2r2` is an `M2R2Bundle` or `load_m2r2`'s tuple. `hf_ref`: an HF
     transformers (torch) model of the same base; when given (greedy, batch 1), HF greedy, prompt-lookup
@@ -214,13 +215,17 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
     batches already in it are taken from it, not rerun, provided it was written by the same run
     (same config, items and `journal_key`). `lookup` > 0: prompt lookup drafts the steps where the last
     `lookup_ngram`..`lookup_min_ngram` tokens occurred earlier (`SpeculativeDecoder`); `lookup` in the
-    result counts those steps."""
+    result counts those steps. `decode_params`: what both loops decode with (default `model.params`;
+    e.g. the params packed for the CPU kernels). `ref_ar_params`: a second set of params for the plain AR
+    loop (e.g. the unpacked ones, XLA's dot), timed on every prompt too (`speedup_vs_ref_ar`; its greedy
+    output compared with the AR output in `ref_ar_equal`)."""
     import jax.numpy as jnp
     from tqdm import tqdm
 
     from m2r2_jax.decoding.generate import GenerateConfig, Generator
     from m2r2_jax.decoding.sampling import SamplingConfig
     from m2r2_jax.decoding.speculative import SpecConfig, SpeculativeDecoder
+    from m2r2_jax import kernels as K
     from m2r2_jax.decoding.trees import get_tree
 
     b = M2R2Bundle.of(m2r2)
@@ -235,7 +240,8 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
     greedy = temperature <= 0.0
     if hf_ref is not None and (not greedy or batch_size != 1):
         raise M2R2Error("HF baselines are timed greedy at batch size 1 only")
-    cfg, base, tok = model.cfg, model.params, model.tokenizer
+    cfg, tok = model.cfg, model.tokenizer
+    base = model.params if decode_params is None else decode_params
     gen = Generator(cfg)
     spec = SpeculativeDecoder(cfg, b.mc, tree, draft_layers, lookup, lookup_ngram, lookup_min_ngram)
     hf = None if hf_ref is None else HFBaselines(hf_ref, spec.draft_layers, max_new_tokens, cfg.eos_token_ids)
@@ -253,7 +259,8 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
         header = dict(tree_paths=[list(p) for p in tree.paths], max_new_tokens=max_new_tokens,
                       temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                       draft_layers=spec.draft_layers, ar_block=ar_block, hf=hf is not None,
-                      lookup=[lookup, lookup_ngram, lookup_min_ngram],
+                      lookup=[lookup, lookup_ngram, lookup_min_ngram], cpu_kernel=K.is_packed(base),
+                      ref_ar=ref_ar_params is not None,
                       items=[[it.id, it.category, len(it.turns)] for it in items], **(journal_key or {}))
         jr = Journal(journal, header)
         jr = jr.load() if resume and jr.path.exists() else jr.start()
@@ -286,6 +293,10 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                 if ar_block > 1:
                     ar1, c_ar1 = _timed(lambda: gen.generate(base, ids, g1))
                     compile_s["ar"] += c_ar1
+                ref = None
+                if ref_ar_params is not None:
+                    ref, c_ref = _timed(lambda: gen.generate(ref_ar_params, ids, g1))
+                    compile_s["ar"] += c_ref
                 sp, c_sp = _timed(lambda: spec.generate(base, b.params, draft_ids, ids,
                                                         SpecConfig(max_new_tokens=max_new_tokens, sampling=s)))
                 compile_s["ar"] += c_ar
@@ -300,6 +311,9 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                             lookup_accepted=int(sum(sp.lookup_accepted)))
                 if ar1 is not None:
                     unit.update(ar1_seconds=ar1.decode_seconds, ar1_tokens=sum(len(x) for x in ar1.new_ids))
+                if ref is not None:
+                    unit.update(ref_ar_seconds=ref.decode_seconds, ref_ar_tokens=sum(len(x) for x in ref.new_ids),
+                                ref_ar_equal=(ref.new_ids == ar.new_ids) if greedy else None)
                 u = _agg([unit])
                 for r, i in enumerate(rows):
                     it = batch[i]
@@ -382,6 +396,13 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
         "speedup_vs_block1_ar": _ratio(tot["spec_tps"], _ratio(sum(u["ar1_tokens"] for u in units),
                                                                sum(u["ar1_seconds"] for u in units)))
         if ar_block > 1 and tot["spec_tps"] else None,
+        "speedup_vs_ref_ar": _ratio(tot["spec_tps"], _ratio(sum(u["ref_ar_tokens"] for u in units),
+                                                            sum(u["ref_ar_seconds"] for u in units)))
+        if ref_ar_params is not None and tot["spec_tps"] else None,
+        "ref_ar_speedup": _ratio(tot["ar_tps"], _ratio(sum(u["ref_ar_tokens"] for u in units),
+                                                       sum(u["ref_ar_seconds"] for u in units)))
+        if ref_ar_params is not None and tot["ar_tps"] else None,
+        "ref_ar_equal": all(u["ref_ar_equal"] for u in units) if ref_ar_params is not None and greedy else None,
         "compile_seconds": dict(compile_s, ar_executables=gen.compiles, spec_executables=spec.compiles),
         "wall_seconds": time.perf_counter() - t_start,
         "resumed_batches": n_resumed,

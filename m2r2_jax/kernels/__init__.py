@@ -174,16 +174,26 @@ def _require() -> None:
         raise M2R2Error("the CPU kernels are unavailable (see the warning above); decode with unpacked params")
 
 
-def wanted(cfg, mesh=None) -> bool:
-    """Whether decoding with `cfg` should pack its weights: the CPU backend, float32 params and
-    matmuls, one device, and the kernel available."""
-    if jax.default_backend() != "cpu" or (mesh is not None and mesh.size > 1):
-        return False
+def why_not(cfg, mesh=None) -> str | None:
+    """Why decoding with `cfg` cannot use the CPU kernels, or None when it can."""
+    if jax.default_backend() != "cpu":
+        return f"the kernels run on the CPU backend only (this is {jax.default_backend()})"
+    if mesh is not None:
+        return "the kernels run on one device without a mesh (--mesh was given)"
     if cfg.param_dtype != "float32" or cfg.dtype != "float32" or cfg.matmul_dtype not in ("", "float32"):
-        return False
-    if cfg.head_dim not in HEAD_DIMS or cfg.mlp_type != "dense":
-        return False
-    return available()
+        return "the kernels need float32 params, activations and matmuls"
+    if cfg.head_dim not in HEAD_DIMS:
+        return f"head_dim {cfg.head_dim} is not one of {HEAD_DIMS}"
+    if cfg.mlp_type != "dense":
+        return f"the {cfg.mlp_type} MLP is not supported"
+    if not available():
+        return "the kernel library could not be built (see the warning above)"
+    return None
+
+
+def wanted(cfg, mesh=None) -> bool:
+    """Whether decoding with `cfg` should pack its weights for the CPU kernels."""
+    return why_not(cfg, mesh) is None
 
 
 _MATMUL_WEIGHTS = {"attn": ("wq", "wk", "wv", "wo"), "mlp": ("gate", "up", "down")}

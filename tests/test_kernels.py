@@ -1,0 +1,170 @@
+"""CPU kernels (m2r2_jax/kernels): the packed small-row matmul and the block attention against XLA,
+their row independence, and decoding with packed params (AR and speculative, lossless)."""
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2r2_jax import kernels as K
+from m2r2_jax.config import ModelConfig
+from m2r2_jax.decoding.generate import GenerateConfig, Generator
+from m2r2_jax.decoding.speculative import SpecConfig, SpeculativeDecoder
+from m2r2_jax.decoding.trees import get_tree
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.loading.hf_safetensors import load_hf_checkpoint
+from m2r2_jax.m2r2.config import M2R2Config
+from m2r2_jax.m2r2.params import init_m2r2
+from m2r2_jax.model import decoder as D
+from m2r2_jax.model import layers as L
+
+
+def test_kernels_build_where_a_compiler_exists():
+    if shutil.which("g++") or shutil.which("c++"):
+        assert K.available()
+
+
+needs_kernels = pytest.mark.skipif(not K.available(), reason="no C++ compiler: the CPU kernels are not built")
+
+
+@needs_kernels
+@pytest.mark.parametrize("D_,N", [(64, 64), (96, 100), (576, 192), (160, 1536)])
+def test_packed_matmul_matches_numpy_and_is_row_independent(D_, N):
+    rs = np.random.RandomState(D_ + N)
+    w = rs.randn(D_, N).astype(np.float32)
+    pw = K.pack(jnp.asarray(w))
+    assert np.array_equal(np.asarray(K.unpack(pw)), w)
+    x = rs.randn(9, D_).astype(np.float32)
+    f = jax.jit(K.packed_matmul)
+    y = np.asarray(f(jnp.asarray(x), pw))
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=0, atol=2e-5 * np.sqrt(D_) * 4)
+    for M in (1, 2, 5, 7):  # row r of an M-row product is the same bits as that row alone
+        ym = np.asarray(f(jnp.asarray(x[:M]), pw))
+        assert np.array_equal(ym, y[:M])
+    # [..., D] inputs keep their leading axes
+    assert f(jnp.asarray(x[:6].reshape(2, 3, D_)), pw).shape == (2, 3, N)
+
+
+@needs_kernels
+def test_packed_weight_merges_match_dense():
+    rs = np.random.RandomState(0)
+    w, ab, g = rs.randn(64, 100), rs.randn(64, 100), rs.randn(100)
+    pw = K.pack(jnp.asarray(w, jnp.float32))
+    np.testing.assert_allclose(np.asarray(K.unpack(K.add_dense(pw, jnp.asarray(ab, jnp.float32)))), w + ab,
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(K.unpack(K.scale_columns(pw, jnp.asarray(g, jnp.float32)))),
+                               w * g[None], rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("hd", [16, 64])
+def test_block_attention_matches_masked_attention(hd):
+    cfg = ModelConfig(num_heads=6, num_kv_heads=2, head_dim=hd, hidden_size=6 * hd)
+    rs = np.random.RandomState(hd)
+    B, T, S = 3, 5, 40
+    r = lambda *s: jnp.asarray(rs.randn(*s).astype(np.float32))  # noqa: E731
+    q, kl, vl = r(B, T, 6, hd) * 2, r(B, 2, T, hd), r(B, 2, T, hd)
+    kc, vc = r(B, 2, S, hd), r(B, 2, S, hd)
+    start = jnp.asarray([0, 9, 35], jnp.int32)
+    local = np.tril(np.ones((T, T), bool))
+    local[3, 1] = False  # a tree mask, not only causal
+    got = K.block_attention(q, kc, vc, start, kl, vl, local)
+    kcc, vcc = L.write_cache(kc, kl, start), L.write_cache(vc, vl, start)
+    want = L.attend(cfg, q, kcc, vcc, L.block_mask(start, T, S, jnp.asarray(local)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # one query alone gives the same bits as inside the block
+    one = K.block_attention(q[:, 2:3], kc, vc, start, kl, vl, local[2:3])
+    assert np.array_equal(np.asarray(one)[:, 0], np.asarray(got)[:, 2])
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    cfg, params, _ = load_hf_checkpoint(str(tiny_llama_dir))
+    return cfg, jax.tree.map(jnp.asarray, params)
+
+
+@needs_kernels
+def test_packed_forward_matches_xla(tiny):
+    cfg, base = tiny
+    packed = K.pack_decode_params(cfg, base)
+    assert K.is_packed(packed) and not K.is_packed(base)
+    rs = np.random.RandomState(1)
+    cache = D.init_cache(cfg, 2, 64)
+    toks = jnp.asarray(rs.randint(3, 256, (2, 12)), jnp.int32)
+    start = jnp.zeros((2,), jnp.int32)
+    want, cw = D.forward(cfg, base, toks, cache, start)
+    got, cg = D.forward(cfg, packed, toks, cache, start)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(cg.k[1]), np.asarray(cw.k[1]), rtol=1e-5, atol=1e-5)
+    # then a tree block over that cache, per-row starts
+    local = jnp.asarray(get_tree("tree16").ancestor_mask)
+    t2 = jnp.asarray(rs.randint(3, 256, (2, 16)), jnp.int32)
+    s2 = jnp.asarray([12, 7], jnp.int32)
+    want2, _ = D.forward(cfg, base, t2, cw, s2, local_mask=local)
+    got2, _ = D.forward(cfg, packed, t2, cg, s2, local_mask=local)
+    np.testing.assert_allclose(np.asarray(got2), np.asarray(want2), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_packed_decode_one_row_equals_block_rows(tiny):
+    """With the kernels, a one-token step and the rows of a chain verification are bit-identical in the
+    matmuls and the attention; the logits of the first row agree to float rounding of the rest."""
+    cfg, base = tiny
+    packed = K.pack_decode_params(cfg, base)
+    rs = np.random.RandomState(2)
+    cache = D.init_cache(cfg, 1, 64)
+    prompt = jnp.asarray(rs.randint(3, 256, (1, 9)), jnp.int32)
+    _, cache = D.forward(cfg, packed, prompt, cache, jnp.zeros((1,), jnp.int32))
+    blk = jnp.asarray(rs.randint(3, 256, (1, 4)), jnp.int32)
+    start = jnp.full((1,), 9, jnp.int32)
+    lb, _ = D.forward(cfg, packed, blk, cache, start)
+    l1, _ = D.forward(cfg, packed, blk[:, :1], cache, start)
+    np.testing.assert_allclose(np.asarray(l1[:, 0]), np.asarray(lb[:, 0]), rtol=1e-6, atol=1e-6)
+
+
+def _m2r2(cfg):
+    mc = M2R2Config(rate=1, num_fast_layers=2, rank=4, router_dim=8).validate(cfg.num_layers)
+    m = init_m2r2(cfg, mc, jax.random.key(3))
+    m = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.3 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+        if getattr(p[-1], "key", "") == "b" else x, m)
+    return mc, m
+
+
+@needs_kernels
+@pytest.mark.parametrize("tree,lookup", [("chain1", 3), ("star3", 0), ("tree16", 3)])
+def test_packed_speculative_lossless(tiny, tree, lookup):
+    """Speculative decoding over packed params equals the packed AR decode token for token, one by one
+    and batched, with and without prompt lookup."""
+    cfg, base = tiny
+    packed = K.pack_decode_params(cfg, base)
+    mc, m2r2 = _m2r2(cfg)
+    d = np.arange(cfg.vocab_size, dtype=np.int32)
+    spec = SpeculativeDecoder(cfg, mc, get_tree(tree), lookup=lookup, lookup_ngram=2, lookup_min_ngram=1)
+    gen = Generator(cfg)
+    rs = np.random.RandomState(4)
+    prompts = [rs.randint(3, 256, rs.randint(3, 20)).tolist() for _ in range(4)]
+    prompts[0] = (prompts[0] * 3)[:17]  # something for lookup to find
+    sc = SpecConfig(max_new_tokens=24, stop_ids=(-1,))
+    g = GenerateConfig(max_new_tokens=24, stop_ids=(-1,))
+    ar = [gen.generate(packed, [p], g).new_ids[0] for p in prompts]
+    single = [spec.generate(packed, m2r2, d, [p], sc) for p in prompts]
+    assert [r.new_ids[0] for r in single] == ar
+    assert spec.generate(packed, m2r2, d, prompts, sc).new_ids == ar
+    assert sum(sum(r.accepted) for r in single) > 0
+
+
+def test_decode_params_flag(tiny):
+    from m2r2_jax.cli import decode_params
+    from m2r2_jax.loading.registry import LoadedModel
+
+    cfg, base = tiny
+    m = LoadedModel(cfg, base, None, "tiny", "hf")
+    assert decode_params(m, "off") is base
+    if K.available():
+        assert K.is_packed(decode_params(m, "auto")) and K.is_packed(decode_params(m, "on"))
+    bf = LoadedModel(cfg.__class__(**{**cfg.__dict__, "param_dtype": "bfloat16"}), base, None, "tiny", "hf")
+    assert decode_params(bf, "auto") is base
+    with pytest.raises(M2R2Error, match="float32"):
+        decode_params(bf, "on")
