@@ -57,10 +57,11 @@ def main(argv=None):
     p.add_argument("--dataset", default="mt_bench",
                    help="eval set: builtin (16 prompts shipped with the package), mt_bench, spec_bench, koala, self_instruct, wizardlm, vicuna_bench, alpaca_eval "
                         "(under the shared data dir), a .json/.jsonl path, or a hub dataset name[:split]")
-    p.add_argument("--tree", default="chain1",
-                   help="draft tree: preset (chain1..chain6, tree16, tree32, tree64) or a JSON file of paths; the "
-                        "default chain1 (one draft token) is what eval.select_tree chose for the shipped "
-                        "checkpoint from costs measured on a 2-core CPU (configs/trees/smollm2_r3_selected.json)")
+    p.add_argument("--tree", default="star4",
+                   help="draft tree: preset (chain1..chain6, star2..star4, tree16, tree32, tree64) or a JSON file of "
+                        "paths; the default star4 (the fast stream's top-4 tokens at one depth) fills the same "
+                        "5-node verification block as --lookup 4 and measured best with the CPU kernels "
+                        "(BENCHMARKS.md); without the kernels, chain1 with --lookup 0 is the cheaper choice")
     p.add_argument("--draft-layers", type=int, default=0, help="fast layers used to draft (0 = all)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (lossless check on every prompt)")
     p.add_argument("--top-p", type=float, default=1.0)
