@@ -157,7 +157,7 @@ def main(argv=None):
                         ref_ar_params=m.params if a.ref_ar else None,
                         journal_key=dict(model=a.model, checkpoint=str(Path(ckpt).resolve()), dataset=a.dataset,
                                          limit=a.limit, dtype=a.dtype, param_dtype=a.param_dtype,
-                                         matmul_dtype=a.matmul_dtype, cpu_kernel=kernel))
+                                         matmul_dtype=a.matmul_dtype))
     res["config"].update(model=a.model, checkpoint=ckpt, train_step=meta.get("step"), dataset=a.dataset,
                          limit=a.limit, dtype=m.cfg.dtype, rate=mc.rate, num_fast_layers=mc.n_fast(m.cfg.num_layers),
                          cpu_kernel=kernel)

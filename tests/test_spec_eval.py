@@ -307,3 +307,26 @@ def test_cli_refuses_to_overwrite_journal(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "--resume" in err and "\n" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.partial.jsonl"] and j.read_text() == '{"header": {}}\n'
+
+
+def test_spec_eval_with_cpu_kernels_and_xla_reference(tiny_setup, tmp_path):
+    """The harness decodes both loops with the packed params, times XLA's AR on the same prompts,
+    records the kernel choice in the journal header, and stays lossless."""
+    from m2r2_jax import kernels as K
+    from m2r2_jax.decoding.trees import get_tree
+    from m2r2_jax.evaluation.datasets import EvalItem
+    from m2r2_jax.evaluation.spec_eval import run_spec_eval
+
+    if not K.available():
+        pytest.skip("no C++ compiler: the CPU kernels are not built")
+    model, bundle = tiny_setup
+    items = [EvalItem("a", "chat", ["Hello hello hello!", "Again?"]), EvalItem("b", "qa", ["Why blue?"])]
+    packed = K.pack_decode_params(model.cfg, model.params)
+    j = tmp_path / "r.partial.jsonl"
+    res = run_spec_eval(model, bundle, items, get_tree("star4"), max_new_tokens=8, progress=False, lookup=4,
+                        decode_params=packed, ref_ar_params=model.params, journal=j)
+    assert res["lossless"] is True and res["prompts"] == 3
+    assert res["speedup_vs_ref_ar"] > 0 and res["ref_ar_speedup"] > 0 and isinstance(res["ref_ar_equal"], bool)
+    assert all(u["ref_ar_tokens"] > 0 for u in [json.loads(x) for x in j.read_text().splitlines()[1:]][0]["units"])
+    header = json.loads(j.read_text().splitlines()[0])["header"]
+    assert header["cpu_kernel"] is True and header["ref_ar"] is True
