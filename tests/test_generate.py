@@ -147,3 +147,41 @@ def test_bad_dtype_refused(tiny):
         with pytest.raises(M2R2Error, match=f"{k}="):
             dataclasses.replace(cfg, **{k: v}).validate()
     assert dataclasses.replace(cfg, matmul_dtype="").validate().mm_dtype is None
+
+
+def test_chunked_prefill_equals_one_block(tiny, tiny_llama_dir):
+    """Prompts in a bucket larger than PREFILL_CHUNK are prefilled chunk by chunk, up to the longest
+    prompt only: same logits and cache as one block over the whole bucket, and generation still
+    matches HF for a prompt that spans several chunks."""
+    import transformers as tf
+
+    from m2r2_jax import kernels as K
+    from m2r2_jax.decoding.generate import PREFILL_CHUNK, pad_prompts, prefill
+    from m2r2_jax.model import decoder as D
+
+    cfg, params = tiny
+    rs = np.random.RandomState(3)
+    lens = [PREFILL_CHUNK + 9, 2 * PREFILL_CHUNK + 5]  # bucket 4 * chunk: the last chunk is never run
+    P = 4 * PREFILL_CHUNK
+    toks = jnp.asarray(pad_prompts([rs.randint(3, 256, n).tolist() for n in lens], P))
+    ln = jnp.asarray(lens, jnp.int32)
+    variants = [params] + ([K.pack_decode_params(cfg, params)] if K.wanted(cfg) else [])
+    for prm in variants:
+        one = jax.jit(lambda p, t, l: prefill(cfg, p, t, l, D.init_cache(cfg, 2, P + 32), chunk=P))
+        chunked = jax.jit(lambda p, t, l: prefill(cfg, p, t, l, D.init_cache(cfg, 2, P + 32)))
+        (lo, co), (lc, cc) = one(prm, toks, ln), chunked(prm, toks, ln)
+        for b, n in enumerate(lens):
+            if prm is params:
+                np.testing.assert_allclose(np.asarray(lc[b]), np.asarray(lo[b]), rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(np.asarray(cc.k[1][b, :, :n]), np.asarray(co.k[1][b, :, :n]),
+                                           rtol=1e-5, atol=1e-5)
+            else:  # the kernels' rows do not depend on the block: bit for bit
+                assert np.array_equal(np.asarray(lc[b]), np.asarray(lo[b]))
+                assert np.array_equal(np.asarray(cc.v[0][b, :, :n]), np.asarray(co.v[0][b, :, :n]))
+    hf = tf.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    p = rs.randint(3, 256, lens[1]).tolist()
+    ours = Generator(cfg).generate(params, [p], GenerateConfig(max_new_tokens=12, stop_ids=(-1,))).new_ids[0]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(p):].tolist()
+    assert ours == ref

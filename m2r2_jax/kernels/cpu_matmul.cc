@@ -24,6 +24,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <vector>
 #include <cstdlib>
 
 #if defined(__AVX512F__)
@@ -144,25 +145,24 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 // Attention of a block of T queries per row over a prefix of the KV cache plus a small local K/V set.
 //   q [B, T, H, hd]; kc, vc [B, KV, S, hd] (the cache: row b's query sees slots s < plen[b]);
 //   kl, vl [B, KV, L, hd] (local keys: query t sees j where lmask[t, j] != 0); -> out [B, T, H, hd].
-// Keys are visited in order (prefix slots, then local ones); each query's scores, softmax and
-// weighted sum of values run alone, so a query's result does not depend on the other queries.
-// A query with no visible key gets zeros.
-inline float hsum(v16 v) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
-#else
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-#endif
-}
+//
+// The T * G queries that share a KV head (G = H / KV) sit in the 16 lanes of a vector, so each key
+// and value is loaded once for all of them: scores (one FMA chain over d per lane), the max, exp and
+// sum, and the weighted sum of values (one FMA chain over keys per lane, prefix slots then local
+// keys in order) are all lane-wise. A key a query cannot see gets score -inf, weight exactly 0 and
+// adds exactly 0. So a query's result does not depend on its lane, on the other queries in the call,
+// or on whether a key was a prefix slot or a visible local one: a one-token decode and a T-token
+// verification agree bit for bit. A query with no visible key gets zeros.
+constexpr int kLanes = 16;
+constexpr int kKeyBlock = 8;
 
 // exp(x) for x <= 0 on 16 lanes: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2; p: degree-6 Taylor
-// (relative error < 2e-7); inputs below -87 give 0.
+// (relative error < 2e-7); inputs at or below -87 (and -inf) give 0.
 inline v16 exp16(v16 x) {
   typedef int32_t i16 __attribute__((vector_size(64)));
   const v16 lo = v16{} - 87.f;
-  x = x < lo ? lo : x;
+  const auto low = !(x > lo);  // also true for NaN
+  x = low ? lo : x;
   v16 n = x * 1.44269504088896341f;
   n = __builtin_convertvector(__builtin_convertvector(n + (n < 0 ? -0.5f : 0.5f), i16), v16);
   v16 r = x - n * 0.693359375f;
@@ -178,73 +178,98 @@ inline v16 exp16(v16 x) {
   v16 scale;
   std::memcpy(&scale, &e, 64);
   v16 y = p * scale;
-  return x <= lo ? v16{} : y;
+  return low ? v16{} : y;
 }
 
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, 64);
+  return v;
+}
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, 64); }
+
+// scores of keys k[0..n) (rows of HD floats) against qt [HD][16] -> sc [n][16]; returns the lane max
 template <int HD>
-void attend_query(const float* q, const float* kc, const float* vc, int64_t plen, const float* kl,
-                  const float* vl, const int8_t* lm, int64_t L, float scale, float* scores, float* out) {
-  constexpr int NV = HD / 16;
-  v16 qv[NV];
-  for (int c = 0; c < NV; ++c) {
-    std::memcpy(&qv[c], q + 16 * c, 64);
-    qv[c] *= scale;
+inline v16 score_keys(const float* __restrict qt, const float* __restrict k, int64_t n, float* __restrict sc,
+                      v16 mx) {
+  int64_t s = 0;
+  for (; s + kKeyBlock <= n; s += kKeyBlock) {
+    v16 acc[kKeyBlock];
+    for (int j = 0; j < kKeyBlock; ++j) acc[j] = v16{};
+    const float* kb = k + s * HD;
+    for (int d = 0; d < HD; ++d) {
+      const v16 qd = load16(qt + d * kLanes);
+      for (int j = 0; j < kKeyBlock; ++j) acc[j] += qd * kb[j * HD + d];
+    }
+    for (int j = 0; j < kKeyBlock; ++j) {
+      store16(sc + (s + j) * kLanes, acc[j]);
+      mx = acc[j] > mx ? acc[j] : mx;
+    }
   }
-  auto dot = [&](const float* k) {
+  for (; s < n; ++s) {
     v16 acc = v16{};
-    for (int c = 0; c < NV; ++c) {
-      v16 kv;
-      std::memcpy(&kv, k + 16 * c, 64);
-      acc += qv[c] * kv;
+    const float* kb = k + s * HD;
+    for (int d = 0; d < HD; ++d) acc += load16(qt + d * kLanes) * kb[d];
+    store16(sc + s * kLanes, acc);
+    mx = acc > mx ? acc : mx;
+  }
+  return mx;
+}
+
+// acc [HD][16] += sum over keys of weight p[i][lane] * v[i][d], keys in order
+template <int HD>
+inline void weigh_values(const float* __restrict p, const float* __restrict v, int64_t n, v16* __restrict acc) {
+  for (int c = 0; c < HD / 16; ++c) {
+    v16 a[16];
+    for (int dd = 0; dd < 16; ++dd) a[dd] = acc[c * 16 + dd];
+    for (int64_t i = 0; i < n; ++i) {
+      const v16 pi = load16(p + i * kLanes);
+      const float* vi = v + i * HD + c * 16;
+      for (int dd = 0; dd < 16; ++dd) a[dd] += pi * vi[dd];
     }
-    return hsum(acc);
-  };
-  // scores of the visible keys, packed: prefix slots, then the visible local keys
-  int64_t n = 0;
-  float mx = -INFINITY;
-  for (int64_t s = 0; s < plen; ++s, ++n) {
-    scores[n] = dot(kc + s * HD);
-    mx = std::max(mx, scores[n]);
+    for (int dd = 0; dd < 16; ++dd) acc[c * 16 + dd] = a[dd];
   }
-  for (int64_t j = 0; j < L; ++j)
-    if (lm[j]) {
-      scores[n] = dot(kl + j * HD);
-      mx = std::max(mx, scores[n++]);
+}
+
+// One group of up to 16 queries sharing a KV head. qptr[l]: query rows (nullptr: unused lane);
+// vis [L][16]: local key j visible to lane l; scratch: sc [(plen + L)][16].
+template <int HD>
+void attend_group(const float* const* qptr, int nq, const float* kc, const float* vc, int64_t plen,
+                  const float* kl, const float* vl, const float* vis, int64_t L, float scale, float* sc,
+                  float* const* optr) {
+  alignas(64) float qt[HD * kLanes];
+  for (int l = 0; l < kLanes; ++l)
+    for (int d = 0; d < HD; ++d) qt[d * kLanes + l] = l < nq ? qptr[l][d] * scale : 0.f;
+  const v16 ninf = v16{} - INFINITY;
+  v16 mx = score_keys<HD>(qt, kc, plen, sc, ninf);
+  float* scl = sc + plen * kLanes;
+  {
+    v16 mxl = score_keys<HD>(qt, kl, L, scl, ninf);
+    (void)mxl;
+    for (int64_t j = 0; j < L; ++j) {
+      v16 s = load16(scl + j * kLanes);
+      s = load16(vis + j * kLanes) > 0.5f ? s : ninf;
+      store16(scl + j * kLanes, s);
+      mx = s > mx ? s : mx;
     }
-  v16 acc[NV];
-  for (int c = 0; c < NV; ++c) acc[c] = v16{};
-  if (n == 0) {
-    for (int c = 0; c < NV; ++c) std::memcpy(out + 16 * c, &acc[c], 64);
-    return;
   }
-  // exp(score - max) in blocks of 16 (padding lanes give exp(-87) -> 0 and are never read)
-  const int64_t n16 = (n + 15) / 16 * 16;
-  for (int64_t i = n; i < n16; ++i) scores[i] = -INFINITY;
-  v16 vsum = v16{};
-  for (int64_t i = 0; i < n16; i += 16) {
-    v16 sc;
-    std::memcpy(&sc, scores + i, 64);
-    sc = exp16(sc - mx);
-    vsum += sc;
-    std::memcpy(scores + i, &sc, 64);
+  const int64_t n = plen + L;
+  v16 sum = v16{};
+  for (int64_t i = 0; i < n; ++i) {
+    const v16 p = exp16(load16(sc + i * kLanes) - mx);
+    sum += p;
+    store16(sc + i * kLanes, p);
   }
-  const float sum = hsum(vsum);
-  auto add = [&](float p, const float* v) {
-    for (int c = 0; c < NV; ++c) {
-      v16 vv;
-      std::memcpy(&vv, v + 16 * c, 64);
-      acc[c] += vv * p;
-    }
-  };
-  n = 0;
-  for (int64_t s = 0; s < plen; ++s) add(scores[n++], vc + s * HD);
-  for (int64_t j = 0; j < L; ++j)
-    if (lm[j]) add(scores[n++], vl + j * HD);
-  const float inv = 1.f / sum;
-  for (int c = 0; c < NV; ++c) {
-    v16 o = acc[c] * inv;
-    std::memcpy(out + 16 * c, &o, 64);
-  }
+  v16 acc[HD];
+  for (int d = 0; d < HD; ++d) acc[d] = v16{};
+  weigh_values<HD>(sc, vc, plen, acc);
+  weigh_values<HD>(scl, vl, L, acc);
+  const v16 inv = 1.f / sum;
+  const auto none = !(mx > ninf);  // lanes that saw no key
+  alignas(64) float o[HD * kLanes];
+  for (int d = 0; d < HD; ++d) store16(o + d * kLanes, none ? v16{} : acc[d] * inv);
+  for (int l = 0; l < nq; ++l)
+    for (int d = 0; d < HD; ++d) optr[l][d] = o[d * kLanes + l];
 }
 
 ffi::Error BlockAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kc,
@@ -258,35 +283,48 @@ ffi::Error BlockAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
       H % KV || (hd != 16 && hd != 32 && hd != 64 && hd != 128))
     return ffi::Error::InvalidArgument("m2r2_block_attention: shape mismatch (head_dim must be 16, 32, 64 or 128)");
   const int64_t G = H / KV;
+  const int64_t NQ = T * G;  // queries per (row, KV head)
+  const int64_t groups = (NQ + kLanes - 1) / kLanes;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const float *qp = q.typed_data(), *kcp = kc.typed_data(), *vcp = vc.typed_data();
   const float *klp = kl.typed_data(), *vlp = vl.typed_data();
   const int32_t* pl = plen.typed_data();
   const int8_t* lm = lmask.typed_data();
   float* op = out->typed_data();
-  // one unit per (row, kv head): the group's queries share that head's keys while they are in cache
-  const int64_t units = B * KV;
+  // one unit per (row, KV head, lane group)
+  const int64_t units = B * KV * groups;
   const int64_t work = B * T * H * (S + L);
-  parallel_for(pool, units, work >= (1 << 16) ? 64 : 1, [=](int64_t u) {
-    const int64_t b = u / KV, k = u % KV;
+  parallel_for(pool, units, work >= (1 << 17) ? 64 : 1, [=](int64_t u) {
+    const int64_t b = u / (KV * groups), k = (u / groups) % KV, grp = u % groups;
     const int64_t plen_b = std::min<int64_t>(std::max<int32_t>(pl[b], 0), S);
-    std::unique_ptr<float[]> scores(new float[S + L + 16]);
+    thread_local std::vector<float> scratch;
+    const size_t need = static_cast<size_t>((plen_b + L) * kLanes + L * kLanes + 16);
+    if (scratch.size() < need) scratch.resize(need);
+    float* vis = scratch.data();
+    float* sc = scratch.data() + L * kLanes;
+    const float* qptr[kLanes] = {};
+    float* optr[kLanes] = {};
+    const int nq = static_cast<int>(std::min<int64_t>(kLanes, NQ - grp * kLanes));
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t f = grp * kLanes + l;
+      const bool used = l < nq;
+      const int64_t t = used ? f / G : 0, h = k * G + (used ? f % G : 0);
+      if (used) {
+        qptr[l] = qp + ((b * T + t) * H + h) * hd;
+        optr[l] = op + ((b * T + t) * H + h) * hd;
+      }
+      for (int64_t j = 0; j < L; ++j) vis[j * kLanes + l] = used ? (lm[t * L + j] ? 1.f : 0.f) : 1.f;
+    }
     const float* kcb = kcp + ((b * KV + k) * S) * hd;
     const float* vcb = vcp + ((b * KV + k) * S) * hd;
     const float* klb = klp + ((b * KV + k) * L) * hd;
     const float* vlb = vlp + ((b * KV + k) * L) * hd;
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = k * G + g;
-        const float* qq = qp + ((b * T + t) * H + h) * hd;
-        float* oo = op + ((b * T + t) * H + h) * hd;
-        switch (hd) {
-          case 16: attend_query<16>(qq, kcb, vcb, plen_b, klb, vlb, lm + t * L, L, scale, scores.get(), oo); break;
-          case 32: attend_query<32>(qq, kcb, vcb, plen_b, klb, vlb, lm + t * L, L, scale, scores.get(), oo); break;
-          case 64: attend_query<64>(qq, kcb, vcb, plen_b, klb, vlb, lm + t * L, L, scale, scores.get(), oo); break;
-          default: attend_query<128>(qq, kcb, vcb, plen_b, klb, vlb, lm + t * L, L, scale, scores.get(), oo); break;
-        }
-      }
+    switch (hd) {
+      case 16: attend_group<16>(qptr, nq, kcb, vcb, plen_b, klb, vlb, vis, L, scale, sc, optr); break;
+      case 32: attend_group<32>(qptr, nq, kcb, vcb, plen_b, klb, vlb, vis, L, scale, sc, optr); break;
+      case 64: attend_group<64>(qptr, nq, kcb, vcb, plen_b, klb, vlb, vis, L, scale, sc, optr); break;
+      default: attend_group<128>(qptr, nq, kcb, vcb, plen_b, klb, vlb, vis, L, scale, sc, optr); break;
+    }
   });
   return ffi::Error::Success();
 }
