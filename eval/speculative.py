@@ -85,6 +85,10 @@ def main(argv=None):
                         "prompt or the answer, verify the N tokens that followed them instead of an M2R2 draft "
                         "(default 4; 0 = M2R2 drafts only; lossless either way)")
     p.add_argument("--lookup-ngram", type=int, default=3, help="longest n-gram matched by --lookup (default 3)")
+    p.add_argument("--no-lookup-extend", action="store_true",
+                   help="turn off the lookup extension of M2R2 drafts (with --lookup and a one-depth star tree, "
+                        "the fast stream's top-1 token is looked up in turn and its continuation verified "
+                        "under it in the same block)")
     p.add_argument("--resume", action="store_true",
                    help="carry on from --out's journal (FILE.partial.jsonl) of an interrupted run of the same "
                         "command: finished items are taken from it, the rest are run")
@@ -154,6 +158,7 @@ def main(argv=None):
                         draft_layers=a.draft_layers, progress=not a.no_progress, hf_ref=hf_ref,
                         ar_block=a.ar_block, journal=journal, resume=a.resume, lookup=a.lookup,
                         lookup_ngram=a.lookup_ngram, lookup_min_ngram=2, decode_params=params,
+                        lookup_extend=not a.no_lookup_extend,
                         ref_ar_params=m.params if a.ref_ar else None,
                         journal_key=dict(model=a.model, checkpoint=str(Path(ckpt).resolve()), dataset=a.dataset,
                                          limit=a.limit, dtype=a.dtype, param_dtype=a.param_dtype,
@@ -189,6 +194,9 @@ def main(argv=None):
         lk = res["lookup"]
         print(f"prompt lookup drafted {_f(100 * (lk['share_of_steps'] or 0), '.0f')}% of the steps (tau there "
               f"{_f(lk['tau'])}; M2R2-drafted steps: tau {_f(lk['tau_m2r2'])})")
+        if lk.get("extend"):
+            print(f"lookup extension of M2R2 drafts on {_f(100 * (lk['ext_share_of_steps'] or 0), '.0f')}% of the "
+                  f"steps (tau there {_f(lk['tau_ext'])}; plain M2R2 steps: tau {_f(lk['tau_m2r2_plain'])})")
     if res.get("hf"):
         h = res["hf"]
         print(f"\nsame prompts, same run ({h['prompts']} prompts; HF greedy == ours on every prompt: "

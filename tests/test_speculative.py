@@ -128,17 +128,20 @@ def test_no_recompile_within_bucket(tiny):
     assert spec.compiles == 1 and r.compile_seconds == 0.0
 
 
-@pytest.mark.parametrize("lookup", [0, 2])
-def test_sampling_lossless_distribution(tiny, lookup):
+@pytest.mark.parametrize("tree,lookup", [("tree16", 0), ("tree16", 2), ("star4", 4)])
+def test_sampling_lossless_distribution(tiny, tree, lookup):
     """Empirical next-2-token distribution of speculative sampling == the base's (chi-square, fixed seed);
-    with prompt lookup, the prompt repeats so that the lookup branch drafts."""
+    with prompt lookup, the prompt repeats so that the lookup branch drafts (star4: and the lookup
+    extension of M2R2 drafts)."""
     cfg, base = tiny
     base = dict(base, final_norm=base["final_norm"] * 40.0)  # a peaked distribution: few likely tokens
     mc, m2r2 = _m2r2(cfg, scale=1.0)
-    spec = SpeculativeDecoder(cfg, mc, get_tree("tree16"), lookup=lookup, lookup_min_ngram=1)
+    spec = SpeculativeDecoder(cfg, mc, get_tree(tree), lookup=lookup, lookup_min_ngram=1)
     gen = Generator(cfg)
     d = np.arange(cfg.vocab_size, dtype=np.int32)
     prompt = [11, 12, 13] if not lookup else [11, 12, 13, 11, 12, 13, 11]
+    if spec.extend:  # a prompt where the first token is often new to the text and the top-1 draft is not
+        prompt = list(range(3, 40))
     n = 300
     sc = lambda s: SamplingConfig(temperature=1.0, seed=s)
     # tokens 2-3 come from a speculative step (token 1 is sampled after prefill)
@@ -169,6 +172,8 @@ def test_sampling_lossless_distribution(tiny, lookup):
     assert sum(r.accepted) > 0
     if lookup:
         assert sum(r.lookup_steps) > 0
+    if spec.extend:
+        assert sum(r.ext_steps) > 0
 
 
 def _chi2_ok(counts, probs, alpha=1e-3):
@@ -334,7 +339,7 @@ def test_prompt_lookup_matches_oracle():
     assert hits > 30
 
 
-@pytest.mark.parametrize("tree", ["chain1", "tree16"])
+@pytest.mark.parametrize("tree", ["chain1", "tree16", "star3"])
 def test_greedy_lossless_with_prompt_lookup(tiny, tree):
     """Prompt lookup drafts some steps (repetitive prompts), the fast stream the others; the output is
     the AR output token for token, one by one and batched."""
@@ -350,7 +355,30 @@ def test_greedy_lossless_with_prompt_lookup(tiny, tree):
     assert [r.new_ids[0] for r in single] == ar
     assert sum(sum(r.lookup_steps) for r in single) > 0 and sum(sum(r.lookup_accepted) for r in single) > 0
     assert sum(sum(r.steps) - sum(r.lookup_steps) for r in single) > 0  # some M2R2-drafted steps too
+    # a one-depth star gets the lookup extension of its M2R2 drafts (star3 + lookup 3: a 4-node block)
+    assert spec.extend == (tree == "star3")
+    if spec.extend:
+        assert sum(sum(r.ext_steps) for r in single) > 0
     batched = spec.generate(base, m2r2, d, prompts, sc)
     assert batched.new_ids == ar
+    if spec.extend:  # and switched off, the same output
+        off = SpeculativeDecoder(cfg, mc, get_tree(tree), lookup=3, lookup_ngram=2, lookup_min_ngram=1, extend=False)
+        assert off.generate(base, m2r2, d, prompts, sc).new_ids == ar
+        assert sum(off.generate(base, m2r2, d, prompts, sc).ext_steps) == 0
     with pytest.raises(M2R2Error, match="prompt lookup"):
         SpeculativeDecoder(cfg, mc, get_tree(tree), lookup=2, lookup_ngram=1, lookup_min_ngram=2)
+
+
+def test_extension_tree_layout():
+    """The lookup extension's block: the star's ranks 0 and 1, then a chain under rank 0, in the node
+    order the decode loop fills ([cur, x1, x2, c1, c2, ...]); only for one-depth stars."""
+    from m2r2_jax.decoding.speculative import extension_tree
+
+    t = extension_tree(get_tree("star4"), 5)
+    assert t.size == 5 and t.max_depth == 3
+    assert t.parent.tolist() == [-1, 0, 0, 1, 3]
+    assert t.depth.tolist() == [0, 1, 1, 2, 3]
+    assert t.rank[1] == 0 and t.rank[2] == 1
+    assert extension_tree(get_tree("star3"), 4).parent.tolist() == [-1, 0, 0, 1]
+    assert extension_tree(get_tree("tree16"), 16) is None
+    assert extension_tree(get_tree("chain1"), 5) is None

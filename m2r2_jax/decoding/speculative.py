@@ -22,6 +22,12 @@ their latest occurrence are verified as a chain instead, and the fast stream
 does not draft that step (both branches sit in one `lax.cond`; a batch takes
 the lookup branch when any active row has a match). Verification is the same,
 so the output is unchanged.
+
+Lookup extension (`extend`, with lookup and a one-depth star tree of at least two nodes): on an
+M2R2-drafted step the fast stream's top-1 token x1 is appended to the text and looked up in turn;
+when the last n tokens ending in x1 occurred earlier, the block becomes [cur, x1, x2, c1, c2, ...]:
+the star's top-2 and a chain of the lookup's continuation under x1 (the same block size, so the same
+verification). It turns a one-token M2R2 draft into a longer one where the text repeats itself.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from jax import lax
 from m2r2_jax.config import ModelConfig
 from m2r2_jax.decoding.generate import bucket, pad_prompts, prefill, round_cache, stop_tuple
 from m2r2_jax.decoding.sampling import SamplingConfig, sample_probs, select
-from m2r2_jax.decoding.trees import DraftTree, chain
+from m2r2_jax.decoding.trees import DraftTree, build_tree, chain
 from m2r2_jax import kernels as K
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.m2r2 import stream as S
@@ -122,9 +128,12 @@ def _anc_at_depth(tree: DraftTree) -> np.ndarray:
     return out
 
 
-def _accept_greedy(tree: DraftTree, toks, logits):
-    """-> (accepted depth a [B], path node ids [B, D+1], bonus [B], node_correct [B, T])."""
-    target = jnp.argmax(logits, -1).astype(jnp.int32)                 # [B, T]
+def _accept_greedy(tree: DraftTree, toks, logits=None, target=None):
+    """-> (accepted depth a [B], path node ids [B, D+1], bonus [B], node_correct [B, T]).
+    `target` [B, >= T]: the argmax of the logits at each node, when already computed."""
+    if target is None:
+        target = jnp.argmax(logits, -1).astype(jnp.int32)             # [B, T]
+    target = target[:, :tree.size]
     par = jnp.asarray(np.maximum(tree.parent, 0))
     correct = (toks == target[:, par]).at[:, 0].set(True)             # [B, T]
     anc = jnp.asarray(tree.ancestor_mask)
@@ -203,13 +212,24 @@ def _compact(cache: D.KVCache, pos, path) -> D.KVCache:
     return D.KVCache([move(c) for c in cache.k], [move(c) for c in cache.v])
 
 
+def extension_tree(tree: DraftTree, Tv: int) -> DraftTree | None:
+    """The lookup extension's block for a one-depth star `tree` verified in blocks of Tv nodes: the
+    star's ranks 0 and 1, then Tv - 3 lookup tokens chained under rank 0 (node order: root, [0], [1],
+    [0, 0], [0, 0, 0], ...). None when it does not apply (a deeper tree, a star of one, Tv < 4)."""
+    if tree.max_depth != 1 or tree.size < 3 or Tv < 4:
+        return None
+    return build_tree([[0], [1]] + [[0] * (k + 1) for k in range(1, Tv - 2)], name="lookup-extension")
+
+
 def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bool, max_new: int,
                    cache_len: int, draft_layers: int, filtered: bool, lookup: int = 0, lookup_ngram: int = 3,
-                   lookup_min_ngram: int = 2):
+                   lookup_min_ngram: int = 2, extend: bool = False):
     T, Dm = tree.size, tree.max_depth
     ltree = chain(lookup) if lookup else None
     W = max(Dm, lookup) + 1   # tokens one step can emit
     Tv = max(T, lookup + 1)   # nodes per verification: both kinds of step verify a block of this size
+    etree = extension_tree(tree, Tv) if (lookup and extend) else None
+    n_cont = (Tv - 3) if etree is not None else 0  # lookup tokens chained under the top-1 draft
 
     def padded(tr: DraftTree):
         """The tree's ancestor mask and depths on Tv nodes; extra nodes are dummies that see only
@@ -220,6 +240,8 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
 
     if lookup:
         (t_mask, t_depth), (l_mask, l_depth) = padded(tree), padded(ltree)
+    if etree is not None:
+        e_mask, e_depth = padded(etree)
 
     def run(base, dp, draft_ids, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
         """dp: `S.draft_params` of the M2R2 checkpoint (built once per checkpoint, not per call)."""
@@ -233,7 +255,7 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
         zeros_b = jnp.zeros((B,), jnp.int32)
         stats = dict(steps=zeros_b, accepted=zeros_b, depth_hits=jnp.zeros((B, Dm + 1), jnp.int32),
                      node_tries=jnp.zeros((B, T), jnp.int32), node_hits=jnp.zeros((B, T), jnp.int32),
-                     lookup_steps=zeros_b, lookup_accepted=zeros_b)
+                     lookup_steps=zeros_b, lookup_accepted=zeros_b, ext_steps=zeros_b, ext_accepted=zeros_b)
         hist = None  # prompt lookup: the text so far (prompt, then the emitted tokens)
         if lookup:
             hist = jnp.zeros((B, P + max_new + W + lookup), jnp.int32).at[:, :P].set(tokens)
@@ -241,9 +263,9 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
         state = (lengths, cur, cache, out, jnp.ones((B,), jnp.int32), done, key, stats, hist)
         par = np.maximum(tree.parent, 0)
 
-        def accept(tr, toks, logits, sub):
+        def accept(tr, toks, logits, sub, target=None):
             if greedy:
-                return _accept_greedy(tr, toks, logits)
+                return _accept_greedy(tr, toks, logits, target)
             if filtered:
                 probs = jax.vmap(lambda lg: sample_probs(lg, temperature, top_k, top_p), 1, 1)(logits)
             else:
@@ -256,23 +278,32 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
         def pad_path(path):  # [B, d+1] -> [B, W]; extra entries point at the root (harmless slots)
             return jnp.pad(path, ((0, 0), (0, W - path.shape[1])))
 
-        def step(toks, cache, pos, use_lookup, sub):
+        def step(toks, cache, pos, use_lookup, use_ext, sub):
             """One verification over the Tv-node block, then acceptance under the tree that drafted it,
             then compaction -> (a, accepted tokens [B, W-1], bonus, cache, node_correct [B, T])."""
-            if lookup:  # the block's tree (mask, depths) is data: the same shapes for both kinds of step
+            if lookup:  # the block's tree (mask, depths) is data: the same shapes for every kind of step
                 local = jnp.where(use_lookup, l_mask, t_mask)
                 depth = jnp.where(use_lookup, l_depth, t_depth)
+                if etree is not None:
+                    local = jnp.where(use_ext, e_mask, local)
+                    depth = jnp.where(use_ext, e_depth, depth)
             else:
                 local, depth = jnp.asarray(tree.ancestor_mask), jnp.asarray(tree.depth)
             logits, cache = D.forward(cfg, base, toks, cache, pos, positions=pos[:, None] + depth[None],
                                       local_mask=local)
-            a, path, bonus, correct = accept(tree, toks[:, :T], logits[:, :T], sub)
+            target = jnp.argmax(logits, -1).astype(jnp.int32) if greedy else None  # once for every tree
+            a, path, bonus, correct = accept(tree, toks[:, :T], logits[:, :T], sub, target)
             path = pad_path(path)
             if lookup:
-                la, lpath, lbonus, _ = accept(ltree, toks[:, :lookup + 1], logits[:, :lookup + 1], sub)
+                la, lpath, lbonus, _ = accept(ltree, toks[:, :lookup + 1], logits[:, :lookup + 1], sub, target)
                 a, bonus = jnp.where(use_lookup, la, a), jnp.where(use_lookup, lbonus, bonus)
                 path = jnp.where(use_lookup, pad_path(lpath), path)
                 correct = jnp.where(use_lookup, False, correct)
+            if etree is not None:
+                ea, epath, ebonus, _ = accept(etree, toks[:, :Tv], logits[:, :Tv], sub, target)
+                a, bonus = jnp.where(use_ext, ea, a), jnp.where(use_ext, ebonus, bonus)
+                path = jnp.where(use_ext, pad_path(epath), path)
+                correct = jnp.where(use_ext, False, correct)
             cache = _compact(cache, pos, path)
             pt = jnp.take_along_axis(toks, path[:, 1:], 1)
             return a, pt, bonus, cache, correct
@@ -285,16 +316,30 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
             active = ~done
             key, sub = jax.random.split(key)
             if lookup:
-                found, cand = _lookup(hist, lengths + n_out, lookup, lookup_ngram, lookup_min_ngram)
+                hlen = lengths + n_out
+                found, cand = _lookup(hist, hlen, lookup, lookup_ngram, lookup_min_ngram)
                 use_lookup = jnp.any(found & active)
+
+                def m2r2_draft():
+                    toks = pad_nodes(_draft(cfg, mc, tree, base, dp, draft_ids, cache, pos, cur), Tv)
+                    if etree is None:
+                        return toks, jnp.bool_(False)
+                    # the text + the top-1 draft, looked up again: its continuation is chained under it
+                    hx = jax.vmap(lambda h, x, n: h.at[n].set(x))(hist, toks[:, 1], hlen)
+                    fx, cont = _lookup(hx, hlen + 1, n_cont, lookup_ngram, lookup_min_ngram)
+                    use_ext = jnp.any(fx & active)
+                    ext = jnp.concatenate([toks[:, :3], cont], 1)
+                    return jnp.where(use_ext, ext, toks), use_ext
+
                 # only the drafting sits in the cond: it reads the cache, never writes it, so XLA keeps the
                 # cache in place (a cond that updates the cache copies all of it on every step)
-                toks = lax.cond(use_lookup, lambda: pad_nodes(jnp.concatenate([cur[:, None], cand], 1), Tv),
-                                lambda: pad_nodes(_draft(cfg, mc, tree, base, dp, draft_ids, cache, pos, cur), Tv))
+                toks, use_ext = lax.cond(
+                    use_lookup, lambda: (pad_nodes(jnp.concatenate([cur[:, None], cand], 1), Tv), jnp.bool_(False)),
+                    m2r2_draft)
             else:
-                use_lookup = jnp.bool_(False)
+                use_lookup, use_ext = jnp.bool_(False), jnp.bool_(False)
                 toks = _draft(cfg, mc, tree, base, dp, draft_ids, cache, pos, cur)
-            a, path_toks, bonus, cache, correct = step(toks, cache, pos, use_lookup, sub)
+            a, path_toks, bonus, cache, correct = step(toks, cache, pos, use_lookup, use_ext, sub)
             k = jnp.arange(W)[None]
             path_toks = jnp.concatenate([path_toks, jnp.zeros((B, 1), jnp.int32)], 1)
             emitted = jnp.where(k < a[:, None], path_toks, jnp.where(k == a[:, None], bonus[:, None], 0))
@@ -314,13 +359,16 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
             act = active.astype(jnp.int32)
             act_m = act * (~use_lookup).astype(jnp.int32)   # an M2R2-drafted step
             act_l = act - act_m
+            act_e = act_m * use_ext.astype(jnp.int32)       # ... extended by lookup
+            act_m = act_m - act_e                             # ... under the plain tree
             parent_ok = jnp.take_along_axis(_node_accepted(tree, correct), jnp.asarray(par)[None].repeat(B, 0), 1)
             stats = dict(
                 steps=stats["steps"] + act, accepted=stats["accepted"] + act * a,
                 depth_hits=stats["depth_hits"] + act_m[:, None] * (jnp.arange(Dm + 1)[None] <= a[:, None]),
                 node_tries=stats["node_tries"] + act_m[:, None] * parent_ok.astype(jnp.int32),
                 node_hits=stats["node_hits"] + act_m[:, None] * (parent_ok & correct).astype(jnp.int32),
-                lookup_steps=stats["lookup_steps"] + act_l, lookup_accepted=stats["lookup_accepted"] + act_l * a)
+                lookup_steps=stats["lookup_steps"] + act_l, lookup_accepted=stats["lookup_accepted"] + act_l * a,
+                ext_steps=stats["ext_steps"] + act_e, ext_accepted=stats["ext_accepted"] + act_e * a)
             return pos, cur, cache, out, n_out2, done2, key, stats, hist
 
         st = lax.while_loop(cond, body, state)
@@ -347,6 +395,8 @@ class SpecResult:
     node_hits: np.ndarray       # [B, T] ... and the node itself matched
     lookup_steps: list[int] = dataclasses.field(default_factory=list)     # steps drafted by prompt lookup
     lookup_accepted: list[int] = dataclasses.field(default_factory=list)  # ... and their accepted tokens
+    ext_steps: list[int] = dataclasses.field(default_factory=list)        # M2R2 steps extended by lookup
+    ext_accepted: list[int] = dataclasses.field(default_factory=list)     # ... and their accepted tokens
 
     @property
     def tau(self) -> float:
@@ -359,14 +409,16 @@ class SpeculativeDecoder:
     """Compiled speculative executables for one (model, M2R2) pair, cached per shape bucket."""
 
     def __init__(self, cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, draft_layers: int = 0,
-                 lookup: int = 0, lookup_ngram: int = 3, lookup_min_ngram: int = 2):
+                 lookup: int = 0, lookup_ngram: int = 3, lookup_min_ngram: int = 2, extend: bool = True):
         """lookup: K > 0 turns on prompt lookup (K tokens per lookup step; see the module doc), matching
-        the last lookup_ngram .. lookup_min_ngram tokens."""
+        the last lookup_ngram .. lookup_min_ngram tokens. extend: the lookup extension of M2R2 drafts
+        (module doc; applies with lookup and a one-depth star tree)."""
         self.cfg, self.mc, self.tree = cfg, mc, tree
         if lookup < 0 or (lookup and not 1 <= lookup_min_ngram <= lookup_ngram):
             raise M2R2Error(f"prompt lookup: need lookup >= 0 and 1 <= lookup_min_ngram <= lookup_ngram "
                             f"(got {lookup}, {lookup_min_ngram}, {lookup_ngram})")
         self.lookup, self.lookup_ngram, self.lookup_min_ngram = lookup, lookup_ngram, lookup_min_ngram
+        self.extend = bool(extend and lookup and extension_tree(tree, max(tree.size, lookup + 1)) is not None)
         n = mc.n_fast(cfg.num_layers)
         self.draft_layers = draft_layers or n
         if not 1 <= self.draft_layers <= n:
@@ -419,7 +471,7 @@ class SpeculativeDecoder:
         compile_s = 0.0
         if key not in self._compiled:
             fn = speculative_fn(self.cfg, self.mc, self.tree, s.greedy, sc.max_new_tokens, S_, self.draft_layers,
-                                filtered, self.lookup, self.lookup_ngram, self.lookup_min_ngram)
+                                filtered, self.lookup, self.lookup_ngram, self.lookup_min_ngram, self.extend)
             t0 = time.perf_counter()
             self._compiled[key] = jax.jit(fn).lower(*args).compile()
             compile_s = time.perf_counter() - t0
@@ -432,7 +484,8 @@ class SpeculativeDecoder:
         st = jax.tree.map(np.asarray, stats)
         return SpecResult([out[b, :n_out[b]].tolist() for b in range(B)], dt, compile_s, st["steps"].tolist(),
                           st["accepted"].tolist(), st["depth_hits"], st["node_tries"], st["node_hits"],
-                          st["lookup_steps"].tolist(), st["lookup_accepted"].tolist())
+                          st["lookup_steps"].tolist(), st["lookup_accepted"].tolist(), st["ext_steps"].tolist(),
+                          st["ext_accepted"].tolist())
 
     def cost_breakdown(self, base, m2r2, draft_ids, cache_len: int = 512, fill: int = 256,
                        repeats: int = 5, batch: int = 1) -> dict:
@@ -448,19 +501,23 @@ class SpeculativeDecoder:
         dids = jnp.asarray(draft_ids, jnp.int32)
         dp = self.draft_params(base, m2r2, dids)
         draft = jax.jit(lambda b, q, d, c, p, t: _draft(cfg, self.mc, tree, b, q, d, c, p, t))
-        verify = jax.jit(lambda b, t, c, p: _verify(cfg, tree, b, t, c, p)[0])
+        # the cache is donated, as in the decode loop, where it is updated in place: an undonated cache
+        # would be copied (all layers' K/V) on every call and counted as verification
+        verify = jax.jit(lambda b, t, c, p: _verify(cfg, tree, b, t, c, p), donate_argnums=2)
+        fresh = jax.jit(lambda: D.init_cache(cfg, batch, cache_len))
         toks = jnp.zeros((batch, tree.size), jnp.int32)
 
-        def med(fn):
-            jax.block_until_ready(fn())
+        def med(fn, setup=lambda: None):
+            jax.block_until_ready(fn(setup()))
             ts = []
             for _ in range(repeats):
+                arg = jax.block_until_ready(setup())
                 t0 = time.perf_counter()
-                jax.block_until_ready(fn())
+                jax.block_until_ready(fn(arg))
                 ts.append(time.perf_counter() - t0)
             return 1e3 * float(np.median(ts))
 
-        return {"draft_ms": med(lambda: draft(base, dp, dids, cache, pos, cur)),
-                "verify_ms": med(lambda: verify(base, toks, cache, pos)),
+        return {"draft_ms": med(lambda _: draft(base, dp, dids, cache, pos, cur)),
+                "verify_ms": med(lambda c: verify(base, toks, c, pos), fresh),
                 "cache_len": cache_len, "fill": fill, "tree_size": tree.size, "draft_layers": self.draft_layers,
                 "batch": batch}

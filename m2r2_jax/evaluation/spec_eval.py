@@ -103,11 +103,13 @@ def _agg(units: list[dict]) -> dict:
     acc = sum(u["accepted"] for u in units)
     l_steps = sum(u.get("lookup_steps", 0) for u in units)
     l_acc = sum(u.get("lookup_accepted", 0) for u in units)
+    e_steps = sum(u.get("ext_steps", 0) for u in units)
+    e_acc = sum(u.get("ext_accepted", 0) for u in units)
     ar_tps, sp_tps = _ratio(ar_n, ar_s), _ratio(sp_n, sp_s)
     return dict(ar_seconds=ar_s, spec_seconds=sp_s, ar_tokens=ar_n, spec_tokens=sp_n, ar_tps=ar_tps,
                 spec_tps=sp_tps, speedup=sp_tps / ar_tps if ar_tps and sp_tps else None,
                 tau=_ratio(acc + steps, steps), steps=steps, accepted=acc, lookup_steps=l_steps,
-                lookup_accepted=l_acc)
+                lookup_accepted=l_acc, ext_steps=e_steps, ext_accepted=e_acc)
 
 
 HF_OPTIONS = {
@@ -203,7 +205,7 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                   draft_layers: int = 0, progress: bool = True, hf_ref=None, ar_block: int = 1,
                   journal=None, resume: bool = False, journal_key: dict | None = None, lookup: int = 0,
                   lookup_ngram: int = 3, lookup_min_ngram: int = 2, decode_params=None,
-                  ref_ar_params=None) -> dict:
+                  ref_ar_params=None, lookup_extend: bool = True) -> dict:
     """AR vs speculative on every turn of every item; see the module doc. `model` has `.cfg`, `.params`,
     `.tokenizer` (a `LoadedModel`); `m2r2` is an `M2R2Bundle` or `load_m2r2`'s tuple. `hf_ref`: an HF
     transformers (torch) model of the same base; when given (greedy, batch 1), HF greedy, prompt-lookup
@@ -218,7 +220,8 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
     result counts those steps. `decode_params`: what both loops decode with (default `model.params`;
     e.g. the params packed for the CPU kernels). `ref_ar_params`: a second set of params for the plain AR
     loop (e.g. the unpacked ones, XLA's dot), timed on every prompt too (`speedup_vs_ref_ar`; its greedy
-    output compared with the AR output in `ref_ar_equal`)."""
+    output compared with the AR output in `ref_ar_equal`). `lookup_extend`: the lookup extension of M2R2
+    drafts (`SpeculativeDecoder`, one-depth star trees with lookup); counted in `lookup`."""
     import jax.numpy as jnp
     from tqdm import tqdm
 
@@ -243,7 +246,7 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
     cfg, tok = model.cfg, model.tokenizer
     base = model.params if decode_params is None else decode_params
     gen = Generator(cfg)
-    spec = SpeculativeDecoder(cfg, b.mc, tree, draft_layers, lookup, lookup_ngram, lookup_min_ngram)
+    spec = SpeculativeDecoder(cfg, b.mc, tree, draft_layers, lookup, lookup_ngram, lookup_min_ngram, lookup_extend)
     hf = None if hf_ref is None else HFBaselines(hf_ref, spec.draft_layers, max_new_tokens, cfg.eos_token_ids)
     draft_ids = jnp.asarray(np.asarray(b.draft_ids), jnp.int32)
     D = tree.max_depth
@@ -259,7 +262,8 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
         header = dict(tree_paths=[list(p) for p in tree.paths], max_new_tokens=max_new_tokens,
                       temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                       draft_layers=spec.draft_layers, ar_block=ar_block, hf=hf is not None,
-                      lookup=[lookup, lookup_ngram, lookup_min_ngram], cpu_kernel=K.is_packed(base),
+                      lookup=[lookup, lookup_ngram, lookup_min_ngram], lookup_extend=spec.extend,
+                      cpu_kernel=K.is_packed(base),
                       ref_ar=ref_ar_params is not None,
                       items=[[it.id, it.category, len(it.turns)] for it in items], **(journal_key or {}))
         jr = Journal(journal, header)
@@ -308,7 +312,8 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                             spec_seconds=sp.decode_seconds, ar_tokens=sum(len(x) for x in ar.new_ids),
                             spec_tokens=sum(len(x) for x in sp.new_ids), steps=int(sum(sp.steps)),
                             accepted=int(sum(sp.accepted)), lookup_steps=int(sum(sp.lookup_steps)),
-                            lookup_accepted=int(sum(sp.lookup_accepted)))
+                            lookup_accepted=int(sum(sp.lookup_accepted)), ext_steps=int(sum(sp.ext_steps)),
+                            ext_accepted=int(sum(sp.ext_accepted)))
                 if ar1 is not None:
                     unit.update(ar1_seconds=ar1.decode_seconds, ar1_tokens=sum(len(x) for x in ar1.new_ids))
                 if ref is not None:
@@ -356,6 +361,7 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
     tot = _agg(units)
     steps = tot["steps"]
     l_steps, l_acc = tot["lookup_steps"], tot["lookup_accepted"]
+    e_steps, e_acc = tot["ext_steps"], tot["ext_accepted"]
     depth_acc = [dict(depth=d, rate=_ratio(float(depth_hits[d]), steps)) for d in range(1, D + 1)]
     node_acc = [dict(node=i, path=list(tree.paths[i - 1]), depth=int(tree.depth[i]), rank=int(tree.rank[i]),
                      tries=int(node_tries[i]), hits=int(node_hits[i]),
@@ -390,7 +396,11 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                     "token; speed-up ~= tau / step_cost"},
         "lookup": dict(tokens=lookup, ngram=lookup_ngram, min_ngram=lookup_min_ngram, steps=l_steps,
                        share_of_steps=_ratio(l_steps, steps), tau=_ratio(l_acc + l_steps, l_steps),
-                       tau_m2r2=_ratio(tot["accepted"] - l_acc + steps - l_steps, steps - l_steps))
+                       tau_m2r2=_ratio(tot["accepted"] - l_acc + steps - l_steps, steps - l_steps),
+                       extend=spec.extend, ext_steps=e_steps, ext_share_of_steps=_ratio(e_steps, steps),
+                       tau_ext=_ratio(e_acc + e_steps, e_steps),
+                       tau_m2r2_plain=_ratio(tot["accepted"] - l_acc - e_acc + steps - l_steps - e_steps,
+                                             steps - l_steps - e_steps))
         if lookup else None,
         "ar_block": ar_block,
         "speedup_vs_block1_ar": _ratio(tot["spec_tps"], _ratio(sum(u["ar1_tokens"] for u in units),
