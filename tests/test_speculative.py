@@ -363,8 +363,8 @@ def test_greedy_lossless_with_prompt_lookup(tiny, tree):
     assert batched.new_ids == ar
     if spec.extend:  # and switched off, the same output
         off = SpeculativeDecoder(cfg, mc, get_tree(tree), lookup=3, lookup_ngram=2, lookup_min_ngram=1, extend=False)
-        assert off.generate(base, m2r2, d, prompts, sc).new_ids == ar
-        assert sum(off.generate(base, m2r2, d, prompts, sc).ext_steps) == 0
+        r_off = off.generate(base, m2r2, d, prompts, sc)
+        assert r_off.new_ids == ar and sum(r_off.ext_steps) == 0
     with pytest.raises(M2R2Error, match="prompt lookup"):
         SpeculativeDecoder(cfg, mc, get_tree(tree), lookup=2, lookup_ngram=1, lookup_min_ngram=2)
 
