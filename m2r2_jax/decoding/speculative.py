@@ -212,6 +212,11 @@ def _compact(cache: D.KVCache, pos, path) -> D.KVCache:
     return D.KVCache([move(c) for c in cache.k], [move(c) for c in cache.v])
 
 
+def block_size(tree: DraftTree, lookup: int) -> int:
+    """Nodes per verification: every kind of step (tree, lookup chain, extension) verifies this many."""
+    return max(tree.size, lookup + 1)
+
+
 def extension_tree(tree: DraftTree, Tv: int) -> DraftTree | None:
     """The lookup extension's block for a one-depth star `tree` verified in blocks of Tv nodes: the
     star's ranks 0 and 1, then Tv - 3 lookup tokens chained under rank 0 (node order: root, [0], [1],
@@ -227,7 +232,7 @@ def speculative_fn(cfg: ModelConfig, mc: M2R2Config, tree: DraftTree, greedy: bo
     T, Dm = tree.size, tree.max_depth
     ltree = chain(lookup) if lookup else None
     W = max(Dm, lookup) + 1   # tokens one step can emit
-    Tv = max(T, lookup + 1)   # nodes per verification: both kinds of step verify a block of this size
+    Tv = block_size(tree, lookup)
     etree = extension_tree(tree, Tv) if (lookup and extend) else None
     n_cont = (Tv - 3) if etree is not None else 0  # lookup tokens chained under the top-1 draft
 
@@ -418,7 +423,7 @@ class SpeculativeDecoder:
             raise M2R2Error(f"prompt lookup: need lookup >= 0 and 1 <= lookup_min_ngram <= lookup_ngram "
                             f"(got {lookup}, {lookup_min_ngram}, {lookup_ngram})")
         self.lookup, self.lookup_ngram, self.lookup_min_ngram = lookup, lookup_ngram, lookup_min_ngram
-        self.extend = bool(extend and lookup and extension_tree(tree, max(tree.size, lookup + 1)) is not None)
+        self.extend = bool(extend and lookup and extension_tree(tree, block_size(tree, lookup)) is not None)
         n = mc.n_fast(cfg.num_layers)
         self.draft_layers = draft_layers or n
         if not 1 <= self.draft_layers <= n:
@@ -443,7 +448,7 @@ class SpeculativeDecoder:
         if min(lens) < 1:
             raise M2R2Error("empty prompt: at least one token is required")
         P = bucket(longest)
-        T = max(self.tree.size, self.lookup + 1)
+        T = block_size(self.tree, self.lookup)
         need = longest + max_new + T + 1
         if need > self.cfg.max_position_embeddings:
             raise M2R2Error(f"prompt of {longest} tokens + {max_new} new tokens (+ a {T}-node tree) "

@@ -243,15 +243,12 @@ void attend_group(const float* const* qptr, int nq, const float* kc, const float
   const v16 ninf = v16{} - INFINITY;
   v16 mx = score_keys<HD>(qt, kc, plen, sc, ninf);
   float* scl = sc + plen * kLanes;
-  {
-    v16 mxl = score_keys<HD>(qt, kl, L, scl, ninf);
-    (void)mxl;
-    for (int64_t j = 0; j < L; ++j) {
-      v16 s = load16(scl + j * kLanes);
-      s = load16(vis + j * kLanes) > 0.5f ? s : ninf;
-      store16(scl + j * kLanes, s);
-      mx = s > mx ? s : mx;
-    }
+  score_keys<HD>(qt, kl, L, scl, ninf);  // local keys: the max is taken after masking
+  for (int64_t j = 0; j < L; ++j) {
+    v16 s = load16(scl + j * kLanes);
+    s = load16(vis + j * kLanes) > 0.5f ? s : ninf;
+    store16(scl + j * kLanes, s);
+    mx = s > mx ? s : mx;
   }
   const int64_t n = plen + L;
   v16 sum = v16{};
@@ -306,14 +303,14 @@ ffi::Error BlockAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
     float* optr[kLanes] = {};
     const int nq = static_cast<int>(std::min<int64_t>(kLanes, NQ - grp * kLanes));
     for (int l = 0; l < kLanes; ++l) {
-      const int64_t f = grp * kLanes + l;
-      const bool used = l < nq;
-      const int64_t t = used ? f / G : 0, h = k * G + (used ? f % G : 0);
-      if (used) {
-        qptr[l] = qp + ((b * T + t) * H + h) * hd;
-        optr[l] = op + ((b * T + t) * H + h) * hd;
+      if (l >= nq) {  // an unused lane sees every key (its result is never written)
+        for (int64_t j = 0; j < L; ++j) vis[j * kLanes + l] = 1.f;
+        continue;
       }
-      for (int64_t j = 0; j < L; ++j) vis[j * kLanes + l] = used ? (lm[t * L + j] ? 1.f : 0.f) : 1.f;
+      const int64_t f = grp * kLanes + l, t = f / G, h = k * G + f % G;
+      qptr[l] = qp + ((b * T + t) * H + h) * hd;
+      optr[l] = op + ((b * T + t) * H + h) * hd;
+      for (int64_t j = 0; j < L; ++j) vis[j * kLanes + l] = lm[t * L + j] ? 1.f : 0.f;
     }
     const float* kcb = kcp + ((b * KV + k) * S) * hd;
     const float* vcb = vcp + ((b * KV + k) * S) * hd;
