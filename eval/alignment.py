@@ -32,12 +32,13 @@ def main(argv=None):
 
     from pathlib import Path
 
-    from m2r2_jax.cli import encode_prompt
+    from m2r2_jax.loading.tokenizer import encode_prompt
     from m2r2_jax.decoding.generate import GenerateConfig, Generator
     from m2r2_jax.loading.registry import load_model
-    from m2r2_jax.m2r2.alignment import draft_weight_fraction, evaluate_alignment
+    from m2r2_jax.evaluation.alignment import draft_weight_fraction, evaluate_alignment
     from m2r2_jax.training.checkpoint import load_m2r2
-    from m2r2_jax.training.prompts import data_root, load_prompts
+    from m2r2_jax.data import data_root
+    from m2r2_jax.data.prompts import load_prompts
 
     ckpt = a.checkpoint or str(Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT)
     dataset = a.dataset or str(data_root() / "mt_bench" / "question.jsonl")

@@ -16,33 +16,13 @@ import json
 import statistics
 import time
 
-from m2r2_jax.cli import add_model_args, decode_params, encode_prompt, quiet_env, run_main
+from m2r2_jax.cli import add_model_args, decode_setup, quiet_env, run_main
 
 PROMPTS = (
     "Explain why the sky is blue to a ten-year-old.",
     "Write a short poem about a lighthouse keeper.",
     "List three tips for writing clean Python code and explain each.",
 )
-
-
-def _hf_model(m):
-    import torch
-    import transformers as tf
-
-    from m2r2_jax.errors import M2R2Error
-
-    if m.kind == "gguf":
-        import os
-
-        d, f = os.path.split(m.source)
-        ref = tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    else:
-        from m2r2_jax.loading.hf_safetensors import resolve_hf_dir
-
-        ref = tf.AutoModelForCausalLM.from_pretrained(str(resolve_hf_dir(m.source)), dtype=torch.float32)
-    if ref is None:
-        raise M2R2Error("could not build the HF reference model")
-    return ref.eval()
 
 
 def bench_interleaved(gen, params, ref, prompts, max_new, repeats):
@@ -71,7 +51,7 @@ def bench_interleaved(gen, params, ref, prompts, max_new, repeats):
     return ours_t, hf_t, same, compile_s
 
 
-def verify_cost_curve(cfg, params, Ts=(1, 2, 3, 4, 6, 8, 16, 32, 64), filled=256, cache_len=512, reps=7):
+def verify_cost_curve(cfg, params, backend, Ts=(1, 2, 3, 4, 6, 8, 16, 32, 64), filled=256, cache_len=512, reps=7):
     """Wall time of one jitted full forward of T tokens over `filled` cached slots, relative to T=1."""
     import jax
     import jax.numpy as jnp
@@ -79,7 +59,7 @@ def verify_cost_curve(cfg, params, Ts=(1, 2, 3, 4, 6, 8, 16, 32, 64), filled=256
 
     from m2r2_jax.model import decoder as D
 
-    fwd = jax.jit(lambda p, t, c, s: D.forward(cfg, p, t, c, s), donate_argnums=(2,))
+    fwd = jax.jit(lambda p, t, c, s: D.forward(cfg, p, t, c, s, backend=backend), donate_argnums=(2,))
     ms = {}
     for T in Ts:
         cache = D.init_cache(cfg, 1, cache_len)
@@ -110,19 +90,24 @@ def main(argv=None):
     import jax
 
     from m2r2_jax.decoding.generate import Generator
+    from m2r2_jax.errors import M2R2Error
+    from m2r2_jax.evaluation.hf_reference import hf_reference_model
     from m2r2_jax.loading.registry import load_model
+    from m2r2_jax.loading.tokenizer import encode_prompt
 
+    if a.max_new_tokens < 1 or a.repeats < 1:
+        raise M2R2Error("--max-new-tokens and --repeats must be >= 1")
     m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype)
     prompts = [encode_prompt(m.tokenizer, t, chat=bool(getattr(m.tokenizer, "chat_template", None)))
                for t in PROMPTS]
-    gen = Generator(m.cfg)
-    params = decode_params(m, a.cpu_kernel)
-    ref = None if a.skip_hf else _hf_model(m)
+    backend, params = decode_setup(m, a.cpu_kernel)
+    gen = Generator(m.cfg, backend=backend)
+    ref = None if a.skip_hf else hf_reference_model(m)
     ours_t, hf_t, same, compile_s = bench_interleaved(gen, params, ref, prompts, a.max_new_tokens, a.repeats)
     n_tok = a.max_new_tokens * len(ours_t)
     res = {
         "model": a.model, "device": str(jax.devices()[0].platform), "batch": 1,
-        "dtype": m.cfg.dtype, "cpu_kernel": params is not m.params, "max_new_tokens": a.max_new_tokens, "prompts": len(prompts),
+        "dtype": m.cfg.dtype, "backend": backend.name, "max_new_tokens": a.max_new_tokens, "prompts": len(prompts),
         "repeats": a.repeats, "timing": "wall clock per generate call incl. prefill; load and compile excluded",
         "ours_tokens_per_second": n_tok / sum(ours_t), "ours_ms_per_token": 1e3 * sum(ours_t) / n_tok,
         "compile_seconds": compile_s,
@@ -135,7 +120,7 @@ def main(argv=None):
             "ratio_vs_hf": sum(hf_t) / sum(ours_t), "torch_threads": torch.get_num_threads(),
             "greedy_tokens_identical_to_hf": all(same),
         })
-    res["verify_cost"] = verify_cost_curve(m.cfg, params)
+    res["verify_cost"] = verify_cost_curve(m.cfg, params, backend)
     if a.json:
         print(json.dumps(res))
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from m2r2_jax.cli import add_model_args, decode_params, encode_prompt, parse_mesh, quiet_env, run_main
+from m2r2_jax.cli import add_model_args, decode_setup, parse_mesh, quiet_env, run_main
 
 
 def main(argv=None):
@@ -27,17 +27,16 @@ def main(argv=None):
 
     from m2r2_jax.decoding.generate import GenerateConfig, Generator
     from m2r2_jax.decoding.sampling import SamplingConfig
-    from m2r2_jax.errors import M2R2Error
     from m2r2_jax.loading.registry import load_model
+    from m2r2_jax.loading.tokenizer import encode_prompt
 
-    if a.max_new_tokens < 1:
-        raise M2R2Error("--max-new-tokens must be >= 1")
+    gen = GenerateConfig(max_new_tokens=a.max_new_tokens, cache_len=a.cache_len,
+                         sampling=SamplingConfig(a.temperature, a.top_k, a.top_p, a.seed))  # validated before loading
     mesh = parse_mesh(a.mesh)
     m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype, mesh=mesh)
     ids = encode_prompt(m.tokenizer, a.prompt, a.chat)
-    gen = GenerateConfig(max_new_tokens=a.max_new_tokens, cache_len=a.cache_len,
-                         sampling=SamplingConfig(a.temperature, a.top_k, a.top_p, a.seed))
-    res = Generator(m.cfg, mesh).generate(decode_params(m, a.cpu_kernel, mesh), [ids], gen)
+    backend, params = decode_setup(m, a.cpu_kernel, mesh)
+    res = Generator(m.cfg, mesh, backend).generate(params, [ids], gen)
     new = res.new_ids[0]
     text = m.tokenizer.decode(new, skip_special_tokens=True)
     tps = len(new) / res.decode_seconds if res.decode_seconds > 0 else 0.0

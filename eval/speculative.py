@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from m2r2_jax.cli import add_model_args, decode_params, quiet_env, run_main
+from m2r2_jax.cli import add_model_args, decode_setup, quiet_env, run_main
 
 
 def _f(x, spec=".2f", none="-"):
@@ -99,8 +99,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     quiet_env()
 
-    from m2r2_jax.decoding.trees import get_tree
+    from m2r2_jax.decoding.drafters import DraftOptions
     from m2r2_jax.errors import M2R2Error
+    from m2r2_jax.evaluation.spec_eval import SpecEvalConfig
 
     if a.out is None:
         name = Path(a.dataset).stem if Path(a.dataset).suffix else a.dataset.replace("/", "_").replace(":", "_")
@@ -118,19 +119,18 @@ def main(argv=None):
             raise M2R2Error(f"{what}: {f} is a directory")
     if a.mesh:
         raise M2R2Error("--mesh is not supported by the speculative decoder (single device)")
-    if a.max_new_tokens < 1 or a.batch_size < 1 or (a.limit is not None and a.limit < 1):
-        raise M2R2Error("--max-new-tokens, --batch-size and --limit must be >= 1")
-    if a.temperature < 0 or not 0.0 < a.top_p <= 1.0:
-        raise M2R2Error("need --temperature >= 0 and 0 < --top-p <= 1")
-    if a.lookup < 0 or a.lookup_ngram < 2:
-        raise M2R2Error("need --lookup >= 0 and --lookup-ngram >= 2")
-    if a.draft_layers < 0:
-        raise M2R2Error("--draft-layers must be >= 0")
-    tree = get_tree(a.tree)
+    if a.limit is not None and a.limit < 1:
+        raise M2R2Error(f"--limit must be >= 1, got {a.limit}")
     if a.hf_baselines and (a.temperature > 0 or a.batch_size != 1):
         raise M2R2Error("--hf-baselines needs greedy decoding (--temperature 0) and --batch-size 1")
+    # every decoding option is validated here, before anything is loaded or written
+    ec = SpecEvalConfig(draft=DraftOptions(tree=a.tree, draft_layers=a.draft_layers, lookup=a.lookup,
+                                           lookup_ngram=a.lookup_ngram, lookup_min_ngram=min(2, a.lookup_ngram),
+                                           extend=not a.no_lookup_extend),
+                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                        batch_size=a.batch_size, ar_block=a.ar_block)
 
-    from m2r2_jax.evaluation.datasets import load_eval_set
+    from m2r2_jax.data.eval_sets import load_eval_set
     from m2r2_jax.evaluation.plots import render_png
     from m2r2_jax.evaluation.spec_eval import M2R2Bundle, machine_info, run_spec_eval
     from m2r2_jax.loading.registry import load_model
@@ -141,33 +141,27 @@ def main(argv=None):
     resolve_checkpoint_dir(ckpt)  # fail before loading the model
     m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype)
     mc, m2r2, draft_ids, meta = load_m2r2(ckpt, m.cfg, m.params, a.model, base_fingerprint=m.fingerprint)
-    params = decode_params(m, a.cpu_kernel)
-    kernel = params is not m.params
-    if a.ref_ar and not kernel:
+    backend, params = decode_setup(m, a.cpu_kernel)
+    if a.ref_ar and not backend.kernels:
         raise M2R2Error("--ref-ar compares the CPU kernels' AR with XLA's: it needs the kernels on (--cpu-kernel)")
     hf_ref = None
     if a.hf_baselines:
-        from eval.bench_decode import _hf_model
+        from m2r2_jax.evaluation.hf_reference import hf_reference_model
 
-        hf_ref = _hf_model(m)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        hf_ref = hf_reference_model(m)
     if a.resume and journal.exists():
         print(f"resuming from {journal}", file=sys.stderr)
-    res = run_spec_eval(m, M2R2Bundle(mc, m2r2, draft_ids, meta), items, tree, max_new_tokens=a.max_new_tokens,
-                        temperature=a.temperature, top_p=a.top_p, seed=a.seed, batch_size=a.batch_size,
-                        draft_layers=a.draft_layers, progress=not a.no_progress, hf_ref=hf_ref,
-                        ar_block=a.ar_block, journal=journal, resume=a.resume, lookup=a.lookup,
-                        lookup_ngram=a.lookup_ngram, lookup_min_ngram=2, decode_params=params,
-                        lookup_extend=not a.no_lookup_extend,
-                        ref_ar_params=m.params if a.ref_ar else None,
+    res = run_spec_eval(m, M2R2Bundle(mc, m2r2, draft_ids, meta), items, ec, backend=backend, decode_params=params,
+                        ref_ar_params=m.params if a.ref_ar else None, hf_ref=hf_ref, journal=journal,
+                        resume=a.resume, progress=not a.no_progress,
                         journal_key=dict(model=a.model, checkpoint=str(Path(ckpt).resolve()), dataset=a.dataset,
                                          limit=a.limit, dtype=a.dtype, param_dtype=a.param_dtype,
                                          matmul_dtype=a.matmul_dtype))
     res["config"].update(model=a.model, checkpoint=ckpt, train_step=meta.get("step"), dataset=a.dataset,
                          limit=a.limit, dtype=m.cfg.dtype, rate=mc.rate, num_fast_layers=mc.n_fast(m.cfg.num_layers),
-                         cpu_kernel=kernel)
+                         cpu_kernel=backend.kernels)
     res["machine"] = machine_info()
-    png = render_png(res, title=f"{a.model} on {a.dataset}: tree {tree.name}, T={a.temperature}, B={a.batch_size}")
+    png = render_png(res, title=f"{a.model} on {a.dataset}: tree {ec.draft.tree.name}, T={a.temperature}, B={a.batch_size}")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))

@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: one-line errors, model/mesh flags, prompt encoding."""
+"""Shared CLI plumbing: one-line errors, model / mesh / backend flags."""
 from __future__ import annotations
 
 import argparse
@@ -37,18 +37,13 @@ def add_model_args(p: argparse.ArgumentParser, decode: bool = True) -> None:
                         "off = XLA's own dot and attention")
 
 
-def decode_params(m, mode: str = "auto", mesh=None):
-    """The params decoding should use: `m.params` packed for the CPU kernels (`--cpu-kernel`), or as
-    they are. `on` fails with one clear line where the kernels cannot be used."""
-    from m2r2_jax import kernels as K
+def decode_setup(m, mode: str = "auto", mesh=None):
+    """-> (backend, params) for decoding with `--cpu-kernel mode` (backend.resolve: one clear line when
+    `on` cannot be honoured), the params laid out for that backend."""
+    from m2r2_jax.backend import resolve
 
-    if mode == "off":
-        return m.params
-    if K.wanted(m.cfg, mesh):
-        return K.pack_decode_params(m.cfg, m.params)
-    if mode == "on":
-        raise M2R2Error(f"--cpu-kernel on: {K.why_not(m.cfg, mesh)}")
-    return m.params
+    backend = resolve(m.cfg, mode, mesh)
+    return backend, backend.prepare(m.cfg, m.params)
 
 
 def parse_mesh(spec: str | None):
@@ -60,18 +55,6 @@ def parse_mesh(spec: str | None):
     cfg = apply_overrides(MeshConfig(), [s for s in spec.split(",") if s])
     maybe_initialize_distributed(cfg)
     return make_mesh(cfg)
-
-
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
-    """Chat: exactly `apply_chat_template(messages, add_generation_prompt=True)`."""
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise M2R2Error("--chat: this model's tokenizer has no chat template")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return [int(i) for i in tokenizer(text)["input_ids"]]
 
 
 def quiet_env() -> None:

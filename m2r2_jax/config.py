@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
@@ -167,41 +169,88 @@ def model_config_from_hf(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
     return replace(mc, **overrides).validate()
 
 
-# ----------------------------------------------------------------------------- overrides
+# ----------------------------------------------------------------------------- parsing
+# One parser for every config dataclass: mappings (YAML files, checkpoint metadata) through
+# `from_dict`, `key=value` strings through `apply_overrides`, both through `_coerce`. Unknown keys,
+# wrong types and non-finite numbers are refused with the key's full name; each dataclass's own
+# `__post_init__` then checks ranges.
 
-def _coerce(value: str, typ: Any, key: str):
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if isinstance(typ, str):  # postponed annotation
-        typ = eval(typ, globals())  # noqa: S307 - our own annotations only
-        return _coerce(value, typ, key)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        if value.lower() in ("none", "null"):
-            return None
+
+def _type_name(typ) -> str:
+    return getattr(typ, "__name__", str(typ))
+
+
+def _coerce(value: Any, typ: Any, key: str):
+    """`value` (a parsed YAML/JSON value, or a raw string from the command line) as `typ`."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union or isinstance(typ, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except (ValueError, M2R2Error):
-                continue
-        raise M2R2Error(f"config key {key!r}: cannot parse {value!r}")
-    if origin in (tuple, list, Sequence):
-        items = [v for v in value.strip("()[]").split(",") if v.strip()]
+            except M2R2Error as e:
+                errors.append(str(e))
+        raise M2R2Error(errors[0] if errors else f"config key {key!r}: cannot parse {value!r}")
+    if dataclasses.is_dataclass(typ):
+        return from_dict(typ, value, key + ".")
+    if origin in (tuple, list, Sequence) or typ in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("()[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise M2R2Error(f"config key {key!r}: expected a list, got {value!r}")
         inner = args[0] if args else str
-        return tuple(_coerce(v.strip(), inner, key) for v in items)
+        return tuple(_coerce(v, inner, key) for v in value)
     if typ is bool:
-        if value.lower() in ("1", "true", "yes"):
-            return True
-        if value.lower() in ("0", "false", "no"):
-            return False
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.lower() in ("1", "true", "yes")
         raise M2R2Error(f"config key {key!r}: expected a boolean, got {value!r}")
-    if typ in (int, float, str):
-        try:
-            return typ(value)
-        except ValueError as e:
-            raise M2R2Error(f"config key {key!r}: expected {typ.__name__}, got {value!r}") from e
-    raise M2R2Error(f"config key {key!r}: cannot override a value of type {typ}")
+    if typ in (int, float):
+        if isinstance(value, str):
+            try:
+                value = int(value) if typ is int else float(value)
+            except ValueError:
+                raise M2R2Error(f"config key {key!r}: expected {typ.__name__}, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and not isinstance(value, int)):
+            raise M2R2Error(f"config key {key!r}: expected {typ.__name__}, got {value!r}")
+        if not math.isfinite(value):
+            raise M2R2Error(f"config key {key!r}: expected a finite number, got {value!r}")
+        return typ(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise M2R2Error(f"config key {key!r}: expected a string, got {value!r}")
+        return value
+    if typ is Any:
+        return value
+    raise M2R2Error(f"config key {key!r}: cannot set a value of type {_type_name(typ)}")
+
+
+def from_dict(cls, d: Mapping | None, where: str = ""):
+    """A config dataclass from a mapping; missing keys keep their defaults."""
+    if d is None:
+        d = {}
+    if not isinstance(d, Mapping):
+        name = where.rstrip(".") or cls.__name__
+        raise M2R2Error(f"config {name!r}: expected a mapping of keys to values, got {type(d).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for k, v in d.items():
+        if k not in fields:
+            raise M2R2Error(f"unknown config key {where + str(k)!r} ({cls.__name__} has: {', '.join(sorted(fields))})")
+        kw[k] = _coerce(v, hints[k], where + k)
+    return cls(**kw)
+
+
+def to_dict(cfg) -> dict:
+    """A config dataclass as plain JSON-able values (tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def replace(cfg, **kw):
@@ -219,22 +268,36 @@ def apply_overrides(cfg, overrides: Sequence[str]):
         if "=" not in item:
             raise M2R2Error(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
-        cfg = _set(cfg, key.strip().split("."), value.strip(), key)
+        cfg = _set(cfg, key.strip().split("."), value.strip(), key.strip())
     return cfg
 
 
 def _set(cfg, path, value, full_key):
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    fields = {f.name for f in dataclasses.fields(cfg)}
     head = path[0]
     if head not in fields:
         raise M2R2Error(f"unknown config key {full_key!r} ({type(cfg).__name__} has: {', '.join(sorted(fields))})")
-    hints = typing.get_type_hints(type(cfg))
     if len(path) > 1:
         sub = getattr(cfg, head)
         if not dataclasses.is_dataclass(sub):
             raise M2R2Error(f"unknown config key {full_key!r}: {head!r} has no sub-keys")
         return dataclasses.replace(cfg, **{head: _set(sub, path[1:], value, full_key)})
-    return dataclasses.replace(cfg, **{head: _coerce(value, hints[head], full_key)})
+    return dataclasses.replace(cfg, **{head: _coerce(value, typing.get_type_hints(type(cfg))[head], full_key)})
+
+
+def load_yaml(path: str | Path) -> Any:
+    """A YAML file's data (safe loader); one clear error for a missing, unreadable or malformed file."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise M2R2Error(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise M2R2Error(f"config file {p} is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        raise M2R2Error(f"corrupt config file {p}: {str(e).splitlines()[0]}") from None
 
 
 def rope_inv_freq(cfg: ModelConfig):

@@ -4,7 +4,3 @@
 class M2R2Error(Exception):
     """A user-facing error: missing/corrupt file, unsupported architecture,
     shape mismatch, unknown config key, prompt longer than the cache, ..."""
-
-
-def fail(msg: str) -> "None":
-    raise M2R2Error(msg)

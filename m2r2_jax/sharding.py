@@ -53,6 +53,12 @@ class MeshConfig:
     num_processes: int | None = None
     process_id: int | None = None
 
+    def __post_init__(self):
+        for name in ("data", "fsdp", "tensor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+                raise M2R2Error(f"mesh.{name} must be an integer >= 1 (or -1 = all devices left), got {v!r}")
+
 
 def maybe_initialize_distributed(cfg: MeshConfig) -> None:
     """Multi-host start (TPU pods pick the addresses up from the environment)."""

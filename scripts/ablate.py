@@ -49,9 +49,9 @@ def main():
     from m2r2_jax.cli import encode_prompt
     from m2r2_jax.decoding.generate import GenerateConfig, Generator
     from m2r2_jax.loading.registry import load_model
-    from m2r2_jax.m2r2.alignment import evaluate_alignment
+    from m2r2_jax.evaluation.alignment import evaluate_alignment
     from m2r2_jax.training.config import load_train_config
-    from m2r2_jax.training.prompts import data_root, load_prompts
+    from m2r2_jax.data.prompts import data_root, load_prompts
     from m2r2_jax.training.trainer import distilled_records, train
 
     out = Path(a.out)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from m2r2_jax.errors import M2R2Error
-from m2r2_jax.training import prompts as P
+from m2r2_jax.data import prompts as P
 from m2r2_jax.training.distill import (DistillModel, as_distill_model, build_distill_cache,
                                        load_distill_cache, read_manifest)
 
@@ -306,7 +306,7 @@ def test_pack_examples_masks():
     """Answer-only mask by default; with loss_on_prompt every real token; long prompts keep their end."""
     import numpy as np
 
-    from m2r2_jax.training.batches import pack_examples
+    from m2r2_jax.data.batches import pack_examples
 
     recs = [{"prompt_ids": [5, 6, 7], "answer_ids": [8, 9]},
             {"prompt_ids": list(range(10, 30)), "answer_ids": list(range(40, 60))}]

@@ -160,7 +160,7 @@ def test_config_overrides_and_unknown_key(tmp_path):
 def test_alignment_eval_and_checkpoint_loading(tiny_model, tiny_llama_dir, tmp_path):
     """Zero-init, prefix map, rate 1: every fast layer IS the slow stream, so agreement is 1 at
     the last layer; load_m2r2 restores what the trainer saved; a foreign base is refused."""
-    from m2r2_jax.m2r2.alignment import evaluate_alignment
+    from m2r2_jax.evaluation.alignment import evaluate_alignment
     from m2r2_jax.training.checkpoint import load_m2r2
 
     cfg, params = tiny_model
@@ -262,7 +262,7 @@ def test_kill_9_then_resume_is_exact(tiny_model, tiny_llama_dir, tmp_path):
 
 def test_draft_weight_fraction(tiny_model):
     """The draft cost model: weights read through fast depth l, relative to a full step."""
-    from m2r2_jax.m2r2.alignment import draft_weight_fraction
+    from m2r2_jax.evaluation.alignment import draft_weight_fraction
 
     cfg, params = tiny_model
     mc = M2R2Config(rate=2, rank=4).validate(cfg.num_layers)
@@ -377,7 +377,7 @@ def test_teacher_cache_training_resume_and_refusals(tiny_model, tmp_path):
     del mm
     cfg, params = tiny_model
     base = jax.tree.map(jnp.asarray, params)
-    from m2r2_jax.training.batches import pack_examples
+    from m2r2_jax.data.batches import pack_examples
 
     toks, mask = pack_examples(recs, 32)
     tc = TC.open_or_build(tmp_path / "teacher", cfg, _tc(tmp_path).m2r2.validate(cfg.num_layers), base,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from m2r2_jax.errors import M2R2Error
-from m2r2_jax.evaluation.datasets import load_eval_set
-from m2r2_jax.training.prompts import data_root
+from m2r2_jax.data.eval_sets import load_eval_set
+from m2r2_jax.data.prompts import data_root
 
 
 def _jsonl(path: Path, recs):
@@ -138,7 +138,7 @@ def tiny_setup(tiny_llama_dir):
 def test_run_spec_eval_tiny(tiny_setup, tmp_path):
     from eval.speculative import format_table
     from m2r2_jax.decoding.trees import build_tree
-    from m2r2_jax.evaluation.datasets import EvalItem
+    from m2r2_jax.data.eval_sets import EvalItem
     from m2r2_jax.evaluation.plots import plot_spec_eval
     from m2r2_jax.evaluation.spec_eval import run_spec_eval
 
@@ -202,7 +202,7 @@ def test_hf_baselines_same_run(tiny_setup, tiny_llama_dir):
     import transformers as tf
 
     from m2r2_jax.decoding.trees import build_tree
-    from m2r2_jax.evaluation.datasets import EvalItem
+    from m2r2_jax.data.eval_sets import EvalItem
     from m2r2_jax.evaluation.spec_eval import run_spec_eval
 
     model, bundle = tiny_setup
@@ -238,7 +238,7 @@ def test_cli_bad_input_one_line(tmp_path, capsys):
 
 
 def test_builtin_prompt_set_ships_with_package():
-    from m2r2_jax.evaluation.datasets import load_eval_set
+    from m2r2_jax.data.eval_sets import load_eval_set
 
     items = load_eval_set("builtin")
     assert len(items) == 16 and len({it.category for it in items}) == 8
@@ -265,7 +265,7 @@ def test_journal_resume(tiny_setup, tmp_path):
     """An interrupted eval carries on from its journal: finished items are read back, not rerun, and the
     result matches an uninterrupted run's; a journal from another run is refused."""
     from m2r2_jax.decoding.trees import build_tree
-    from m2r2_jax.evaluation.datasets import EvalItem
+    from m2r2_jax.data.eval_sets import EvalItem
     from m2r2_jax.evaluation.spec_eval import run_spec_eval
 
     model, bundle = tiny_setup
@@ -314,7 +314,7 @@ def test_spec_eval_with_cpu_kernels_and_xla_reference(tiny_setup, tmp_path):
     records the kernel choice in the journal header, and stays lossless."""
     from m2r2_jax import kernels as K
     from m2r2_jax.decoding.trees import get_tree
-    from m2r2_jax.evaluation.datasets import EvalItem
+    from m2r2_jax.data.eval_sets import EvalItem
     from m2r2_jax.evaluation.spec_eval import run_spec_eval
 
     if not K.available():

@@ -5,10 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from m2r2_jax.backend import XLA
+from m2r2_jax.decoding.drafters import DraftOptions, Drafter, extension_tree, lookup_continuation
 from m2r2_jax.decoding.generate import GenerateConfig, Generator
 from m2r2_jax.decoding.sampling import SamplingConfig
-from m2r2_jax.decoding.speculative import SpecConfig, SpeculativeDecoder, _accept_greedy
+from m2r2_jax.decoding.speculative import SpecConfig, SpeculativeDecoder
+from m2r2_jax.decoding.state import Proposal
 from m2r2_jax.decoding.trees import build_tree, chain, get_tree
+from m2r2_jax.decoding.verify import TreeTables, accept_greedy, accept_sampling
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.loading.hf_safetensors import load_hf_checkpoint
 from m2r2_jax.m2r2.config import M2R2Config
@@ -56,7 +60,8 @@ def test_greedy_accept_matches_oracle():
             kids = kids[kids >= 0]
             toks[0, kids] = rs.permutation(V)[:len(kids)]
         logits = rs.randn(1, tree.size, V)
-        a, path, bonus, _ = _accept_greedy(tree, jnp.asarray(toks), jnp.asarray(logits))
+        a, path, bonus, _ = accept_greedy(TreeTables.of([tree]), 0, jnp.asarray(toks),
+                                          jnp.argmax(jnp.asarray(logits), -1))
         oa, opath, obonus = _oracle_accept(tree, toks[0], logits[0].argmax(-1))
         assert int(a[0]) == oa and int(bonus[0]) == int(obonus)
         assert np.asarray(path[0])[:oa + 1].tolist() == opath
@@ -78,6 +83,20 @@ def _m2r2(cfg, scale=0.3, **kw):
     return mc, m
 
 
+def _spec(cfg, mc, tree, backend=XLA, **kw):
+    opts = DraftOptions(tree=tree, lookup=kw.pop("lookup", 0), **kw)
+    return SpeculativeDecoder(cfg, opts.drafter(cfg, mc, backend), backend)
+
+
+def _run(spec, base, m2r2, prompts, sc):
+    d = np.arange(spec.cfg.vocab_size, dtype=np.int32)
+    return spec.generate(base, spec.prepare(base, m2r2, d), prompts, sc)
+
+
+def _kind(r, kind, what="steps"):
+    return sum(r.kinds[kind][what]) if kind in r.kinds else 0
+
+
 def _prompts(n, seed=0):
     rs = np.random.RandomState(seed)
     return [rs.randint(3, 256, rs.randint(3, 20)).tolist() for _ in range(n)]
@@ -87,17 +106,18 @@ def _prompts(n, seed=0):
 def test_greedy_lossless_random_adapters(tiny, tree):
     cfg, base = tiny
     mc, m2r2 = _m2r2(cfg)
-    draft_ids = np.arange(cfg.vocab_size, dtype=np.int32)
-    spec = SpeculativeDecoder(cfg, mc, get_tree(tree))
+    spec = _spec(cfg, mc, tree)
     gen = Generator(cfg)
     prompts = _prompts(4)
     sc = SpecConfig(max_new_tokens=24, stop_ids=(-1,))
     ar = [gen.generate(base, [p], GenerateConfig(max_new_tokens=24, stop_ids=(-1,))).new_ids[0] for p in prompts]
-    single = [spec.generate(base, m2r2, draft_ids, [p], sc) for p in prompts]
+    single = [_run(spec, base, m2r2, [p], sc) for p in prompts]
     assert [r.new_ids[0] for r in single] == ar
-    batched = spec.generate(base, m2r2, draft_ids, prompts, sc)
+    batched = _run(spec, base, m2r2, prompts, sc)
     assert batched.new_ids == ar
-    assert all(s >= 1 for s in batched.steps) and sum(batched.steps) <= 4 * 24
+    # the drafts were used: some were accepted, so fewer steps than the 23 tokens after the first
+    assert sum(batched.accepted) > 0 and sum(batched.steps) < 4 * 23
+    assert [sum(r.accepted) for r in single] == batched.accepted
 
 
 def test_zero_adapters_draft_well_and_stop_on_eos(tiny):
@@ -105,26 +125,23 @@ def test_zero_adapters_draft_well_and_stop_on_eos(tiny):
     cfg, base = tiny
     mc = M2R2Config(rate=1, layer_map="prefix", rank=4, router_dim=8).validate(cfg.num_layers)
     m2r2 = init_m2r2(cfg, mc, jax.random.key(0))
-    spec = SpeculativeDecoder(cfg, mc, chain(3))
+    spec = _spec(cfg, mc, "chain3")
     p = _prompts(1, seed=5)[0]
-    r = spec.generate(base, m2r2, np.arange(cfg.vocab_size, dtype=np.int32), [p],
-                      SpecConfig(max_new_tokens=21, stop_ids=(-1,)))
+    r = _run(spec, base, m2r2, [p], SpecConfig(max_new_tokens=21, stop_ids=(-1,)))
     assert r.tau == 4.0 and r.steps[0] == 5  # 1 prefill token + 5 steps x 4 tokens
     ar = Generator(cfg).generate(base, [p], GenerateConfig(max_new_tokens=21, stop_ids=(-1,))).new_ids[0]
     assert r.new_ids[0] == ar
     stop = ar[7]
-    r2 = spec.generate(base, m2r2, np.arange(cfg.vocab_size, dtype=np.int32), [p],
-                       SpecConfig(max_new_tokens=21, stop_ids=(stop,)))
+    r2 = _run(spec, base, m2r2, [p], SpecConfig(max_new_tokens=21, stop_ids=(stop,)))
     assert r2.new_ids[0] == ar[:ar.index(stop) + 1]
 
 
 def test_no_recompile_within_bucket(tiny):
     cfg, base = tiny
     mc, m2r2 = _m2r2(cfg)
-    spec = SpeculativeDecoder(cfg, mc, chain(2))
-    d = np.arange(cfg.vocab_size, dtype=np.int32)
-    spec.generate(base, m2r2, d, [[5, 6, 7]], SpecConfig(max_new_tokens=8))
-    r = spec.generate(base, m2r2, d, [list(range(10, 22))], SpecConfig(max_new_tokens=8))
+    spec = _spec(cfg, mc, "chain2")
+    _run(spec, base, m2r2, [[5, 6, 7]], SpecConfig(max_new_tokens=8))
+    r = _run(spec, base, m2r2, [list(range(10, 22))], SpecConfig(max_new_tokens=8))
     assert spec.compiles == 1 and r.compile_seconds == 0.0
 
 
@@ -137,17 +154,19 @@ def test_sampling_lossless_distribution(tiny, tree, lookup):
     cfg, base = tiny
     base = dict(base, final_norm=base["final_norm"] * 40.0)  # a peaked distribution: few likely tokens
     mc, m2r2 = _m2r2(cfg, scale=1.0)
-    spec = SpeculativeDecoder(cfg, mc, get_tree(tree), lookup=lookup, lookup_min_ngram=1)
+    spec = _spec(cfg, mc, tree, lookup=lookup, lookup_min_ngram=1)
+    extend = "m2r2+lookup" in spec.drafter.kinds
     gen = Generator(cfg)
     d = np.arange(cfg.vocab_size, dtype=np.int32)
+    dp = spec.prepare(base, m2r2, d)
     prompt = [11, 12, 13] if not lookup else [11, 12, 13, 11, 12, 13, 11]
-    if spec.extend:  # a prompt where the first token is often new to the text and the top-1 draft is not
+    if extend:  # a prompt where the first token is often new to the text and the top-1 draft is not
         prompt = list(range(3, 40))
     n = 300
     sc = lambda s: SamplingConfig(temperature=1.0, seed=s)
     # tokens 2-3 come from a speculative step (token 1 is sampled after prefill)
-    spec_first = [tuple(spec.generate(base, m2r2, d, [prompt], SpecConfig(max_new_tokens=3, stop_ids=(-1,),
-                                                                          sampling=sc(s))).new_ids[0][1:3])
+    spec_first = [tuple(spec.generate(base, dp, [prompt], SpecConfig(max_new_tokens=3, stop_ids=(-1,),
+                                                                     sampling=sc(s))).new_ids[0][1:3])
                   for s in range(n)]
     ar_first = [tuple(gen.generate(base, [prompt], GenerateConfig(max_new_tokens=3, stop_ids=(-1,),
                                                                   sampling=sc(10_000 + s))).new_ids[0][1:3])
@@ -169,12 +188,12 @@ def test_sampling_lossless_distribution(tiny, tree, lookup):
     assert dof >= 3, "test distribution too flat to be informative"
     assert chi2_dist.sf(chi2, dof) > 0.01, (chi2, dof)
     # the drafts were really used: some drafted tokens were accepted
-    r = spec.generate(base, m2r2, d, [prompt] * 4, SpecConfig(max_new_tokens=16, stop_ids=(-1,), sampling=sc(1)))
+    r = spec.generate(base, dp, [prompt] * 4, SpecConfig(max_new_tokens=16, stop_ids=(-1,), sampling=sc(1)))
     assert sum(r.accepted) > 0
     if lookup:
-        assert sum(r.lookup_steps) > 0
-    if spec.extend:
-        assert sum(r.ext_steps) > 0
+        assert _kind(r, "lookup") > 0
+    if extend:
+        assert _kind(r, "m2r2+lookup") > 0
 
 
 def _chi2_ok(counts, probs, alpha=1e-3):
@@ -191,22 +210,21 @@ def _chi2_ok(counts, probs, alpha=1e-3):
 def test_rejection_sampling_exact_on_tiny_vocab():
     """The tree acceptance rule itself: the first emitted token ~ p(root), and the second, given the
     first was an accepted draft node c, ~ p(c) — whatever the drafts are (20k samples, chi-square)."""
-    from m2r2_jax.decoding.speculative import _accept_sampling
-
     tree = build_tree([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)])
     V, n = 6, 20000
     rs = np.random.RandomState(0)
     probs = rs.dirichlet(np.ones(V) * 0.7, tree.size).astype(np.float32)
     toks = np.array([0, 2, 4, 1, 3, 5, 0], np.int32)[: tree.size]  # siblings distinct
     keys = jax.random.split(jax.random.key(0), n)
-    a, path, bonus, _ = jax.jit(jax.vmap(lambda k: _accept_sampling(
-        tree, jnp.asarray(toks)[None], jnp.asarray(probs)[None], k)))(keys)
+    tt = TreeTables.of([tree])
+    a, path, bonus, _ = jax.jit(jax.vmap(lambda k: accept_sampling(
+        tt, 0, jnp.asarray(toks)[None], jnp.asarray(probs)[None], k)))(keys)
     a, path, bonus = np.asarray(a)[:, 0], np.asarray(path)[:, 0], np.asarray(bonus)[:, 0]
-    first = np.where(a >= 1, toks[np.maximum(path[:, 1], 0)], bonus)
+    first = np.where(a >= 1, toks[path[:, 1]], bonus)
     assert _chi2_ok(np.bincount(first, minlength=V), probs[0])
     for c in (1, 2):  # condition on the first token being draft node c
         sel = (a >= 1) & (path[:, 1] == c)
-        second = np.where(a[sel] >= 2, toks[np.maximum(path[sel, 2], 0)], bonus[sel])
+        second = np.where(a[sel] >= 2, toks[path[sel, 2]], bonus[sel])
         assert sel.sum() > 500 and _chi2_ok(np.bincount(second, minlength=V), probs[c])
 
 
@@ -230,10 +248,13 @@ def test_tree_selection_trades_acceptance_for_cost():
 
 
 def test_merged_draft_params_equal_adapters(tiny):
-    """Drafting folds the adapters (W + A B) and gains into the layer weights: the same fast layer
-    and draft head up to float rounding."""
+    """Drafting folds the adapters (W + A B) and gains into the layer weights: the same fast stream
+    (`FastStream(merged=True)` over the merged params) and draft head up to float rounding."""
     from m2r2_jax.m2r2 import stream as S
+    from m2r2_jax.m2r2.modules import FastStream
     from m2r2_jax.model import layers as L
+    from m2r2_jax.model.attention import SetsAttention
+    from m2r2_jax.model.params import module_tree
 
     cfg, base = tiny
     mc, m2r2 = _m2r2(cfg, gain=True)
@@ -242,15 +263,17 @@ def test_merged_draft_params_equal_adapters(tiny):
     dp = S.draft_params(cfg, mc, base, m2r2, draft_ids)
     B, T = 2, 5
     h = jax.random.normal(jax.random.key(1), (B, T, cfg.hidden_size))
-    pos = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
-    cos, sin = L.rope_cos_sin(cfg, pos)
+    cos, sin = L.rope_cos_sin(cfg, jnp.broadcast_to(jnp.arange(T)[None], (B, T)))
     m_self = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool))[None], (B, T, T))
-    for l, j in enumerate(mc.base_layers(cfg.num_layers)):
-        want, (wk, wv) = S.fast_layer(cfg, base["layers"][j], m2r2["fast"][l], h, [], m_self, cos, sin)
-        got, (gk, gv) = S.fast_layer(cfg, dp["layers"][l], {}, h, [], m_self, cos, sin)
-        assert float(jnp.abs(want - h).max()) > 1e-2  # the adapters really act
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-        np.testing.assert_allclose(gk, wk, atol=1e-4, rtol=1e-4)
+    att = lambda l: SetsAttention(cfg, XLA, self_mask=m_self)
+    layers = [base["layers"][j] for j in mc.base_layers(cfg.num_layers)]
+    want, wkv = FastStream(cfg, mc).apply({"params": module_tree(m2r2["fast"])}, layers, h, cos, sin, att)
+    got, gkv = FastStream(cfg, mc, merged=True).apply({"params": {}}, dp["layers"], h, cos, sin, att)
+    plain, _ = FastStream(cfg, mc, merged=True).apply({"params": {}}, layers, h, cos, sin, att)
+    assert float(jnp.abs(want[-1] - plain[-1]).max()) > 1e-2  # the adapters really act
+    for l in range(len(want)):
+        np.testing.assert_allclose(got[l], want[l], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(gkv[l][0], wkv[l][0], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(S.draft_head_logits(cfg, dp, h), S.draft_logits(cfg, base, h, draft_ids),
                                atol=1e-4, rtol=1e-4)
     assert len(S.draft_params(cfg, mc, base, m2r2, draft_ids, depth=1)["layers"]) == 1
@@ -304,16 +327,14 @@ def test_bf16_lossless_with_ar_block(tiny, tree):
     prompts = _prompts(4, seed=2)
     gen = Generator(cfg)
     ar = gen.generate(base, prompts, GenerateConfig(max_new_tokens=24, stop_ids=(-1,), block=tree.size)).new_ids
-    spec = SpeculativeDecoder(cfg, mc, tree)
-    r = spec.generate(base, m2r2, np.arange(cfg.vocab_size, dtype=np.int32), prompts,
-                      SpecConfig(max_new_tokens=24, stop_ids=(-1,)))
+    spec = _spec(cfg, mc, tree)
+    r = _run(spec, base, m2r2, prompts, SpecConfig(max_new_tokens=24, stop_ids=(-1,)))
     assert r.new_ids == ar and 0 < sum(r.accepted) < 4 * 23
 
 
 def test_prompt_lookup_matches_oracle():
-    """_lookup against a plain-Python search: the K tokens after the latest earlier occurrence of the
-    last n tokens, longest n first."""
-    from m2r2_jax.decoding.speculative import _lookup
+    """lookup_continuation against a plain-Python search: the K tokens after the latest earlier occurrence
+    of the last n tokens, longest n first."""
 
     def oracle(h, hl, K, nmax, nmin):
         t = list(h[:hl])
@@ -330,7 +351,7 @@ def test_prompt_lookup_matches_oracle():
         nmin = int(rng.integers(1, nmax + 1))
         h = rng.integers(0, 4, (3, 40)).astype(np.int32)
         hl = rng.integers(1, 32, 3).astype(np.int32)
-        found, cand = _lookup(jnp.asarray(h), jnp.asarray(hl), K, nmax, nmin)
+        found, cand = lookup_continuation(jnp.asarray(h), jnp.asarray(hl), K, nmax, nmin)
         for b in range(3):
             of, oc = oracle(h[b], int(hl[b]), K, nmax, nmin)
             assert bool(found[b]) == of
@@ -346,35 +367,33 @@ def test_greedy_lossless_with_prompt_lookup(tiny, tree):
     the AR output token for token, one by one and batched."""
     cfg, base = tiny
     mc, m2r2 = _m2r2(cfg)
-    d = np.arange(cfg.vocab_size, dtype=np.int32)
-    spec = SpeculativeDecoder(cfg, mc, get_tree(tree), lookup=3, lookup_ngram=2, lookup_min_ngram=1)
+    spec = _spec(cfg, mc, tree, lookup=3, lookup_ngram=2, lookup_min_ngram=1)
     gen = Generator(cfg)
     prompts = [(p * 3)[:17] for p in _prompts(4, seed=2)] + [[7]]
     sc = SpecConfig(max_new_tokens=24, stop_ids=(-1,))
     ar = [gen.generate(base, [p], GenerateConfig(max_new_tokens=24, stop_ids=(-1,))).new_ids[0] for p in prompts]
-    single = [spec.generate(base, m2r2, d, [p], sc) for p in prompts]
+    single = [_run(spec, base, m2r2, [p], sc) for p in prompts]
     assert [r.new_ids[0] for r in single] == ar
-    assert sum(sum(r.lookup_steps) for r in single) > 0 and sum(sum(r.lookup_accepted) for r in single) > 0
-    assert sum(sum(r.steps) - sum(r.lookup_steps) for r in single) > 0  # some M2R2-drafted steps too
+    assert sum(_kind(r, "lookup") for r in single) > 0 and sum(_kind(r, "lookup", "accepted") for r in single) > 0
+    assert sum(_kind(r, "m2r2") for r in single) > 0  # some M2R2-drafted steps too
     # a one-depth star gets the lookup extension of its M2R2 drafts (star3 + lookup 3: a 4-node block)
-    assert spec.extend == (tree == "star3")
-    if spec.extend:
-        assert sum(sum(r.ext_steps) for r in single) > 0
-    batched = spec.generate(base, m2r2, d, prompts, sc)
+    extend = "m2r2+lookup" in spec.drafter.kinds
+    assert extend == (tree == "star3")
+    if extend:
+        assert sum(_kind(r, "m2r2+lookup") for r in single) > 0
+    batched = _run(spec, base, m2r2, prompts, sc)
     assert batched.new_ids == ar
-    if spec.extend:  # and switched off, the same output
-        off = SpeculativeDecoder(cfg, mc, get_tree(tree), lookup=3, lookup_ngram=2, lookup_min_ngram=1, extend=False)
-        r_off = off.generate(base, m2r2, d, prompts, sc)
-        assert r_off.new_ids == ar and sum(r_off.ext_steps) == 0
-    with pytest.raises(M2R2Error, match="prompt lookup"):
-        SpeculativeDecoder(cfg, mc, get_tree(tree), lookup=2, lookup_ngram=1, lookup_min_ngram=2)
+    if extend:  # and switched off, the same output
+        off = _spec(cfg, mc, tree, lookup=3, lookup_ngram=2, lookup_min_ngram=1, extend=False)
+        r_off = _run(off, base, m2r2, prompts, sc)
+        assert r_off.new_ids == ar and "m2r2+lookup" not in r_off.kinds
+    with pytest.raises(M2R2Error, match="lookup_min_ngram"):
+        DraftOptions(tree=tree, lookup=2, lookup_ngram=1, lookup_min_ngram=2)
 
 
 def test_extension_tree_layout():
     """The lookup extension's block: the star's ranks 0 and 1, then a chain under rank 0, in the node
     order the decode loop fills ([cur, x1, x2, c1, c2, ...]); only for one-depth stars."""
-    from m2r2_jax.decoding.speculative import extension_tree
-
     t = extension_tree(get_tree("star4"), 5)
     assert t.size == 5 and t.max_depth == 3
     assert t.parent.tolist() == [-1, 0, 0, 1, 3]
@@ -383,3 +402,34 @@ def test_extension_tree_layout():
     assert extension_tree(get_tree("star3"), 4).parent.tolist() == [-1, 0, 0, 1]
     assert extension_tree(get_tree("tree16"), 16) is None
     assert extension_tree(get_tree("chain1"), 5) is None
+
+
+class RepeatLast(Drafter):
+    """A peer drafter as a test fixture: proposes the last token repeated, as a chain of `k`."""
+
+    def __init__(self, k: int = 2):
+        self.k = k
+        self.trees = (chain(k),)
+        self.kinds = ("repeat",)
+
+    def propose(self, dparams, base, view) -> Proposal:
+        return Proposal(jnp.repeat(view.cur[:, None], self.k + 1, 1), jnp.int32(0))
+
+
+def test_peer_drafter_plugs_in_losslessly(tiny):
+    """A drafter written outside the library runs through the same loop (verification, acceptance and
+    statistics untouched): greedy output equals AR one by one and batched, and on a prompt that makes
+    the model repeat itself its drafts are accepted."""
+    cfg, base = tiny
+    spec = SpeculativeDecoder(cfg, RepeatLast(2))
+    gen = Generator(cfg)
+    sc = SpecConfig(max_new_tokens=20, stop_ids=(-1,))
+    prompts = _prompts(3, seed=4) + [[9] * 12]
+    ar = [gen.generate(base, [p], GenerateConfig(max_new_tokens=20, stop_ids=(-1,))).new_ids[0] for p in prompts]
+    single = [spec.generate(base, None, [p], sc) for p in prompts]
+    assert [r.new_ids[0] for r in single] == ar
+    assert spec.generate(base, None, prompts, sc).new_ids == ar
+    for r, out in zip(single, ar):  # acceptance is exactly "the next token repeats the current one"
+        repeats = sum(out[i] == out[i - 1] for i in range(1, len(out)))
+        assert (sum(r.accepted) > 0) == (repeats > 0)
+        assert r.kinds["repeat"]["steps"] == r.steps

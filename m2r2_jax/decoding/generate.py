@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from m2r2_jax.backend import XLA, Backend
 from m2r2_jax.config import ModelConfig
+from m2r2_jax.decoding.compiled import CompileCache
 from m2r2_jax.decoding.sampling import SamplingConfig, select
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.model import decoder as D
@@ -65,6 +67,14 @@ class GenerateConfig:
     # for token-for-token equality (BENCHMARKS.md, "bf16 matmuls, bit-exact chains"); 1 is the plain loop.
     block: int = 1
 
+    def __post_init__(self):
+        for name in ("max_new_tokens", "block"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise M2R2Error(f"{name} must be an integer >= 1, got {v!r}")
+        if self.cache_len is not None and (not isinstance(self.cache_len, int) or self.cache_len < 1):
+            raise M2R2Error(f"cache_len must be an integer >= 1, got {self.cache_len!r}")
+
 
 @dataclasses.dataclass
 class GenerateResult:
@@ -85,7 +95,7 @@ class GenerateResult:
 PREFILL_CHUNK = 64
 
 
-def prefill(cfg: ModelConfig, params, tokens, lengths, cache, chunk: int = PREFILL_CHUNK):
+def prefill(cfg: ModelConfig, params, tokens, lengths, cache, chunk: int = PREFILL_CHUNK, backend: Backend = XLA):
     """Process padded prompts [B, P]; return last-real-token logits [B, V] and the cache.
 
     Runs a `lax.while_loop` over chunks of `chunk` slots (P itself when P <= chunk or P is not a
@@ -95,7 +105,7 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache, chunk: int = PREFI
     B, P = tokens.shape
     C = chunk if (P > chunk and P % chunk == 0) else P
     if C == P:
-        h, cache, _ = D.forward_hidden(cfg, params, tokens, cache, jnp.zeros((B,), jnp.int32))
+        h, cache, _ = D.forward_hidden(cfg, params, tokens, cache, jnp.zeros((B,), jnp.int32), backend=backend)
         last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
         return D.logits_from_hidden(cfg, params, last)[:, 0], cache
     n_chunks = (jnp.max(lengths) + C - 1) // C
@@ -104,7 +114,7 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache, chunk: int = PREFI
         i, cache, last = st
         s = i * C
         h, cache, _ = D.forward_hidden(cfg, params, lax.dynamic_slice(tokens, (0, s), (B, C)), cache,
-                                       jnp.full((B,), s, jnp.int32))
+                                       jnp.full((B,), s, jnp.int32), backend=backend)
         j = lengths - 1 - s  # the last real token's index in this chunk
         hj = jnp.take_along_axis(h, jnp.clip(j, 0, C - 1)[:, None, None], axis=1)
         last = jnp.where(((j >= 0) & (j < C))[:, None, None], hj.astype(last.dtype), last)
@@ -115,11 +125,12 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache, chunk: int = PREFI
     return D.logits_from_hidden(cfg, params, last)[:, 0], cache
 
 
-def _generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int, block: int = 1):
+def _generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int, block: int = 1,
+                 backend: Backend = XLA):
     def run(params, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
         B = tokens.shape[0]
         cache = D.init_cache(cfg, B, cache_len)
-        logits, cache = prefill(cfg, params, tokens, lengths, cache)
+        logits, cache = prefill(cfg, params, tokens, lengths, cache, backend=backend)
         key, sub = jax.random.split(key)
         first = select(logits, sub, greedy, temperature, top_k, top_p)
         out = jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(first)
@@ -133,7 +144,7 @@ def _generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int, b
             i, tok, cache, out, done, key = st
             pos = lengths + i - 1  # slot of `tok`
             blk = tok[:, None] if block == 1 else jnp.pad(tok[:, None], ((0, 0), (0, block - 1)))
-            logits, cache = D.forward(cfg, params, blk, cache, pos)
+            logits, cache = D.forward(cfg, params, blk, cache, pos, backend=backend)
             key, sub = jax.random.split(key)
             nxt = select(logits[:, 0], sub, greedy, temperature, top_k, top_p)
             nxt = jnp.where(done, stop_ids[0], nxt)
@@ -150,11 +161,13 @@ def _generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int, b
 class Generator:
     """Holds compiled generate executables for one model config (and mesh)."""
 
-    def __init__(self, cfg: ModelConfig, mesh=None):
-        self.cfg = cfg
-        self.mesh = mesh
-        self._compiled: dict[tuple, Any] = {}
-        self.compiles = 0
+    def __init__(self, cfg: ModelConfig, mesh=None, backend: Backend = XLA):
+        self.cfg, self.mesh, self.backend = cfg, mesh, backend
+        self.cache = CompileCache()
+
+    @property
+    def compiles(self) -> int:
+        return self.cache.compiles
 
     # -- shapes ---------------------------------------------------------------
     def plan(self, prompt_lens: Sequence[int], gen: GenerateConfig) -> tuple[int, int]:
@@ -162,8 +175,6 @@ class Generator:
         if min(prompt_lens) < 1:
             raise M2R2Error("empty prompt: at least one token is required")
         P = bucket(longest)
-        if gen.block < 1:
-            raise M2R2Error(f"decode block must be >= 1, got {gen.block}")
         need = longest + gen.max_new_tokens + gen.block - 1
         if gen.cache_len is not None:
             S = gen.cache_len
@@ -193,7 +204,7 @@ class Generator:
         tokens = pad_prompts(prompts, P, gen.pad_id)
         s = gen.sampling
         args = (params, jnp.asarray(tokens), jnp.asarray(lens, jnp.int32), jnp.asarray(stop, jnp.int32),
-                jax.random.key(s.seed), jnp.float32(max(s.temperature, 0.0)), jnp.int32(s.top_k),
+                jax.random.key(s.seed), jnp.float32(s.temperature), jnp.int32(s.top_k),
                 jnp.float32(s.top_p))
         exe, compile_s = self._lookup(params, B, P, S, gen, args)
         t0 = time.perf_counter()
@@ -211,9 +222,6 @@ class Generator:
     def _lookup(self, params, B, P, S, gen, args):
         greedy = gen.sampling.greedy
         key = (B, P, S, gen.max_new_tokens, greedy, gen.block, jax.tree.structure(params))
-        if key in self._compiled:
-            return self._compiled[key], 0.0
-        fn = _generate_fn(self.cfg, greedy, gen.max_new_tokens, S, gen.block)
         jit_kw = {}
         if self.mesh is not None:
             from m2r2_jax.sharding import named_sharding, replicated, tree_shardings
@@ -225,9 +233,5 @@ class Generator:
                 in_shardings=(pshard, named_sharding(self.mesh, ("batch", "seq"), (B, P)), vec,
                               rep, rep, rep, rep, rep),
                 out_shardings=(named_sharding(self.mesh, ("batch", None), (B, gen.max_new_tokens)), rep))
-        t0 = time.perf_counter()
-        compiled = jax.jit(fn, **jit_kw).lower(*args).compile()
-        dt = time.perf_counter() - t0
-        self._compiled[key] = compiled
-        self.compiles += 1
-        return compiled, dt
+        return self.cache.get(key, lambda: _generate_fn(self.cfg, greedy, gen.max_new_tokens, S, gen.block,
+                                                        self.backend), args, **jit_kw)

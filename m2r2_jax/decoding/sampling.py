@@ -3,17 +3,33 @@ scalars, so changing them never recompiles)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
+from m2r2_jax.errors import M2R2Error
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
+    """Validated once, here: every decoder and CLI builds one of these."""
+
     temperature: float = 0.0  # 0 -> greedy (static branch)
     top_k: int = 0            # 0 -> off
     top_p: float = 1.0        # 1 -> off
     seed: int = 0
+
+    def __post_init__(self):
+        t, p = self.temperature, self.top_p
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise M2R2Error(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
+            raise M2R2Error(f"top_p must be in (0, 1], got {p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise M2R2Error(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise M2R2Error(f"seed must be an integer, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

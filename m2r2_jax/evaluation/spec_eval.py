@@ -31,8 +31,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from m2r2_jax.backend import XLA, Backend
+from m2r2_jax.data.eval_sets import EvalItem
+from m2r2_jax.decoding.drafters import DraftOptions
+from m2r2_jax.decoding.generate import GenerateConfig, Generator
+from m2r2_jax.decoding.sampling import SamplingConfig
+from m2r2_jax.decoding.speculative import SpecConfig, SpeculativeDecoder
 from m2r2_jax.errors import M2R2Error
-from m2r2_jax.evaluation.datasets import EvalItem
+from m2r2_jax.loading.tokenizer import encode_chat
 
 SPEEDUP_DEFINITION = ("(spec tokens / spec seconds) / (AR tokens / AR seconds) summed over all timed runs; "
                       "equals total AR time / total spec time when both emit the same tokens (greedy)")
@@ -55,19 +61,13 @@ class M2R2Bundle:
         raise M2R2Error("m2r2 must be an M2R2Bundle or a (mc, params, draft_ids[, meta]) tuple")
 
 
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Exactly `apply_chat_template(messages, add_generation_prompt=True)` as a list of ints."""
-    if not hasattr(tokenizer, "apply_chat_template"):
-        raise M2R2Error("the tokenizer has no apply_chat_template: a chat model is needed for this eval")
-    try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except (ValueError, TypeError) as e:  # e.g. no chat template set
-        raise M2R2Error(f"cannot apply the chat template: {str(e).splitlines()[0] if str(e) else e}") from None
-    if hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    if len(ids) and isinstance(ids[0], (list, tuple)):
-        ids = ids[0]
-    return [int(i) for i in ids]
+def _kind_counts(sp) -> dict:
+    """Steps and accepted tokens of the prompt-lookup steps and the lookup-extended M2R2 steps."""
+    k = sp.kinds
+    z = {"steps": [0], "accepted": [0]}
+    lk, ex = k.get("lookup", z), k.get("m2r2+lookup", z)
+    return dict(lookup_steps=int(sum(lk["steps"])), lookup_accepted=int(sum(lk["accepted"])),
+                ext_steps=int(sum(ex["steps"])), ext_accepted=int(sum(ex["accepted"])))
 
 
 def _batches(items: Sequence[EvalItem], batch_size: int) -> list[list[EvalItem]]:
@@ -182,73 +182,82 @@ class Journal:
         if diff:
             k = diff[0]
             raise M2R2Error(f"journal {self.path} was written by a different run ({k}: {old.get(k)!r} there, "
-                            f"{self.header.get(k)!r} now); delete it or run without --resume")
+                            f"{self.header.get(k)!r} now); delete it to start over")
         for i, rec in enumerate(lines[1:]):
             if rec.get("batch") != i:
                 raise M2R2Error(f"journal {self.path}: line {i + 2} holds batch {rec.get('batch')}, expected {i}")
         self.done = lines[1:]
         return self
 
-    def start(self) -> "Journal":
-        self.path.write_text(json.dumps({"header": self.header}) + "\n")
-        return self
-
     def append(self, rec: dict):
+        """Append one finished batch; the first one writes the header too (a run that fails before any
+        batch finished leaves no journal behind)."""
+        if not self.path.exists():
+            self.path.write_text(json.dumps({"header": self.header}) + "\n")
         with self.path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
 
-def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_new_tokens: int = 128,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 1,
-                  draft_layers: int = 0, progress: bool = True, hf_ref=None, ar_block: int = 1,
-                  journal=None, resume: bool = False, journal_key: dict | None = None, lookup: int = 0,
-                  lookup_ngram: int = 3, lookup_min_ngram: int = 2, decode_params=None,
-                  ref_ar_params=None, lookup_extend: bool = True) -> dict:
+@dataclasses.dataclass(frozen=True)
+class SpecEvalConfig:
+    """What an eval run decodes with, validated once (decoding/sampling checks happen in their own configs)."""
+
+    draft: DraftOptions = DraftOptions()
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 1
+    ar_block: int = 1  # > 1: the AR side decodes through blocks of that many slots (GenerateConfig.block)
+
+    def __post_init__(self):
+        SamplingConfig(self.temperature, 0, self.top_p, self.seed)
+        GenerateConfig(max_new_tokens=self.max_new_tokens, block=self.ar_block)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise M2R2Error(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def run_spec_eval(model, m2r2, items: Sequence[EvalItem], ec: SpecEvalConfig = SpecEvalConfig(), *,
+                  backend: Backend = XLA, decode_params=None, ref_ar_params=None, hf_ref=None, journal=None,
+                  resume: bool = False, journal_key: dict | None = None, progress: bool = True) -> dict:
     """AR vs speculative on every turn of every item; see the module doc. `model` has `.cfg`, `.params`,
-    `.tokenizer` (a `LoadedModel`); `m2r2` is an `M2R2Bundle` or `load_m2r2`'s tuple. `hf_ref`: an HF
-    transformers (torch) model of the same base; when given (greedy, batch 1), HF greedy, prompt-lookup
-    and early-exit assisted generation are timed on every prompt too (`hf` in the result).
-    `ar_block` > 1: the AR loop decodes through blocks of that many slots (`GenerateConfig.block`), the
-    shapes of a verification of that many nodes, so both round alike; the plain one-slot AR loop is then
-    timed on every prompt as well and `speedup_vs_block1_ar` compares against it.
+    `.tokenizer` (a `LoadedModel`); `m2r2` is an `M2R2Bundle` or `load_m2r2`'s tuple.
+
+    `backend` and `decode_params`: what both loops decode with (default XLA and `model.params`; e.g. the
+    CPU kernels and the params packed for them). `ref_ar_params`: the plain AR loop is also timed on
+    every prompt through XLA's own ops with these (`speedup_vs_ref_ar`; greedy output compared in
+    `ref_ar_equal`). `hf_ref`: an HF transformers (torch) model of the same base; when given (greedy,
+    batch 1), HF greedy, prompt-lookup and early-exit assisted generation are timed on every prompt too.
+    `ec.ar_block` > 1: the AR loop decodes through blocks of that many slots, the shapes of a verification
+    of that many nodes, so both round alike; the one-slot AR loop is then timed too (`speedup_vs_block1_ar`).
     `journal` (a path): every finished batch is appended there (see `Journal`); with `resume` the
-    batches already in it are taken from it, not rerun, provided it was written by the same run
-    (same config, items and `journal_key`). `lookup` > 0: prompt lookup drafts the steps where the last
-    `lookup_ngram`..`lookup_min_ngram` tokens occurred earlier (`SpeculativeDecoder`); `lookup` in the
-    result counts those steps. `decode_params`: what both loops decode with (default `model.params`;
-    e.g. the params packed for the CPU kernels). `ref_ar_params`: a second set of params for the plain AR
-    loop (e.g. the unpacked ones, XLA's dot), timed on every prompt too (`speedup_vs_ref_ar`; its greedy
-    output compared with the AR output in `ref_ar_equal`). `lookup_extend`: the lookup extension of M2R2
-    drafts (`SpeculativeDecoder`, one-depth star trees with lookup); counted in `lookup`."""
-    import jax.numpy as jnp
+    batches already in it are taken from it, not rerun, provided it was written by the same run."""
     from tqdm import tqdm
 
-    from m2r2_jax.decoding.generate import GenerateConfig, Generator
-    from m2r2_jax.decoding.sampling import SamplingConfig
-    from m2r2_jax.decoding.speculative import SpecConfig, SpeculativeDecoder
-    from m2r2_jax import kernels as K
-    from m2r2_jax.decoding.trees import get_tree
-
     b = M2R2Bundle.of(m2r2)
-    tree = get_tree(tree)
+    opts = ec.draft
+    tree = opts.tree
     items = list(items)
     if not items:
         raise M2R2Error("no eval items given")
-    if max_new_tokens < 1 or batch_size < 1:
-        raise M2R2Error(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be >= 1")
-    if temperature < 0 or not 0.0 < top_p <= 1.0:
-        raise M2R2Error(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
-    greedy = temperature <= 0.0
-    if hf_ref is not None and (not greedy or batch_size != 1):
+    greedy = ec.greedy
+    if hf_ref is not None and (not greedy or ec.batch_size != 1):
         raise M2R2Error("HF baselines are timed greedy at batch size 1 only")
     cfg, tok = model.cfg, model.tokenizer
     base = model.params if decode_params is None else decode_params
-    gen = Generator(cfg)
-    spec = SpeculativeDecoder(cfg, b.mc, tree, draft_layers, lookup, lookup_ngram, lookup_min_ngram, lookup_extend)
-    hf = None if hf_ref is None else HFBaselines(hf_ref, spec.draft_layers, max_new_tokens, cfg.eos_token_ids)
-    draft_ids = jnp.asarray(np.asarray(b.draft_ids), jnp.int32)
+    gen = Generator(cfg, backend=backend)
+    ref_gen = Generator(cfg) if ref_ar_params is not None else None
+    drafter = opts.drafter(cfg, b.mc, backend)
+    spec = SpeculativeDecoder(cfg, drafter, backend)
+    m2r2_drafter = getattr(drafter, "m2r2", drafter)
+    hf = None if hf_ref is None else HFBaselines(hf_ref, m2r2_drafter.depth, ec.max_new_tokens, cfg.eos_token_ids)
+    dparams = spec.prepare(base, b.params, np.asarray(b.draft_ids))
     D = tree.max_depth
     depth_hits = np.zeros(D + 1, np.int64)
     node_tries = np.zeros(tree.size, np.int64)
@@ -258,16 +267,18 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
     per_prompt: list[dict] = []
     t_start = time.perf_counter()
     jr = None
+    lookup = opts.lookup
+    extend = "m2r2+lookup" in drafter.kinds
     if journal is not None:
-        header = dict(tree_paths=[list(p) for p in tree.paths], max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
-                      draft_layers=spec.draft_layers, ar_block=ar_block, hf=hf is not None,
-                      lookup=[lookup, lookup_ngram, lookup_min_ngram], lookup_extend=spec.extend,
-                      cpu_kernel=K.is_packed(base),
-                      ref_ar=ref_ar_params is not None,
+        header = dict(tree_paths=[list(p) for p in tree.paths], max_new_tokens=ec.max_new_tokens,
+                      temperature=ec.temperature, top_p=ec.top_p, seed=ec.seed, batch_size=ec.batch_size,
+                      draft_layers=m2r2_drafter.depth, ar_block=ec.ar_block, hf=hf is not None,
+                      lookup=[lookup, opts.lookup_ngram, opts.lookup_min_ngram], lookup_extend=extend,
+                      backend=backend.name, ref_ar=ref_ar_params is not None,
                       items=[[it.id, it.category, len(it.turns)] for it in items], **(journal_key or {}))
         jr = Journal(journal, header)
-        jr = jr.load() if resume and jr.path.exists() else jr.start()
+        if resume and jr.path.exists():
+            jr.load()
         for rec in jr.done:
             units += rec["units"]
             per_prompt += rec["per_prompt"]
@@ -280,7 +291,7 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
     bar = tqdm(total=sum(len(it.turns) for it in items), initial=len(per_prompt), disable=not progress,
                desc="spec eval", unit="prompt")
     try:
-        for bi, batch in enumerate(_batches(items, batch_size)):
+        for bi, batch in enumerate(_batches(items, ec.batch_size)):
             if bi < n_resumed:
                 continue
             snap = (len(units), len(per_prompt), depth_hits.copy(), node_tries.copy(), node_hits.copy(),
@@ -289,20 +300,20 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
             for t in range(max(len(it.turns) for it in batch)):
                 rows = [i for i, it in enumerate(batch) if t < len(it.turns)]
                 msgs = [history[i] + [{"role": "user", "content": batch[i].turns[t]}] for i in rows]
-                ids = [chat_ids(tok, m) for m in msgs]
-                s = SamplingConfig(temperature=max(temperature, 0.0), top_p=top_p, seed=seed + len(units))
-                g1 = GenerateConfig(max_new_tokens=max_new_tokens, sampling=s)
-                ar, c_ar = _timed(lambda: gen.generate(base, ids, dataclasses.replace(g1, block=ar_block)))
+                ids = [encode_chat(tok, m) for m in msgs]
+                s = SamplingConfig(temperature=ec.temperature, top_p=ec.top_p, seed=ec.seed + len(units))
+                g1 = GenerateConfig(max_new_tokens=ec.max_new_tokens, sampling=s)
+                ar, c_ar = _timed(lambda: gen.generate(base, ids, dataclasses.replace(g1, block=ec.ar_block)))
                 ar1 = None
-                if ar_block > 1:
+                if ec.ar_block > 1:
                     ar1, c_ar1 = _timed(lambda: gen.generate(base, ids, g1))
                     compile_s["ar"] += c_ar1
                 ref = None
                 if ref_ar_params is not None:
-                    ref, c_ref = _timed(lambda: gen.generate(ref_ar_params, ids, g1))
+                    ref, c_ref = _timed(lambda: ref_gen.generate(ref_ar_params, ids, g1))
                     compile_s["ar"] += c_ref
-                sp, c_sp = _timed(lambda: spec.generate(base, b.params, draft_ids, ids,
-                                                        SpecConfig(max_new_tokens=max_new_tokens, sampling=s)))
+                sp, c_sp = _timed(lambda: spec.generate(base, dparams, ids,
+                                                        SpecConfig(max_new_tokens=ec.max_new_tokens, sampling=s)))
                 compile_s["ar"] += c_ar
                 compile_s["spec"] += c_sp
                 depth_hits += sp.depth_hits.sum(0)
@@ -311,9 +322,7 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                 unit = dict(category=batch[0].category, rows=len(rows), ar_seconds=ar.decode_seconds,
                             spec_seconds=sp.decode_seconds, ar_tokens=sum(len(x) for x in ar.new_ids),
                             spec_tokens=sum(len(x) for x in sp.new_ids), steps=int(sum(sp.steps)),
-                            accepted=int(sum(sp.accepted)), lookup_steps=int(sum(sp.lookup_steps)),
-                            lookup_accepted=int(sum(sp.lookup_accepted)), ext_steps=int(sum(sp.ext_steps)),
-                            ext_accepted=int(sum(sp.ext_accepted)))
+                            accepted=int(sum(sp.accepted)), **_kind_counts(sp))
                 if ar1 is not None:
                     unit.update(ar1_seconds=ar1.decode_seconds, ar1_tokens=sum(len(x) for x in ar1.new_ids))
                 if ref is not None:
@@ -368,12 +377,13 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
                      rate=_ratio(float(node_hits[i]), float(node_tries[i]))) for i in range(1, tree.size)]
     ar_ms_tok = _ratio(1e3 * tot["ar_seconds"], tot["ar_tokens"])
     sp_ms_step = _ratio(1e3 * tot["spec_seconds"], steps)
-    parts = spec.cost_breakdown(base, b.params, draft_ids, batch=batch_size)
+    parts = spec.cost_breakdown(base, dparams, batch=ec.batch_size)
     step_cost = _ratio(sp_ms_step, ar_ms_tok) if sp_ms_step and ar_ms_tok else None
     return {
         "config": dict(tree=tree.name, tree_size=tree.size, tree_depth=D, tree_paths=[list(p) for p in tree.paths],
-                       draft_layers=spec.draft_layers, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, seed=seed, batch_size=batch_size, greedy=greedy, items=len(items)),
+                       draft_layers=m2r2_drafter.depth, max_new_tokens=ec.max_new_tokens, temperature=ec.temperature,
+                       top_p=ec.top_p, seed=ec.seed, batch_size=ec.batch_size, greedy=greedy, items=len(items),
+                       drafters="M2R2 + prompt lookup" if lookup else "M2R2", backend=backend.name),
         "overall_speedup": tot["speedup"],
         "speedup_definition": SPEEDUP_DEFINITION,
         "tau": tot["tau"],
@@ -390,22 +400,22 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], tree="tree16", *, max_
             "draft_ms": parts["draft_ms"], "verify_ms": parts["verify_ms"],
             # (with prompt lookup, steps mix two kinds: the M2R2 draft + verify split does not apply)
             "other_ms": sp_ms_step - parts["draft_ms"] - parts["verify_ms"] if sp_ms_step and not lookup else None,
-            "breakdown_setup": {k: parts[k] for k in ("cache_len", "fill", "tree_size", "draft_layers", "batch")},
+            "breakdown_setup": {k: parts[k] for k in ("cache_len", "fill", "block", "draft_layers", "batch")},
             "predicted_speedup": _ratio(tot["tau"], step_cost) if step_cost and tot["tau"] else None,
             "note": "one speculative step (draft + verify + accept, prefill amortised) in units of one AR "
                     "token; speed-up ~= tau / step_cost"},
-        "lookup": dict(tokens=lookup, ngram=lookup_ngram, min_ngram=lookup_min_ngram, steps=l_steps,
+        "lookup": dict(tokens=lookup, ngram=opts.lookup_ngram, min_ngram=opts.lookup_min_ngram, steps=l_steps,
                        share_of_steps=_ratio(l_steps, steps), tau=_ratio(l_acc + l_steps, l_steps),
                        tau_m2r2=_ratio(tot["accepted"] - l_acc + steps - l_steps, steps - l_steps),
-                       extend=spec.extend, ext_steps=e_steps, ext_share_of_steps=_ratio(e_steps, steps),
+                       extend=extend, ext_steps=e_steps, ext_share_of_steps=_ratio(e_steps, steps),
                        tau_ext=_ratio(e_acc + e_steps, e_steps),
                        tau_m2r2_plain=_ratio(tot["accepted"] - l_acc - e_acc + steps - l_steps - e_steps,
                                              steps - l_steps - e_steps))
         if lookup else None,
-        "ar_block": ar_block,
+        "ar_block": ec.ar_block,
         "speedup_vs_block1_ar": _ratio(tot["spec_tps"], _ratio(sum(u["ar1_tokens"] for u in units),
                                                                sum(u["ar1_seconds"] for u in units)))
-        if ar_block > 1 and tot["spec_tps"] else None,
+        if ec.ar_block > 1 and tot["spec_tps"] else None,
         "speedup_vs_ref_ar": _ratio(tot["spec_tps"], _ratio(sum(u["ref_ar_tokens"] for u in units),
                                                             sum(u["ref_ar_seconds"] for u in units)))
         if ref_ar_params is not None and tot["spec_tps"] else None,

@@ -115,7 +115,7 @@ def load_model(name: str, *, dtype: str | None = None, param_dtype: str | None =
     cfg = replace(cfg, **kw).validate()
     params = place_params(cfg, params_np, mesh)
     tok = load_tokenizer(kind, path) if tokenizer else None
-    from m2r2_jax.training.distill import params_fingerprint
+    from m2r2_jax.model.params import params_fingerprint
 
     return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=path, kind=kind,
                        fingerprint=params_fingerprint(params_np, as_dtype="float32"))

@@ -37,28 +37,31 @@ class M2R2Config:
                                         # router labels multiply in bf16 with f32 accumulation (params,
                                         # residual stream, optimizer and the teacher stay f32); "" = off
 
-    def validate(self, num_layers: int) -> "M2R2Config":
-        if not 0 <= self.branch < num_layers:
-            raise M2R2Error(f"m2r2.branch={self.branch} must be in [0, {num_layers})")
-        if self.rate < 1:
-            raise M2R2Error(f"m2r2.rate={self.rate} must be >= 1")
+    def __post_init__(self):
+        for name, lo in (("rate", 1), ("branch", 0), ("num_fast_layers", 0), ("rank", 1), ("router_dim", 1),
+                         ("draft_vocab", 0), ("train_positions", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise M2R2Error(f"m2r2.{name} must be an integer >= {lo}, got {v!r}")
         bad = [t for t in self.targets if t not in ALL_TARGETS]
         if bad:
             raise M2R2Error(f"unknown adapter target(s) {bad}; choose from {ALL_TARGETS}")
-        if self.layer_map not in LAYER_MAPS:
-            raise M2R2Error(f"m2r2.layer_map={self.layer_map!r}: expected one of {LAYER_MAPS}")
-        if self.align_metric not in ("cosine", "mse"):
-            raise M2R2Error(f"m2r2.align_metric={self.align_metric!r}: expected cosine or mse")
-        if self.router_input not in ("latents", "delta"):
-            raise M2R2Error(f"m2r2.router_input={self.router_input!r}: expected latents or delta")
-        if self.kd_layers not in ("final", "all"):
-            raise M2R2Error(f"m2r2.kd_layers={self.kd_layers!r}: expected final or all")
-        if self.kd_vocab not in ("full", "draft"):
-            raise M2R2Error(f"m2r2.kd_vocab={self.kd_vocab!r}: expected full or draft")
-        if self.train_matmul_dtype not in ("", "float32", "bfloat16"):
-            raise M2R2Error(f"m2r2.train_matmul_dtype={self.train_matmul_dtype!r}: expected '', float32 or bfloat16")
-        if self.train_positions < 0:
-            raise M2R2Error(f"m2r2.train_positions={self.train_positions} must be >= 0")
+        choices = (("layer_map", LAYER_MAPS), ("align_metric", ("cosine", "mse")), ("router_input", ("latents", "delta")),
+                   ("kd_layers", ("final", "all")), ("kd_vocab", ("full", "draft")),
+                   ("train_matmul_dtype", ("", "float32", "bfloat16")))
+        for name, ok in choices:
+            if getattr(self, name) not in ok:
+                raise M2R2Error(f"m2r2.{name}={getattr(self, name)!r}: expected one of {', '.join(map(repr, ok))}")
+        for name in ("align_weight", "align_final_weight", "kd_weight", "router_weight"):
+            if not getattr(self, name) >= 0:
+                raise M2R2Error(f"m2r2.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.kd_temperature > 0:
+            raise M2R2Error(f"m2r2.kd_temperature must be > 0, got {self.kd_temperature!r}")
+
+    def validate(self, num_layers: int) -> "M2R2Config":
+        """The checks that need the base's depth."""
+        if not 0 <= self.branch < num_layers:
+            raise M2R2Error(f"m2r2.branch={self.branch} must be in [0, {num_layers})")
         if self.n_fast(num_layers) > num_layers - self.branch:
             raise M2R2Error(f"m2r2.num_fast_layers={self.num_fast_layers} exceeds the {num_layers - self.branch} "
                             "layers after the branch")

@@ -1,4 +1,4 @@
-"""The two residual streams.
+"""The two residual streams, functionally (the modules are in m2r2/modules.py).
 
 Slow stream: the unmodified base (frozen). Fast stream: from h_s^b, L_f layers,
 each a frozen base layer plus accelerator adapters and gains; fast layer l
@@ -14,12 +14,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from m2r2_jax.config import ModelConfig
 from m2r2_jax import kernels as K
+from m2r2_jax.backend import XLA, Backend
+from m2r2_jax.config import ModelConfig
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.m2r2.config import M2R2Config
+from m2r2_jax.m2r2.modules import ARLARouter, FastStream
 from m2r2_jax.model import decoder as D
 from m2r2_jax.model import layers as L
+from m2r2_jax.model.attention import SetsAttention
+from m2r2_jax.model.modules import Attention, DraftHead
+from m2r2_jax.model.params import module_tree
 
 
 class SlowPass(NamedTuple):
@@ -60,8 +65,8 @@ def slow_from_cache(cfg: ModelConfig, mc: M2R2Config, base: dict, tokens: jax.Ar
     ks, vs = [None] * N, [None] * N
     for j in mc.base_layers(N):
         lp = base["layers"][j]
-        _, k, v = L.qkv(cfg, lp["attn"], L.rms_norm(full[j], lp["attn_norm"], cfg.rms_norm_eps), cos, sin)
-        ks[j], vs[j] = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        x = L.rms_norm(full[j], lp["attn_norm"], cfg.rms_norm_eps)
+        ks[j], vs[j] = Attention(cfg).apply({"params": lp["attn"]}, x, cos, sin, method="project_kv")
     hiddens = [gather_positions(full[j], select) if j in full else None for j in range(N)]
     h = final.astype(dt)
     hiddens.append(h)
@@ -81,40 +86,21 @@ def loss_positions(mask: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
     return select, jnp.take_along_axis(mask, select, axis=1)
 
 
-def fast_layer(cfg: ModelConfig, lp: dict, ad: dict, h: jax.Array, kv_sets, m_self, cos, sin, attend=None):
-    """One accelerated layer over a block of tokens.
-
-    kv_sets: [(k, v, mask)] K/V the block may read besides its own (the slow cache for the prefix,
-    and at draft time the fast K/V of tree ancestors); m_self [B,T,T]: visibility within the block.
-    `attend` (q, k, v) -> [B, T, H*hd], given the block's own k, v, replaces that attention (the
-    CPU kernel's form at draft time; kv_sets and m_self are then unused).
-    Returns (h, (k, v)) with the block's own fast K/V as [B, KV, T, hd] for a local buffer."""
-    x = L.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = L.qkv(cfg, lp["attn"], x, cos, sin, ad)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    if attend is not None:
-        a = attend(q, k, v).astype(h.dtype)
-    else:
-        a = L.attend_multi(cfg, q, list(kv_sets) + [(k, v, m_self)])
-    upd = L.linear(a, lp["attn"]["wo"], ad, "o", cfg.mm_dtype)
-    h = h + (ad["gain_attn"].astype(h.dtype) * upd if "gain_attn" in ad else upd)
-    x = L.rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    upd = L.mlp(cfg, lp["mlp"], x, ad)
-    return h + (ad["gain_mlp"].astype(h.dtype) * upd if "gain_mlp" in ad else upd), (k, v)
-
-
 def fast_stream(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, h_branch: jax.Array,
                 slow_cache: D.KVCache, m_slow: jax.Array, m_local: jax.Array, positions: jax.Array,
                 depth: int | None = None) -> list:
-    """Run the first `depth` (default all L_f) fast layers; returns [h_f^1, ..., h_f^depth]."""
+    """Run the first `depth` (default all L_f) fast layers; returns [h_f^1, ..., h_f^depth]. A token reads
+    the slow K/V visible under `m_slow` [B, T, S] and the block's own fast K/V under `m_local` [B, T, T]."""
     cos, sin = L.rope_cos_sin(cfg, positions)
-    h, out = h_branch, []
     layers = mc.base_layers(cfg.num_layers)[: depth or None]
-    for l, j in enumerate(layers):
-        h, _ = fast_layer(cfg, base["layers"][j], m2r2["fast"][l], h,
-                          [(slow_cache.k[j], slow_cache.v[j], m_slow)], m_local, cos, sin)
-        out.append(h)
-    return out
+
+    def attention_for(l):
+        j = layers[l]
+        return SetsAttention(cfg, XLA, sets=[(slow_cache.k[j], slow_cache.v[j], m_slow)], self_mask=m_local)
+
+    hs, _ = FastStream(cfg, mc).apply({"params": module_tree(m2r2["fast"])}, [base["layers"][j] for j in layers],
+                                      h_branch, cos, sin, attention_for, len(layers))
+    return hs
 
 
 def teacher_forced_masks(B: int, T: int):
@@ -154,49 +140,42 @@ def merge_fast_layer(lp: dict, ad: dict) -> dict:
     folded into the output projections (gain * (x W_o) = x (W_o * gain)). Same function up to
     float rounding, but one matmul per projection instead of three: the drafting path uses it
     (verification never does, so losslessness does not depend on it). Weights packed for the
-    CPU kernel (`kernels.PackedWeight`) are merged in their packed layout."""
+    CPU kernel are merged in their packed layout."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in lp.items()}
     for t, (blk, name) in _TARGET_WEIGHT.items():
         if t in ad:
-            w = out[blk][name]
             ab = ad[t]["a"].astype(jnp.float32) @ ad[t]["b"].astype(jnp.float32)
-            out[blk][name] = (K.add_dense(w, ab) if isinstance(w, K.PackedWeight)
-                              else (w.astype(jnp.float32) + ab).astype(w.dtype))
+            out[blk][name] = L.add_to_weight(out[blk][name], ab)
     for g, (blk, name) in (("gain_attn", ("attn", "wo")), ("gain_mlp", ("mlp", "down"))):
         if g in ad:
-            w = out[blk][name]
-            out[blk][name] = (K.scale_columns(w, ad[g]) if isinstance(w, K.PackedWeight)
-                              else (w.astype(jnp.float32) * ad[g].astype(jnp.float32)[None, :]).astype(w.dtype))
+            out[blk][name] = L.scale_columns(out[blk][name], ad[g])
     return out
 
 
 def draft_params(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, draft_ids: jax.Array | None,
-                 depth: int | None = None) -> dict:
-    """What drafting reads, built once per generation: the first `depth` fast layers with their
+                 depth: int | None = None, backend: Backend = XLA) -> dict:
+    """What drafting reads, built once per checkpoint: the first `depth` fast layers with their
     adapters merged, the final norm, and the LM head rows of the draft vocabulary ([Vd, D]; packed
-    for the CPU kernel when the base is)."""
+    for the CPU kernels on that backend)."""
     if cfg.mlp_type != "dense":
         raise M2R2Error(f"merging adapters into a {cfg.mlp_type} MLP is not implemented")
     layers = mc.base_layers(cfg.num_layers)[: depth or None]
     head = draft_head(cfg, base, draft_ids)
     return {"layers": [merge_fast_layer(base["layers"][j], m2r2["fast"][l]) for l, j in enumerate(layers)],
-            "final_norm": base["final_norm"], "head": K.pack_rows(head) if K.is_packed(base) else head}
+            "final_norm": base["final_norm"], "head": K.pack_rows(head) if backend.kernels else head}
 
 
 def draft_head(cfg: ModelConfig, base: dict, draft_ids: jax.Array | None) -> jax.Array:
     """The LM head's rows [Vd, D] for the draft vocabulary (all rows when None)."""
     if cfg.tie_word_embeddings:
         return base["embed"] if draft_ids is None else jnp.take(base["embed"], draft_ids, axis=0)
-    head = base["lm_head"]
-    if isinstance(head, K.PackedWeight):
-        head = K.unpack(head)
+    head = L.dense(base["lm_head"])
     return (head if draft_ids is None else jnp.take(head, draft_ids, axis=1)).T
 
 
 def draft_head_logits(cfg: ModelConfig, dp: dict, h: jax.Array) -> jax.Array:
-    """Final norm + the draft head of `draft_params` -> [B, T, Vd] f32."""
-    x = L.rms_norm(h, dp["final_norm"], cfg.rms_norm_eps)
-    return L.rows_logits(x, dp["head"], cfg.mm_dtype)
+    """Final norm + the draft head of `draft_params` -> [B, T, Vd] f32 (`DraftHead`)."""
+    return DraftHead(cfg).apply({"params": {"final_norm": dp["final_norm"], "head": dp["head"]}}, h)
 
 
 def draft_logits(cfg: ModelConfig, base: dict, h: jax.Array, draft_ids: jax.Array | None) -> jax.Array:
@@ -207,18 +186,5 @@ def draft_logits(cfg: ModelConfig, base: dict, h: jax.Array, draft_ids: jax.Arra
 
 
 def arla_router(cfg: ModelConfig, mc: M2R2Config, rp: dict, fast_hs: list, h_branch: jax.Array) -> jax.Array:
-    """ARLA: per fast layer l, attention over the fast latents (or per-layer changes) of layers <= l.
-    Returns logits [B, T, L] of "this token is already resolved at fast layer l"."""
-    hs = jnp.stack(fast_hs, axis=2)  # [B, T, L, D]
-    if mc.router_input == "delta":
-        prev = jnp.concatenate([h_branch[:, :, None], hs[:, :, :-1]], axis=2)
-        z = hs - prev
-    else:
-        z = hs
-    z = L.rms_norm(jax.lax.stop_gradient(z), rp["norm"], cfg.rms_norm_eps)
-    q, k, v = L.linear(z, rp["wq"]), L.linear(z, rp["wk"]), L.linear(z, rp["wv"])
-    n = hs.shape[2]
-    s = jnp.einsum("btlr,btmr->btlm", q, k) / jnp.sqrt(q.shape[-1])
-    s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -1e30)
-    o = jnp.einsum("btlm,btmr->btlr", jax.nn.softmax(s, -1), v)
-    return L.linear(jax.nn.silu(o + q), rp["w_out"])[..., 0] + rp["layer_bias"]
+    """ARLA router logits [B, T, L] ("this token is already resolved at fast layer l"); see `ARLARouter`."""
+    return ARLARouter(cfg, mc).apply({"params": rp}, fast_hs, h_branch)

@@ -1,5 +1,6 @@
-"""Small functional building blocks: RMSNorm, RoPE, SwiGLU MLP, GQA attention
-over a preallocated KV cache with per-row write positions."""
+"""Functional building blocks the Flax modules are made of: RMSNorm, RoPE, the matmul helpers
+(the only place that dispatches on the weight type: `kernels.PackedWeight` goes to the CPU kernel),
+GQA attention over a preallocated KV cache with per-row write positions, and block masks."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from m2r2_jax.config import ModelConfig, rope_inv_freq
-from m2r2_jax.kernels import PackedWeight, packed_matmul
+from m2r2_jax.kernels import PackedWeight, add_dense, packed_matmul, unpack
+from m2r2_jax.kernels import scale_columns as kernel_scale_columns
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -78,48 +80,36 @@ def rows_logits(x: jax.Array, w, mm=None) -> jax.Array:
                                                  preferred_element_type=jnp.float32))
 
 
-def linear(x: jax.Array, w: jax.Array, ad: dict | None = None, name: str = "", mm=None) -> jax.Array:
-    """x @ W, plus a low-rank accelerator adapter (x @ A) @ B when `ad` has one for `name`.
+def dense(w) -> jax.Array:
+    """A weight as a plain [in, out] array (unpacked if packed for the CPU kernels)."""
+    return unpack(w) if isinstance(w, PackedWeight) else w
+
+
+def add_to_weight(w, delta: jax.Array):
+    """w + delta ([in, out], f32), in w's layout and dtype."""
+    if isinstance(w, PackedWeight):
+        return add_dense(w, delta)
+    return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
+
+def scale_columns(w, g: jax.Array):
+    """w * g[None, :] (the output channels scaled), in w's layout and dtype."""
+    if isinstance(w, PackedWeight):
+        return kernel_scale_columns(w, g)
+    return (w.astype(jnp.float32) * g.astype(jnp.float32)[None, :]).astype(w.dtype)
+
+
+def linear(x: jax.Array, w, delta=None, mm=None) -> jax.Array:
+    """x @ W, plus `delta(x2d, mm)` (a low-rank accelerator adapter, (x A) B) when given.
 
     Works on x flattened to [tokens, D]: the adapters' weight gradients are then plain GEMMs
     (XLA:CPU runs a dot contracting over two batch axes, [B,T,D] x [B,T,R], ~2x slower)."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     y = matmul(x, w, mm)
-    if ad is not None and name in ad:
-        y = y + matmul(matmul(x, ad[name]["a"], mm), ad[name]["b"], mm)
+    if delta is not None:
+        y = y + delta(x, mm)
     return y.reshape(lead + (y.shape[-1],))
-
-
-def dense_mlp(p: dict, x: jax.Array, ad: dict | None = None, mm=None) -> jax.Array:
-    g = linear(x, p["gate"], ad, "gate", mm)
-    u = linear(x, p["up"], ad, "up", mm)
-    return linear(jax.nn.silu(g) * u, p["down"], ad, "down", mm)
-
-
-def mlp(cfg: ModelConfig, p: dict, x: jax.Array, ad: dict | None = None) -> jax.Array:
-    """The MLP slot: dense SwiGLU today; an MoE block dispatches here later."""
-    if cfg.mlp_type == "dense":
-        return dense_mlp(p, x, ad, cfg.mm_dtype)
-    raise NotImplementedError(cfg.mlp_type)
-
-
-def qkv(cfg: ModelConfig, p: dict, x: jax.Array, cos, sin, ad: dict | None = None):
-    """Project and rotate: q [B,T,H,hd], k/v [B,T,KV,hd]."""
-    B, T, _ = x.shape
-    dt = x.dtype
-    mm = cfg.mm_dtype
-    q = linear(x, p["wq"], ad, "q", mm)
-    k = linear(x, p["wk"], ad, "k", mm)
-    v = linear(x, p["wv"], ad, "v", mm)
-    if "bq" in p:
-        q = q + p["bq"].astype(dt)
-        k = k + p["bk"].astype(dt)
-        v = v + p["bv"].astype(dt)
-    q = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
-    k = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:

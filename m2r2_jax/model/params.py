@@ -1,7 +1,7 @@
-"""The parameter tree as an abstract spec: every leaf declares shape, dtype and
-logical axes. Shardings, random init and loader shape checks all derive from it.
+"""The parameter tree: its layout, its abstract spec (shape, dtype, logical axes per leaf, read off
+the Flax modules) and helpers over it.
 
-Layout (plain nested dicts / lists, weights as [in, out] so `x @ W`):
+Layout (plain nested dicts and lists, weights as [in, out] so `x @ W`):
 
     embed                [vocab, embed]
     layers[i]
@@ -14,15 +14,21 @@ Layout (plain nested dicts / lists, weights as [in, out] so `x @ W`):
     final_norm           [embed]
     lm_head              [embed, vocab]   (absent when embeddings are tied)
 
-`layers` is a Python list (unrolled): per-layer leaves are separate buffers, so
-no step of the decode loop ever slices (and copies) a stacked weight, and the
-M2R2 fast stream can address base layer l directly.
+`layers` is a Python list (unrolled): per-layer leaves are separate buffers, so no step of the decode
+loop ever slices (and copies) a stacked weight, and the M2R2 fast stream addresses base layer l
+directly. Flax names a module's children by string ("layers" -> "0", "1", ...): `module_tree` /
+`plain_tree` convert between the two (a re-keying of the same leaves, no copy), so checkpoints and
+loaders keep the list layout and its tree paths.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import functools
+import hashlib
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +40,6 @@ from m2r2_jax.config import ModelConfig
 class ParamSpec:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
-    init: str = "normal"  # normal | ones | zeros
     dtype: Any = jnp.float32
 
     def __post_init__(self):
@@ -45,46 +50,70 @@ def _is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def mlp_spec(cfg: ModelConfig, dt) -> dict:
-    D, F = cfg.hidden_size, cfg.intermediate_size
-    return {
-        "gate": ParamSpec((D, F), ("embed", "mlp"), dtype=dt),
-        "up": ParamSpec((D, F), ("embed", "mlp"), dtype=dt),
-        "down": ParamSpec((F, D), ("mlp", "embed"), dtype=dt),
-    }
+# ----------------------------------------------------------------------------- layout
 
 
-def layer_spec(cfg: ModelConfig) -> dict:
-    dt = cfg.jnp_param_dtype
-    D = cfg.hidden_size
-    attn = {
-        "wq": ParamSpec((D, cfg.q_dim), ("embed", "heads"), dtype=dt),
-        "wk": ParamSpec((D, cfg.kv_dim), ("embed", "kv_heads"), dtype=dt),
-        "wv": ParamSpec((D, cfg.kv_dim), ("embed", "kv_heads"), dtype=dt),
-        "wo": ParamSpec((cfg.q_dim, D), ("heads", "embed"), dtype=dt),
-    }
-    if cfg.qkv_bias:
-        attn["bq"] = ParamSpec((cfg.q_dim,), ("heads",), init="zeros", dtype=dt)
-        attn["bk"] = ParamSpec((cfg.kv_dim,), ("kv_heads",), init="zeros", dtype=dt)
-        attn["bv"] = ParamSpec((cfg.kv_dim,), ("kv_heads",), init="zeros", dtype=dt)
-    return {
-        "attn_norm": ParamSpec((D,), ("norm",), init="ones", dtype=dt),
-        "attn": attn,
-        "mlp_norm": ParamSpec((D,), ("norm",), init="ones", dtype=dt),
-        "mlp": mlp_spec(cfg, dt),
-    }
+def module_tree(tree):
+    """The project's layout -> Flax's: every list becomes a dict keyed "0", "1", ..."""
+    if isinstance(tree, (list, tuple)):
+        return {str(i): module_tree(x) for i, x in enumerate(tree)}
+    if isinstance(tree, dict):
+        return {k: module_tree(v) for k, v in tree.items()}
+    return tree
 
 
+def plain_tree(tree):
+    """Flax's layout -> the project's: a dict keyed exactly "0" .. "n-1" becomes a list."""
+    if isinstance(tree, dict) or hasattr(tree, "items") and not hasattr(tree, "shape"):
+        d = {k: plain_tree(v) for k, v in tree.items()}
+        if d and sorted(d) == sorted(str(i) for i in range(len(d))):
+            return [d[str(i)] for i in range(len(d))]
+        return d
+    return tree
+
+
+def spec_of(boxed) -> Any:
+    """An abstract, boxed variable tree (jax.eval_shape of a module's init) -> ParamSpec tree (plain layout)."""
+    params = boxed["params"] if "params" in boxed else boxed
+
+    def one(x):
+        if isinstance(x, nn.LogicallyPartitioned):
+            return ParamSpec(tuple(x.value.shape), tuple(x.names), x.value.dtype)
+        return ParamSpec(tuple(x.shape), (None,) * len(x.shape), x.dtype)
+
+    leaves = jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return plain_tree(leaves)
+
+
+def unboxed(variables) -> Any:
+    """A module's init output -> its params in the plain layout."""
+    return plain_tree(nn.unbox(variables)["params"])
+
+
+# ----------------------------------------------------------------------------- the model's spec
+
+
+def _model_init(cfg: ModelConfig, key):
+    from m2r2_jax.backend import XLA
+    from m2r2_jax.model import decoder as D
+    from m2r2_jax.model.modules import Transformer
+
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    cache = D.init_cache(cfg, 1, 1)
+    cos, sin = D.rope_for(cfg, jnp.zeros((1, 1), jnp.int32))
+    attention_for = D.cache_attention_for(cfg, XLA, cache, jnp.zeros((1,), jnp.int32), 1, None)
+    return Transformer(cfg).init(key, tokens, cos, sin, attention_for, method="init_all")
+
+
+@functools.lru_cache(maxsize=32)
 def model_spec(cfg: ModelConfig) -> dict:
-    dt = cfg.jnp_param_dtype
-    spec = {
-        "embed": ParamSpec((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype=dt),
-        "layers": [layer_spec(cfg) for _ in range(cfg.num_layers)],
-        "final_norm": ParamSpec((cfg.hidden_size,), ("norm",), init="ones", dtype=dt),
-    }
-    if not cfg.tie_word_embeddings:
-        spec["lm_head"] = ParamSpec((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype=dt)
-    return spec
+    """Shape, dtype and logical axes of every param of the model (from the Flax modules, abstractly)."""
+    return spec_of(jax.eval_shape(lambda: _model_init(cfg, jax.random.key(0))))
+
+
+def init_model(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Random params (tests, tiny configs): the modules' initializers, N(0, 0.02^2) weights, unit norms."""
+    return unboxed(jax.jit(lambda k: _model_init(cfg, k))(key))
 
 
 def abstract_params(spec) -> Any:
@@ -93,21 +122,6 @@ def abstract_params(spec) -> Any:
 
 def logical_axes(spec) -> Any:
     return jax.tree.map(lambda s: s.axes, spec, is_leaf=_is_spec)
-
-
-def init_params(spec, key: jax.Array, scale: float = 0.02) -> Any:
-    """Random init from the spec (tests, tiny models). Pure numpy-free jax ops."""
-    leaves, treedef = jax.tree.flatten(spec, is_leaf=_is_spec)
-    keys = jax.random.split(key, len(leaves))
-
-    def one(s: ParamSpec, k):
-        if s.init == "ones":
-            return jnp.ones(s.shape, s.dtype)
-        if s.init == "zeros":
-            return jnp.zeros(s.shape, s.dtype)
-        return (scale * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype)
-
-    return jax.tree.unflatten(treedef, [one(s, k) for s, k in zip(leaves, keys)])
 
 
 def flatten_with_names(tree) -> list[tuple[str, Any]]:
@@ -129,4 +143,17 @@ def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-MapFn = Callable[[ParamSpec], Any]
+def params_fingerprint(params, as_dtype: str | None = None) -> str:
+    """Hash of every leaf's path, shape, dtype and a small corner of its values (sliced on device, so
+    cheap for sharded models): the identity of a base model that distillation caches and M2R2
+    checkpoints record. `as_dtype`: the fingerprint the params would have once cast to that dtype
+    (used on the loader's source arrays)."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        shape = tuple(np.shape(leaf))
+        dtype = jnp.dtype(as_dtype) if as_dtype is not None else leaf.dtype
+        corner = np.asarray(leaf[tuple(slice(0, 8) for _ in shape)] if shape else leaf).astype(dtype)
+        corner = corner.astype(np.float32)
+        h.update(f"{jax.tree_util.keystr(path)}|{shape}|{dtype}|".encode())
+        h.update(corner.tobytes())
+    return h.hexdigest()[:32]

@@ -1,1 +1,1 @@
-"""Training: prompt sets, self-distillation cache."""
+"""Training: self-distillation cache, teacher cache, the sharded train step, checkpoints, the loop."""

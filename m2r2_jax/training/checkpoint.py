@@ -23,7 +23,7 @@ def base_identity(model_name: str, cfg, params, fingerprint: str | None = None) 
     """The base model an M2R2 checkpoint belongs to. The same weights in another dtype are the same
     base: pass `fingerprint` (LoadedModel.fingerprint, taken from the source weights at float32)
     when `params` were loaded in another dtype."""
-    from m2r2_jax.training.distill import params_fingerprint
+    from m2r2_jax.model.params import params_fingerprint
 
     c = dataclasses.asdict(cfg)
     for k in ("dtype", "param_dtype", "matmul_dtype"):

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-from m2r2_jax.config import apply_overrides
+from m2r2_jax.config import apply_overrides, from_dict, load_yaml, to_dict
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.m2r2.config import M2R2Config
 from m2r2_jax.sharding import MeshConfig
+
+
+def _at_least(cfg, names, lo: int, prefix: str = "") -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise M2R2Error(f"{prefix}{n} must be an integer >= {lo}, got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +32,12 @@ class DataConfig:
     teacher_cache_dir: str = ""           # non-empty: cache the frozen base's slow states per example there
                                           # (built once, resumable) and skip the slow forward in every step
     teacher_cache_dtype: str = "bfloat16"  # bfloat16 | float32 (storage of the cached intermediate states)
+
+    def __post_init__(self):
+        _at_least(self, ("num_prompts", "max_prompt_tokens", "max_new_tokens", "distill_batch_size"), 1, "data.")
+        _at_least(self, ("heldout_prompts",), 0, "data.")
+        if self.teacher_cache_dtype not in ("bfloat16", "float32"):
+            raise M2R2Error(f"data.teacher_cache_dtype={self.teacher_cache_dtype!r}: expected bfloat16 or float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,23 +61,21 @@ class TrainConfig:
     log_every: int = 1
     async_save: bool = True
 
-
-def _from_dict(cls, d: dict, where: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kw = {}
-    for k, v in (d or {}).items():
-        if k not in fields:
-            raise M2R2Error(f"unknown config key {where + k!r} ({cls.__name__} has: {', '.join(sorted(fields))})")
-        sub = {"m2r2": M2R2Config, "data": DataConfig, "mesh": MeshConfig}.get(k) if cls is TrainConfig else None
-        if sub is not None:
-            v = _from_dict(sub, v, f"{where}{k}.")
-        elif isinstance(v, list):
-            v = tuple(v)
-        kw[k] = v
-    return cls(**kw)
+    def __post_init__(self):
+        _at_least(self, ("batch_size", "steps", "save_every", "keep", "log_every"), 1)
+        _at_least(self, ("warmup_steps",), 0)
+        if self.seq_len < 2:
+            raise M2R2Error(f"seq_len must be >= 2, got {self.seq_len}")
+        if not self.lr > 0:
+            raise M2R2Error(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.end_lr_ratio <= 1:
+            raise M2R2Error(f"end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
+        if self.weight_decay < 0 or self.clip_norm <= 0:
+            raise M2R2Error(f"need weight_decay >= 0 and clip_norm > 0 (got {self.weight_decay}, {self.clip_norm})")
 
 
 def load_train_config(path: str | None, overrides=()) -> TrainConfig:
+    """A YAML file (or a run dir holding config.yaml) + `key=value` overrides, through the one parser."""
     cfg = TrainConfig()
     if path:
         p = Path(path)
@@ -75,19 +85,13 @@ def load_train_config(path: str | None, overrides=()) -> TrainConfig:
             p = Path(str(p) + ".yaml")
         if not p.is_file():
             raise M2R2Error(f"config file not found: {path}")
-        import yaml
-
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise M2R2Error(f"corrupt config file {p}: {str(e).splitlines()[0]}") from None
-        cfg = _from_dict(TrainConfig, d, "")
+        cfg = from_dict(TrainConfig, load_yaml(p))
     return apply_overrides(cfg, list(overrides))
 
 
 def config_to_dict(cfg) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return to_dict(cfg)
 
 
 def config_from_dict(d: dict) -> TrainConfig:
-    return _from_dict(TrainConfig, d, "")
+    return from_dict(TrainConfig, d)

@@ -17,7 +17,6 @@ cache). A cache made with another model or other settings is refused.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -28,11 +27,11 @@ import jax
 import numpy as np
 
 from m2r2_jax.errors import M2R2Error
+from m2r2_jax.model.params import params_fingerprint
 
 MANIFEST = "manifest.json"
 FORMAT = "m2r2-distill-cache/1"
 PROBE = "Hello! Please answer briefly: what is 2 + 2?"
-CACHE_ROUND = 128
 
 
 @dataclasses.dataclass
@@ -56,27 +55,12 @@ def as_distill_model(model) -> DistillModel:
         tok = model.tokenizer
         if tok is None:
             raise M2R2Error("the distillation cache needs the model's tokenizer (load it with tokenizer=True)")
-        from m2r2_jax.cli import encode_prompt
+        from m2r2_jax.loading.tokenizer import encode_prompt
 
         return DistillModel(model.cfg, model.params, lambda t: encode_prompt(tok, t, chat=True),
                             str(getattr(model, "source", "")))
     raise M2R2Error(f"cannot build a distillation cache from a {type(model).__name__}: "
                     "expected a LoadedModel or (cfg, params, encode_fn)")
-
-
-def params_fingerprint(params, as_dtype: str | None = None) -> str:
-    """Hash of every leaf's path, shape, dtype and a small corner of its values
-    (sliced on device, so cheap for sharded models). `as_dtype`: the fingerprint the params
-    would have once cast to that dtype (used on the loader's source arrays)."""
-    h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        shape = tuple(np.shape(leaf))
-        dtype = jax.numpy.dtype(as_dtype) if as_dtype is not None else leaf.dtype
-        corner = np.asarray(leaf[tuple(slice(0, 8) for _ in shape)] if shape else leaf).astype(dtype)
-        corner = corner.astype(np.float32)
-        h.update(f"{jax.tree_util.keystr(path)}|{shape}|{dtype}|".encode())
-        h.update(corner.tobytes())
-    return h.hexdigest()[:32]
 
 
 def _identity(m: DistillModel) -> dict:
@@ -157,9 +141,10 @@ def load_distill_cache(out_dir: str | Path):
 # ----------------------------------------------------------------------------- build
 
 def _cache_len(cfg, prompt_len: int, max_new: int) -> int | None:
-    from m2r2_jax.decoding.generate import bucket
+    """The batch's cache: the prompt bucket + max_new, rounded like every decode cache."""
+    from m2r2_jax.decoding.generate import bucket, round_cache
 
-    s = int(np.ceil((bucket(prompt_len) + max_new) / CACHE_ROUND) * CACHE_ROUND)
+    s = round_cache(bucket(prompt_len) + max_new)
     return s if s <= cfg.max_position_embeddings else None
 
 

@@ -16,10 +16,16 @@ from m2r2_jax.model.params import logical_axes, model_spec
 from m2r2_jax.sharding import named_sharding, replicated, tree_shardings
 
 
-def make_optimizer(lr: float, warmup: int, steps: int, end_ratio: float = 0.1, weight_decay: float = 0.0,
-                   clip: float = 1.0) -> optax.GradientTransformation:
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), lr * end_ratio)
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, weight_decay=weight_decay))
+def lr_schedule(tc) -> optax.Schedule:
+    """Warmup, then cosine decay to lr * end_lr_ratio at the planned last step `tc.steps` (a resumed or
+    stopped run keeps the schedule of the run it belongs to)."""
+    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup_steps, 1), max(tc.steps, tc.warmup_steps + 1),
+                                              tc.lr * tc.end_lr_ratio)
+
+
+def make_optimizer(tc) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on `lr_schedule(tc)`."""
+    return optax.chain(optax.clip_by_global_norm(tc.clip_norm), optax.adamw(lr_schedule(tc), weight_decay=tc.weight_decay))
 
 
 def train_shardings(mesh, cfg: ModelConfig, mc: M2R2Config, base, m2r2, batch_shape):

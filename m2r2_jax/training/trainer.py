@@ -16,10 +16,10 @@ from m2r2_jax.m2r2.params import init_m2r2
 from m2r2_jax.model.params import count_params
 from m2r2_jax.sharding import make_mesh, maybe_initialize_distributed
 from m2r2_jax.training import checkpoint as C
-from m2r2_jax.training.batches import BatchStream, pack_examples
+from m2r2_jax.data.batches import BatchStream, pack_examples
 from m2r2_jax.training.config import TrainConfig, config_to_dict
 from m2r2_jax.training.metrics import Tracker
-from m2r2_jax.training.step import init_opt_state, make_optimizer, make_train_step, train_shardings
+from m2r2_jax.training.step import init_opt_state, lr_schedule, make_optimizer, make_train_step, train_shardings
 
 
 def rank_draft_vocab(records: Sequence[dict], vocab_size: int, n: int, always: Sequence[int] = ()) -> np.ndarray:
@@ -41,7 +41,7 @@ def rank_draft_vocab(records: Sequence[dict], vocab_size: int, n: int, always: S
 
 def distilled_records(tc: TrainConfig, model) -> list[dict]:
     from m2r2_jax.training.distill import build_distill_cache
-    from m2r2_jax.training.prompts import default_train_sources, load_prompts
+    from m2r2_jax.data.prompts import default_train_sources, load_prompts
 
     d = tc.data
     sources = list(d.sources) or default_train_sources()
@@ -87,7 +87,7 @@ def train(tc: TrainConfig, *, model=None, records: Sequence[dict] | None = None,
     sh = train_shardings(mesh, cfg, mc, base, jax.eval_shape(lambda: init_m2r2(cfg, mc, jax.random.key(0))),
                          (tc.batch_size, tc.seq_len))
     m2r2 = jax.jit(lambda k: init_m2r2(cfg, mc, k), out_shardings=sh["m2r2"])(jax.random.key(tc.seed))
-    opt = make_optimizer(tc.lr, tc.warmup_steps, tc.steps, tc.end_lr_ratio, tc.weight_decay, tc.clip_norm)
+    opt, sched = make_optimizer(tc), lr_schedule(tc)
     opt_state, opt_sh = init_opt_state(opt, m2r2, mesh)
     step, pos = 0, 0
     if latest is not None:
@@ -136,7 +136,7 @@ def train(tc: TrainConfig, *, model=None, records: Sequence[dict] | None = None,
             dt = time.perf_counter() - t0
             step, pos = step + 1, pos + 1
             met["tokens_per_second"] = float(met["tokens"]) / dt
-            met["lr"] = float(opt_lr(tc, step - 1))
+            met["lr"] = float(sched(step - 1))
             history.append(met)
             if step % tc.log_every == 0 or step == end:
                 tracker.log(step, met)
@@ -156,10 +156,3 @@ def train(tc: TrainConfig, *, model=None, records: Sequence[dict] | None = None,
 
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(tc), sort_keys=False))
     return TrainResult(step, m2r2, history, draft_ids)
-
-
-def opt_lr(tc: TrainConfig, step: int) -> float:
-    import optax
-
-    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup_steps, 1), max(tc.steps, tc.warmup_steps + 1),
-                                              tc.lr * tc.end_lr_ratio)(step)

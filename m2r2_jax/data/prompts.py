@@ -28,9 +28,8 @@ import random
 from pathlib import Path
 from typing import Any, Iterable
 
+from m2r2_jax.data import data_root, quiet_datasets
 from m2r2_jax.errors import M2R2Error
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 EVAL_FILES = (
     "mt_bench/question.jsonl",
@@ -43,12 +42,6 @@ EVAL_FILES = (
 )
 _TRAIN_PARTS = ("train_prompts", "alpaca/alpaca_en_demo.json", "self_instruct/seed_tasks.jsonl")
 _EXTS = (".json", ".jsonl")
-
-
-def data_root() -> Path:
-    """`$M2R2_DATA`, default `<repo>/../shared/data` (not checked here)."""
-    env = os.environ.get("M2R2_DATA")
-    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
 
 
 def default_train_sources(root: str | Path | None = None, *, check: bool = True) -> list[str]:
@@ -106,17 +99,9 @@ def _read_plain_json(path: Path) -> list[dict]:
     return obj
 
 
-def _quiet_datasets():
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    return datasets
-
-
 def read_records(path: str | Path) -> tuple[list[dict], str]:
     """Records of one local file -> (records, reader) with reader 'datasets' or 'json'."""
-    datasets = _quiet_datasets()
+    datasets = quiet_datasets()
     path = Path(path)
     try:
         rows = datasets.load_dataset("json", data_files=str(path), split="train").to_list()
@@ -130,7 +115,7 @@ def read_records(path: str | Path) -> tuple[list[dict], str]:
 
 
 def _read_hub(name: str) -> list[dict]:
-    datasets = _quiet_datasets()
+    datasets = quiet_datasets()
     try:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:  # noqa: BLE001 - offline, unknown name, no train split, ...

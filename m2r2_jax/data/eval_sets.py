@@ -2,7 +2,7 @@
 
 `load_eval_set(name_or_path)` takes
   * a short name resolved under the shared data root (`$M2R2_DATA`, see
-    `m2r2_jax.training.prompts.data_root`): mt_bench, spec_bench, koala,
+    `m2r2_jax.data.prompts.data_root`): mt_bench, spec_bench, koala,
     self_instruct, wizardlm, vicuna_bench, alpaca_eval; `builtin` is the
     project's own 16 prompts over 8 categories (m2r2_jax/assets/prompts/), so
     the README's main job runs on a machine without the shared data;
@@ -59,7 +59,7 @@ class EvalItem:
 # ----------------------------------------------------------------------------- reading
 
 def _local_records(path: Path) -> list[dict]:
-    from m2r2_jax.training.prompts import read_records
+    from m2r2_jax.data.prompts import read_records
 
     files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in _EXTS)
     if not files:
@@ -73,11 +73,11 @@ def _local_records(path: Path) -> list[dict]:
 
 
 def _hub_records(name: str) -> list[dict]:
-    from m2r2_jax.training.prompts import _quiet_datasets
+    from m2r2_jax.data import quiet_datasets
 
     from huggingface_hub.utils import logging as hf_logging
 
-    datasets = _quiet_datasets()
+    datasets = quiet_datasets()
     ds_name, _, split = name.partition(":")
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # offline: no retry chatter before the one-line error
@@ -194,7 +194,7 @@ def balanced_limit(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
 
 def resolve_eval_source(name_or_path: str) -> tuple[str, str]:
     """-> (kind, location): ('local', path) or ('hub', name)."""
-    from m2r2_jax.training.prompts import data_root
+    from m2r2_jax.data.prompts import data_root
 
     s = str(name_or_path)
     if s == "builtin":  # the project's own small prompt set, shipped in the package

@@ -46,7 +46,7 @@ def auc(score: np.ndarray, label: np.ndarray) -> float:
 def evaluate_alignment(cfg, base, mc: M2R2Config, m2r2, draft_ids, records, seq_len: int = 256,
                        batch_size: int = 4) -> dict:
     """records: [{prompt_ids, answer_ids}] -> per-layer agreement table."""
-    from m2r2_jax.training.batches import pack_examples
+    from m2r2_jax.data.batches import pack_examples
 
     tokens, mask = pack_examples(records, seq_len)
     n = len(tokens)

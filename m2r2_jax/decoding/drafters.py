@@ -1,0 +1,318 @@
+"""Drafters: what proposes the candidate block of each speculative step.
+
+A drafter is a static object (hashable config: part of the jitted loop's closure) with
+
+  trees        its static draft trees; a proposal says which one laid its block out (verify.py pads
+               and stacks them, so every kind of step verifies the same Tv-node block)
+  kinds        one name per tree, for the per-kind statistics ("m2r2", "lookup", ...)
+  needs_text   the loop keeps the text so far (prompt + emitted tokens) for it
+  lookahead    tokens it may read past the end of the text (sizes the text buffer)
+  prepare(base, ...) -> its jit argument (trained weights etc.), built once per checkpoint
+  propose(dparams, base, view: DraftView) -> Proposal(tokens [B, Tv], tree)
+
+`propose` reads the cache and never writes it. Verification, acceptance, the lossless checks and
+the cost accounting (verify.py, speculative.py) are the same for every drafter: a new one (a peer's
+drafter, a test fixture) plugs in by implementing these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from m2r2_jax.backend import XLA, Backend
+from m2r2_jax.config import ModelConfig
+from m2r2_jax.decoding.state import DraftView, Proposal
+from m2r2_jax.decoding.trees import DraftTree, build_tree, chain
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.m2r2 import stream as S
+from m2r2_jax.m2r2.config import M2R2Config
+from m2r2_jax.m2r2.modules import FastStream
+from m2r2_jax.model import decoder as D
+from m2r2_jax.model import layers as L
+from m2r2_jax.model.attention import tree_draft_attention
+
+
+class Drafter:
+    trees: tuple[DraftTree, ...] = ()
+    kinds: tuple[str, ...] = ()
+    needs_text: bool = False
+    lookahead: int = 0
+    block: int = 0  # verify at least this many nodes (a composite pads its parts to one block)
+
+    def prepare(self, base, *sources) -> Any:
+        return None
+
+    def propose(self, dparams, base, view: DraftView) -> Proposal:
+        raise NotImplementedError
+
+    @property
+    def block_size(self) -> int:
+        return max([t.size for t in self.trees] + [self.block])
+
+
+def pad_block(x: jax.Array, n: int) -> jax.Array:
+    """[B, t] -> [B, n] (padding nodes carry token 0)."""
+    return jnp.pad(x, ((0, 0), (0, n - x.shape[1])))
+
+
+# ----------------------------------------------------------------------------- M2R2
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class M2R2Drafter(Drafter):
+    """The fast stream expands a static tree depth by depth: all nodes of a depth in one batched call
+    of the merged fast layers (`FastStream(merged=True)`), reading the slow cache for the prefix and a
+    draft-local K/V buffer for each node's tree ancestors; each node's children are the draft head's
+    top-ranked tokens."""
+
+    cfg: ModelConfig
+    mc: M2R2Config
+    tree: DraftTree
+    draft_layers: int = 0  # fast layers used to draft (0 = all L_f)
+    backend: Backend = XLA
+
+    def __post_init__(self):
+        n = self.mc.n_fast(self.cfg.num_layers)
+        if not 0 <= self.draft_layers <= n:
+            raise M2R2Error(f"draft_layers={self.draft_layers} must be in [0, {n}] (0 = all)")
+        if self.mc.branch:
+            raise M2R2Error("drafting with branch > 0 is not implemented (the slow stream would have to run "
+                            "the first b layers for draft tokens)")
+
+    @property
+    def depth(self) -> int:
+        return self.draft_layers or self.mc.n_fast(self.cfg.num_layers)
+
+    @property
+    def trees(self):
+        return (self.tree,)
+
+    @property
+    def kinds(self):
+        return ("m2r2",)
+
+    def prepare(self, base, m2r2, draft_ids):
+        """{"dp": `stream.draft_params` (merged adapters, the draft head), "draft_ids"}."""
+        ids = jnp.asarray(draft_ids, jnp.int32)
+        dp = jax.jit(lambda b, m, d: S.draft_params(self.cfg, self.mc, b, m, d, self.depth, self.backend))(
+            base, m2r2, ids)
+        return {"dp": dp, "draft_ids": ids}
+
+    def draft(self, dparams, base, cache, pos, cur) -> jax.Array:
+        """The tree's node tokens [B, T] (node 0 = cur)."""
+        cfg, tree, dp, ids = self.cfg, self.tree, dparams["dp"], dparams["draft_ids"]
+        B, T = cur.shape[0], tree.size
+        layers = self.mc.base_layers(cfg.num_layers)[: len(dp["layers"])]
+        toks = jnp.zeros((B, T), jnp.int32).at[:, 0].set(cur)
+        kv_shape = (B, cfg.num_kv_heads, T, cfg.head_dim)
+        lk = [jnp.zeros(kv_shape, cfg.jnp_dtype) for _ in layers]
+        lv = [jnp.zeros(kv_shape, cfg.jnp_dtype) for _ in layers]
+        stream = FastStream(cfg, self.mc, merged=True)
+        for d in range(tree.max_depth):
+            nodes = np.asarray([i for i in tree.levels[d] if tree.children[i, 0] >= 0], np.int32)
+            if len(nodes) == 0:
+                continue
+            anc = tree.ancestor_mask[nodes].copy()
+            anc[np.arange(len(nodes)), nodes] = False  # a node's own K/V comes from the block itself
+            cos, sin = L.rope_cos_sin(cfg, pos[:, None] + jnp.full((1, len(nodes)), d, jnp.int32))
+
+            def attention_for(l, anc=anc):
+                j = layers[l]
+                return tree_draft_attention(cfg, self.backend, cache.k[j], cache.v[j], pos, lk[l], lv[l], anc)
+
+            hs, states = stream.apply({"params": {}}, dp["layers"], D.embed(cfg, base, toks[:, nodes]), cos, sin,
+                                      attention_for, len(layers))
+            for l, (k, v) in enumerate(states):
+                lk[l] = lk[l].at[:, :, nodes].set(k.astype(lk[l].dtype))
+                lv[l] = lv[l].at[:, :, nodes].set(v.astype(lv[l].dtype))
+            _, top = lax.top_k(S.draft_head_logits(cfg, dp, hs[-1]), tree.topk)
+            cand = jnp.take(ids, top)  # [B, n, topk]
+            for ii, i in enumerate(nodes):
+                for c in tree.children[i]:
+                    if c >= 0:
+                        toks = toks.at[:, c].set(cand[:, ii, tree.rank[c]])
+        return toks
+
+    def propose(self, dparams, base, view: DraftView) -> Proposal:
+        return Proposal(self.draft(dparams, base, view.cache, view.pos, view.cur), jnp.int32(0))
+
+
+# ----------------------------------------------------------------------------- prompt lookup
+
+
+def lookup_continuation(text, text_len, K: int, nmax: int, nmin: int):
+    """For each row of text [B, H] (its first text_len [B] tokens are the text so far), the K tokens
+    after the latest earlier occurrence of the last n tokens, n = nmax..nmin (longest first).
+    -> (found [B] bool, candidates [B, K] int32; arbitrary where not found or past the text)."""
+    H = text.shape[1]
+    idx = jnp.arange(H)
+
+    def row(h, hl):
+        best_i, best_n = jnp.int32(-1), jnp.int32(0)
+        shifted = [jnp.roll(h, -k) for k in range(nmax)]  # shifted[k][i] = h[i + k]
+        for n in range(nmin, nmax + 1):  # longer n-grams override shorter ones
+            key = lax.dynamic_slice(h, (jnp.maximum(hl - n, 0),), (n,))
+            m = idx + n < hl  # the occurrence ends before the text's last token
+            for k in range(n):
+                m &= shifted[k] == key[k]
+            i = jnp.max(jnp.where(m, idx, -1))
+            ok = (i >= 0) & (hl > n)
+            best_i, best_n = jnp.where(ok, i, best_i), jnp.where(ok, n, best_n)
+        return best_n > 0, lax.dynamic_slice(h, (jnp.maximum(best_i, 0) + best_n,), (K,))
+
+    return jax.vmap(row)(text, text_len)
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class PromptLookup(Drafter):
+    """Prompt lookup: when the last `ngram` (down to `min_ngram`) tokens occurred earlier in the prompt
+    or the answer, the `k` tokens that followed their latest occurrence, verified as a chain."""
+
+    k: int = 4
+    ngram: int = 3
+    min_ngram: int = 2
+    needs_text = True
+
+    def __post_init__(self):
+        if self.k < 1 or not 1 <= self.min_ngram <= self.ngram:
+            raise M2R2Error(f"prompt lookup: need k >= 1 and 1 <= min_ngram <= ngram "
+                            f"(got {self.k}, {self.min_ngram}, {self.ngram})")
+
+    @property
+    def trees(self):
+        return (chain(self.k),)
+
+    @property
+    def kinds(self):
+        return ("lookup",)
+
+    @property
+    def lookahead(self):
+        return self.k
+
+    def search(self, view: DraftView, K: int | None = None, text=None, text_len=None):
+        return lookup_continuation(view.text if text is None else text, view.text_len if text_len is None else text_len,
+                                   K or self.k, self.ngram, self.min_ngram)
+
+    def propose(self, dparams, base, view: DraftView) -> Proposal:
+        _, cand = self.search(view)
+        return Proposal(jnp.concatenate([view.cur[:, None], cand], 1), jnp.int32(0))
+
+
+# ----------------------------------------------------------------------------- M2R2 + lookup
+
+
+def extension_tree(tree: DraftTree, Tv: int) -> DraftTree | None:
+    """The lookup extension's block for a one-depth star `tree` verified in blocks of Tv nodes: the
+    star's ranks 0 and 1, then Tv - 3 lookup tokens chained under rank 0 (node order: root, [0], [1],
+    [0, 0], [0, 0, 0], ...). None when it does not apply (a deeper tree, a star of one, Tv < 4)."""
+    if tree.max_depth != 1 or tree.size < 3 or Tv < 4:
+        return None
+    return build_tree([[0], [1]] + [[0] * (k + 1) for k in range(1, Tv - 2)], name="lookup-extension")
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class M2R2WithLookup(Drafter):
+    """Prompt lookup where the text repeats itself, the M2R2 tree elsewhere (one `lax.cond` on "any
+    active row has a lookup match": only the drafting sits in it, both branches read the cache and
+    never write it, so XLA keeps the cache in place).
+
+    With `extend` (a one-depth star tree of >= 3 nodes): on an M2R2 step the fast stream's top-1
+    token x1 is appended to the text and looked up in turn; where the last n tokens ending in x1
+    occurred earlier, the block becomes [cur, x1, x2, c1, c2, ...] (the star's top-2 and the lookup's
+    continuation chained under x1), the same block size, so the same verification."""
+
+    m2r2: M2R2Drafter
+    lookup: PromptLookup
+    extend: bool = True
+    needs_text = True
+
+    @property
+    def block(self):
+        return max(self.m2r2.tree.size, self.lookup.k + 1)
+
+    @property
+    def ext(self) -> DraftTree | None:
+        return extension_tree(self.m2r2.tree, self.block) if self.extend else None
+
+    @property
+    def trees(self):
+        return (self.m2r2.tree, self.lookup.trees[0]) + ((self.ext,) if self.ext is not None else ())
+
+    @property
+    def kinds(self):
+        return ("m2r2", "lookup") + (("m2r2+lookup",) if self.ext is not None else ())
+
+    @property
+    def lookahead(self):
+        return max(self.lookup.k, self.block)
+
+    def prepare(self, base, m2r2, draft_ids):
+        return self.m2r2.prepare(base, m2r2, draft_ids)
+
+    def propose(self, dparams, base, view: DraftView) -> Proposal:
+        Tv = self.block
+        found, cand = self.lookup.search(view)
+        use_lookup = jnp.any(found & view.active)
+
+        def from_lookup():
+            return pad_block(jnp.concatenate([view.cur[:, None], cand], 1), Tv), jnp.int32(1)
+
+        def from_m2r2():
+            toks = pad_block(self.m2r2.draft(dparams, base, view.cache, view.pos, view.cur), Tv)
+            if self.ext is None:
+                return toks, jnp.int32(0)
+            # the text + the top-1 draft, looked up again: its continuation is chained under it
+            hx = jax.vmap(lambda h, x, n: h.at[n].set(x))(view.text, toks[:, 1], view.text_len)
+            fx, cont = self.lookup.search(view, Tv - 3, hx, view.text_len + 1)
+            use_ext = jnp.any(fx & view.active)
+            ext = jnp.concatenate([toks[:, :3], cont], 1)
+            return jnp.where(use_ext, ext, toks), jnp.where(use_ext, 2, 0).astype(jnp.int32)
+
+        toks, tree = lax.cond(use_lookup, from_lookup, from_m2r2)
+        return Proposal(toks, tree)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def _count(name: str, v, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise M2R2Error(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftOptions:
+    """How M2R2 drafts, validated once: the static tree (a preset name, a JSON file of paths or a
+    DraftTree), the fast layers it runs (0 = all), prompt lookup (`lookup` tokens per lookup step,
+    0 = off; n-grams `lookup_ngram` down to `lookup_min_ngram`) and the lookup extension."""
+
+    tree: Any = "star4"
+    draft_layers: int = 0
+    lookup: int = 4
+    lookup_ngram: int = 3
+    lookup_min_ngram: int = 2
+    extend: bool = True
+
+    def __post_init__(self):
+        from m2r2_jax.decoding.trees import get_tree
+
+        object.__setattr__(self, "tree", get_tree(self.tree))
+        _count("draft_layers", self.draft_layers, 0)
+        _count("lookup", self.lookup, 0)
+        _count("lookup_ngram", self.lookup_ngram, 1)
+        _count("lookup_min_ngram", self.lookup_min_ngram, 1)
+        if self.lookup and self.lookup_min_ngram > self.lookup_ngram:
+            raise M2R2Error(f"lookup_min_ngram ({self.lookup_min_ngram}) must be <= lookup_ngram ({self.lookup_ngram})")
+
+    def drafter(self, cfg: ModelConfig, mc: M2R2Config, backend: Backend = XLA) -> Drafter:
+        m = M2R2Drafter(cfg, mc, self.tree, self.draft_layers, backend)
+        if not self.lookup:
+            return m
+        return M2R2WithLookup(m, PromptLookup(self.lookup, self.lookup_ngram, self.lookup_min_ngram), self.extend)

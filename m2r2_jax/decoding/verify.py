@@ -1,0 +1,145 @@
+"""Verification and acceptance, shared by every drafter.
+
+A drafter proposes a block of Tv nodes laid out by one of its static trees. The trees are stacked
+into `TreeTables` (padded to Tv nodes; a padding node sees only itself, sits at depth 0 and is never
+a child, so it is never accepted), and the block's tree is selected as data: one verification
+forward and one acceptance serve every kind of step with the same shapes.
+
+  verify   one full-model forward over the block (tree mask over the prefix cache), writing the
+           nodes' K/V at slots pos .. pos+Tv-1;
+  accept   greedy: the deepest node whose every token equals the full model's argmax at its parent,
+           plus the bonus token; sampling: recursive rejection sampling over each node's ranked
+           children (lossless for one-hot proposals);
+  compact  the accepted nodes' K/V move to contiguous slots pos+1 .. pos+a.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2r2_jax.backend import Backend
+from m2r2_jax.decoding.trees import DraftTree
+from m2r2_jax.model import decoder as D
+from m2r2_jax.model import layers as L
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeTables:
+    """Static trees padded to `block` nodes and stacked: [nT, ...] numpy tables."""
+
+    trees: tuple[DraftTree, ...]
+    block: int            # Tv
+    width: int            # W = deepest tree + 1 (tokens one step can emit)
+    mask: np.ndarray      # [nT, Tv, Tv] ancestor mask (itself included)
+    depth: np.ndarray     # [nT, Tv]
+    parent: np.ndarray    # [nT, Tv] (root and padding: 0)
+    children: np.ndarray  # [nT, Tv, K] child nodes in rank order, -1 padded
+    path: np.ndarray      # [nT, Tv, W] each node's ancestor at depth 0..W-1 (itself at its depth), 0 below
+
+    @classmethod
+    def of(cls, trees: Sequence[DraftTree], block: int | None = None) -> "TreeTables":
+        trees = tuple(trees)
+        Tv = max([t.size for t in trees] + [block or 0])
+        W = max(t.max_depth for t in trees) + 1
+        K = max(t.children.shape[1] for t in trees)
+        nT = len(trees)
+        mask = np.zeros((nT, Tv, Tv), bool)
+        depth = np.zeros((nT, Tv), np.int32)
+        parent = np.zeros((nT, Tv), np.int32)
+        children = np.full((nT, Tv, K), -1, np.int32)
+        path = np.zeros((nT, Tv, W), np.int32)
+        for i, t in enumerate(trees):
+            n = t.size
+            mask[i] = np.eye(Tv, dtype=bool)
+            mask[i, :n, :n] = t.ancestor_mask
+            depth[i, :n] = t.depth
+            parent[i, :n] = np.maximum(t.parent, 0)
+            children[i, :n, : t.children.shape[1]] = t.children
+            for j in range(n):
+                k = j
+                while k >= 0:
+                    path[i, j, t.depth[k]] = k
+                    k = t.parent[k]
+        return cls(trees, Tv, W, mask, depth, parent, children, path)
+
+    def __hash__(self):
+        return hash((self.trees, self.block))
+
+    def __eq__(self, other):
+        return isinstance(other, TreeTables) and (self.trees, self.block) == (other.trees, other.block)
+
+
+def verify(cfg, backend: Backend, base, tt: TreeTables, tree, toks, cache, pos):
+    """-> (logits [B, Tv, V] f32, cache with the block's K/V at slots pos ..)."""
+    depth = jnp.asarray(tt.depth)[tree]
+    return D.forward(cfg, base, toks, cache, pos, positions=pos[:, None] + depth[None],
+                     local_mask=jnp.asarray(tt.mask)[tree], backend=backend)
+
+
+def accept_greedy(tt: TreeTables, tree, toks, target):
+    """target [B, Tv]: the full model's argmax at each node.
+    -> (accepted depth a [B], path [B, W] node ids root..deepest accepted, bonus [B], correct [B, Tv])."""
+    Tv = tt.block
+    par, anc = jnp.asarray(tt.parent)[tree], jnp.asarray(tt.mask)[tree]
+    depth = jnp.asarray(tt.depth)[tree]
+    correct = (toks == target[:, par]).at[:, 0].set(True)
+    ok = node_accepted(anc, correct)
+    score = jnp.where(ok, depth[None] * Tv + (Tv - jnp.arange(Tv)), -1)
+    best = jnp.argmax(score, -1)
+    path = jnp.asarray(tt.path)[tree][best]
+    bonus = jnp.take_along_axis(target, best[:, None], 1)[:, 0]
+    return depth[best], path, bonus, correct
+
+
+def node_accepted(anc, correct):
+    """anc [Tv, Tv], correct [B, Tv] -> [B, Tv]: the node and all its ancestors matched."""
+    return jnp.all(jnp.where(anc[None], correct[:, None, :], True), -1)
+
+
+def accept_sampling(tt: TreeTables, tree, toks, probs, key):
+    """Recursive rejection sampling with one-hot (top-k) proposals; exact for the base distribution.
+    probs [B, Tv, V]: the sampling distribution at each node. -> (a, path [B, W], bonus, correct)."""
+    children = jnp.asarray(tt.children)[tree]
+    paths = jnp.asarray(tt.path)[tree]
+
+    def row(toks, probs, key):
+        node, alive, a = jnp.int32(0), jnp.bool_(True), jnp.int32(0)
+        p = probs[0]
+        for _ in range(tt.width):
+            found, nxt = jnp.bool_(False), node
+            for r in range(children.shape[1]):
+                c = children[node, r]
+                valid = alive & ~found & (c >= 0)
+                x = toks[jnp.maximum(c, 0)]
+                key, sub = jax.random.split(key)
+                u = jax.random.uniform(sub)
+                ok = valid & (u * jnp.sum(p) < p[x])
+                found, nxt = found | ok, jnp.where(ok, c, nxt)
+                p = jnp.where(valid & ~ok, p.at[x].set(0.0), p)
+            a = a + (alive & found)
+            node = jnp.where(alive & found, nxt, node)
+            p = jnp.where(alive & found, probs[nxt], p)
+            alive = alive & found
+        key, sub = jax.random.split(key)
+        bonus = jax.random.categorical(sub, jnp.log(jnp.maximum(p, 0.0)))
+        return a, paths[node], bonus.astype(jnp.int32)
+
+    keys = jax.random.split(key, toks.shape[0])
+    a, path, bonus = jax.vmap(row)(toks, probs, keys)
+    return a, path, bonus, jnp.zeros(toks.shape, bool)
+
+
+def compact(cache: D.KVCache, pos, path) -> D.KVCache:
+    """Move accepted nodes' K/V (slots pos + path[k]) to slots pos + k, k = 1..W-1."""
+    src = pos[:, None] + path[:, 1:]  # [B, W-1]
+
+    def move(c):
+        g = jnp.take_along_axis(c, src[:, None, :, None], axis=2)  # [B, KV, W-1, hd]
+        return L.write_cache(c, g, pos + 1)
+
+    return D.KVCache([move(c) for c in cache.k], [move(c) for c in cache.v])

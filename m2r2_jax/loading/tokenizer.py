@@ -1,0 +1,31 @@
+"""Prompt encoding, the one place a prompt becomes token ids."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from m2r2_jax.errors import M2R2Error
+
+
+def encode_chat(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Exactly `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`, as a list of ints."""
+    if not hasattr(tokenizer, "apply_chat_template") or not getattr(tokenizer, "chat_template", None):
+        raise M2R2Error("this model's tokenizer has no chat template (a chat model is needed)")
+    try:
+        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+    except (ValueError, TypeError) as e:
+        raise M2R2Error(f"cannot apply the chat template: {str(e).splitlines()[0] if str(e) else e}") from None
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    if len(ids) and isinstance(ids[0], (list, tuple)):
+        ids = ids[0]
+    return [int(i) for i in ids]
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """One user turn: chat-templated (`encode_chat`) or plain text."""
+    if not isinstance(text, str):
+        raise M2R2Error(f"a prompt must be text, got {type(text).__name__}")
+    if chat:
+        return encode_chat(tokenizer, [{"role": "user", "content": text}])
+    return [int(i) for i in tokenizer(text)["input_ids"]]
