@@ -113,8 +113,8 @@ def test_decode_block_same_tokens_and_checked(tiny):
     plain = gen.generate(params, prompts, GenerateConfig(max_new_tokens=12, stop_ids=(-1,))).new_ids
     blocked = gen.generate(params, prompts, GenerateConfig(max_new_tokens=12, stop_ids=(-1,), block=4)).new_ids
     assert blocked == plain
-    with pytest.raises(M2R2Error, match="decode block must be >= 1"):
-        gen.generate(params, prompts, GenerateConfig(max_new_tokens=4, block=0))
+    with pytest.raises(M2R2Error, match="block must be an integer >= 1"):
+        GenerateConfig(max_new_tokens=4, block=0)
     # the padding slots need room: 20 + 10 + 3 > 32
     with pytest.raises(M2R2Error, match="needs a cache of 33"):
         gen.generate(params, [list(range(3, 23))], GenerateConfig(max_new_tokens=10, cache_len=32, block=4))
@@ -156,6 +156,7 @@ def test_chunked_prefill_equals_one_block(tiny, tiny_llama_dir):
     import transformers as tf
 
     from m2r2_jax import kernels as K
+    from m2r2_jax.backend import CPU_KERNELS, XLA
     from m2r2_jax.decoding.generate import PREFILL_CHUNK, pad_prompts, prefill
     from m2r2_jax.model import decoder as D
 
@@ -165,10 +166,10 @@ def test_chunked_prefill_equals_one_block(tiny, tiny_llama_dir):
     P = 4 * PREFILL_CHUNK
     toks = jnp.asarray(pad_prompts([rs.randint(3, 256, n).tolist() for n in lens], P))
     ln = jnp.asarray(lens, jnp.int32)
-    variants = [params] + ([K.pack_decode_params(cfg, params)] if K.wanted(cfg) else [])
-    for prm in variants:
-        one = jax.jit(lambda p, t, l: prefill(cfg, p, t, l, D.init_cache(cfg, 2, P + 32), chunk=P))
-        chunked = jax.jit(lambda p, t, l: prefill(cfg, p, t, l, D.init_cache(cfg, 2, P + 32)))
+    variants = [(XLA, params)] + ([(CPU_KERNELS, CPU_KERNELS.prepare(cfg, params))] if K.wanted(cfg) else [])
+    for be, prm in variants:
+        one = jax.jit(lambda p, t, l: prefill(cfg, p, t, l, D.init_cache(cfg, 2, P + 32), chunk=P, backend=be))
+        chunked = jax.jit(lambda p, t, l: prefill(cfg, p, t, l, D.init_cache(cfg, 2, P + 32), backend=be))
         (lo, co), (lc, cc) = one(prm, toks, ln), chunked(prm, toks, ln)
         for b, n in enumerate(lens):
             if prm is params:

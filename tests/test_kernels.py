@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from m2r2_jax import kernels as K
+from m2r2_jax.backend import CPU_KERNELS, XLA
 from m2r2_jax.config import ModelConfig
+from m2r2_jax.decoding.drafters import DraftOptions
 from m2r2_jax.decoding.generate import GenerateConfig, Generator
 from m2r2_jax.decoding.speculative import SpecConfig, SpeculativeDecoder
 from m2r2_jax.decoding.trees import get_tree
@@ -94,7 +96,7 @@ def test_packed_forward_matches_xla(tiny):
     toks = jnp.asarray(rs.randint(3, 256, (2, 12)), jnp.int32)
     start = jnp.zeros((2,), jnp.int32)
     want, cw = D.forward(cfg, base, toks, cache, start)
-    got, cg = D.forward(cfg, packed, toks, cache, start)
+    got, cg = D.forward(cfg, packed, toks, cache, start, backend=CPU_KERNELS)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(cg.k[1]), np.asarray(cw.k[1]), rtol=1e-5, atol=1e-5)
     # then a tree block over that cache, per-row starts
@@ -102,7 +104,7 @@ def test_packed_forward_matches_xla(tiny):
     t2 = jnp.asarray(rs.randint(3, 256, (2, 16)), jnp.int32)
     s2 = jnp.asarray([12, 7], jnp.int32)
     want2, _ = D.forward(cfg, base, t2, cw, s2, local_mask=local)
-    got2, _ = D.forward(cfg, packed, t2, cg, s2, local_mask=local)
+    got2, _ = D.forward(cfg, packed, t2, cg, s2, local_mask=local, backend=CPU_KERNELS)
     np.testing.assert_allclose(np.asarray(got2), np.asarray(want2), rtol=1e-4, atol=1e-4)
 
 
@@ -115,11 +117,11 @@ def test_packed_decode_one_row_equals_block_rows(tiny):
     rs = np.random.RandomState(2)
     cache = D.init_cache(cfg, 1, 64)
     prompt = jnp.asarray(rs.randint(3, 256, (1, 9)), jnp.int32)
-    _, cache = D.forward(cfg, packed, prompt, cache, jnp.zeros((1,), jnp.int32))
+    _, cache = D.forward(cfg, packed, prompt, cache, jnp.zeros((1,), jnp.int32), backend=CPU_KERNELS)
     blk = jnp.asarray(rs.randint(3, 256, (1, 4)), jnp.int32)
     start = jnp.full((1,), 9, jnp.int32)
-    lb, _ = D.forward(cfg, packed, blk, cache, start)
-    l1, _ = D.forward(cfg, packed, blk[:, :1], cache, start)
+    lb, _ = D.forward(cfg, packed, blk, cache, start, backend=CPU_KERNELS)
+    l1, _ = D.forward(cfg, packed, blk[:, :1], cache, start, backend=CPU_KERNELS)
     np.testing.assert_allclose(np.asarray(l1[:, 0]), np.asarray(lb[:, 0]), rtol=1e-6, atol=1e-6)
 
 
@@ -138,33 +140,44 @@ def test_packed_speculative_lossless(tiny, tree, lookup):
     """Speculative decoding over packed params equals the packed AR decode token for token, one by one
     and batched, with and without prompt lookup."""
     cfg, base = tiny
-    packed = K.pack_decode_params(cfg, base)
+    packed = CPU_KERNELS.prepare(cfg, base)
     mc, m2r2 = _m2r2(cfg)
     d = np.arange(cfg.vocab_size, dtype=np.int32)
-    spec = SpeculativeDecoder(cfg, mc, get_tree(tree), lookup=lookup, lookup_ngram=2, lookup_min_ngram=1)
-    gen = Generator(cfg)
+    opts = DraftOptions(tree=tree, lookup=lookup, lookup_ngram=2, lookup_min_ngram=1)
+    spec = SpeculativeDecoder(cfg, opts.drafter(cfg, mc, CPU_KERNELS), CPU_KERNELS)
+    gen = Generator(cfg, backend=CPU_KERNELS)
     rs = np.random.RandomState(4)
     prompts = [rs.randint(3, 256, rs.randint(3, 20)).tolist() for _ in range(4)]
     prompts[0] = (prompts[0] * 3)[:17]  # something for lookup to find
     sc = SpecConfig(max_new_tokens=24, stop_ids=(-1,))
     g = GenerateConfig(max_new_tokens=24, stop_ids=(-1,))
     ar = [gen.generate(packed, [p], g).new_ids[0] for p in prompts]
-    single = [spec.generate(packed, m2r2, d, [p], sc) for p in prompts]
+    dp = spec.prepare(packed, m2r2, d)
+    single = [spec.generate(packed, dp, [p], sc) for p in prompts]
     assert [r.new_ids[0] for r in single] == ar
-    assert spec.generate(packed, m2r2, d, prompts, sc).new_ids == ar
+    assert spec.generate(packed, dp, prompts, sc).new_ids == ar
     assert sum(sum(r.accepted) for r in single) > 0
+    # the XLA backend over the unpacked params decodes the same tokens (f32: the kernels round like XLA
+    # up to ~1e-6, far from any argmax tie on these prompts)
+    assert [Generator(cfg).generate(base, [p], g).new_ids[0] for p in prompts] == ar
 
 
-def test_decode_params_flag(tiny):
-    from m2r2_jax.cli import decode_params
+def test_backend_flag(tiny):
+    """--cpu-kernel auto|on|off resolves to one backend, decided in one place (backend.resolve)."""
+    from m2r2_jax.backend import resolve
+    from m2r2_jax.cli import decode_setup
     from m2r2_jax.loading.registry import LoadedModel
 
     cfg, base = tiny
     m = LoadedModel(cfg, base, None, "tiny", "hf")
-    assert decode_params(m, "off") is base
+    assert decode_setup(m, "off") == (XLA, base)
     if K.available():
-        assert K.is_packed(decode_params(m, "auto")) and K.is_packed(decode_params(m, "on"))
-    bf = LoadedModel(cfg.__class__(**{**cfg.__dict__, "param_dtype": "bfloat16"}), base, None, "tiny", "hf")
-    assert decode_params(bf, "auto") is base
+        for mode in ("auto", "on"):
+            backend, params = decode_setup(m, mode)
+            assert backend == CPU_KERNELS and K.is_packed(params)
+    bf = cfg.__class__(**{**cfg.__dict__, "param_dtype": "bfloat16"})
+    assert resolve(bf, "auto") == XLA
     with pytest.raises(M2R2Error, match="float32"):
-        decode_params(bf, "on")
+        resolve(bf, "on")
+    with pytest.raises(M2R2Error, match="expected one of"):
+        resolve(cfg, "sometimes")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from m2r2_jax.cli import encode_prompt
+from m2r2_jax.loading.tokenizer import encode_prompt
 from m2r2_jax.decoding.generate import GenerateConfig, Generator
 from m2r2_jax.model import decoder as D
 
@@ -40,3 +40,27 @@ def test_chat_template_matches_transformers(smol):
     ref = smol.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
     ref = ref["input_ids"] if hasattr(ref, "keys") else ref
     assert encode_prompt(smol.tokenizer, "Hello there", chat=True) == list(ref)
+
+
+def test_shipped_checkpoint_speculative_on_cpu_kernels_equals_ar(smol):
+    """The headline path: SmolLM2 + the shipped M2R2 checkpoint, the default drafting (star4 + prompt
+    lookup 4 + the lookup extension), the CPU kernels where they build: the speculative output equals
+    the AR output token for token, and the drafts are accepted."""
+    from pathlib import Path
+
+    from m2r2_jax.backend import resolve
+    from m2r2_jax.decoding.drafters import DraftOptions
+    from m2r2_jax.decoding.speculative import SpecConfig, SpeculativeDecoder
+    from m2r2_jax.training.checkpoint import load_m2r2
+
+    ck = Path(__file__).resolve().parents[1] / "m2r2_jax" / "assets" / "smollm2-135m-r3"
+    mc, m2r2, draft_ids, _ = load_m2r2(ck, smol.cfg, smol.params, "smollm2-135m", base_fingerprint=smol.fingerprint)
+    backend = resolve(smol.cfg, "auto")
+    base = backend.prepare(smol.cfg, smol.params)
+    prompts = [encode_prompt(smol.tokenizer, t, chat=True) for t in
+               ("List the planets of the solar system in order.", "Write a Python function that reverses a string.")]
+    ar = Generator(smol.cfg, backend=backend).generate(base, prompts, GenerateConfig(max_new_tokens=48)).new_ids
+    spec = SpeculativeDecoder(smol.cfg, DraftOptions().drafter(smol.cfg, mc, backend), backend)
+    r = spec.generate(base, spec.prepare(base, m2r2, draft_ids), prompts, SpecConfig(max_new_tokens=48))
+    assert r.new_ids == ar
+    assert r.tau > 1.3 and sum(r.kinds["m2r2"]["accepted"]) > 0

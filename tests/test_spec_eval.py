@@ -99,6 +99,13 @@ def test_real_eval_files():
 
 # ----------------------------------------------------------------------------- run_spec_eval
 
+
+def _ec(tree, lookup=0, **kw):
+    from m2r2_jax.decoding.drafters import DraftOptions
+    from m2r2_jax.evaluation.spec_eval import SpecEvalConfig
+
+    return SpecEvalConfig(draft=DraftOptions(tree=tree, lookup=lookup), **kw)
+
 class CharTokenizer:
     """Printable ASCII char -> its code point; 1 = BOS, 2 = EOS, 3/4 = user/assistant headers."""
 
@@ -146,7 +153,7 @@ def test_run_spec_eval_tiny(tiny_setup, tmp_path):
     items = [EvalItem("a", "chat", ["Hello!", "Again?"]), EvalItem("b", "qa", ["Why blue?"]),
              EvalItem("c", "qa", ["What is 2+2?"])]  # first turns in the 16-token bucket
     tree = build_tree([(0,), (1,), (0, 0)], "t3")
-    res = run_spec_eval(model, bundle, items, tree, max_new_tokens=10, batch_size=1, progress=False)
+    res = run_spec_eval(model, bundle, items, _ec(tree, max_new_tokens=10, batch_size=1), progress=False)
     assert res["lossless"] is True and res["prompts"] == 4
     assert all(r["equal"] is True for r in res["per_prompt"])
     assert set(res["per_category"]) == {"chat", "qa"} and res["per_category"]["chat"]["prompts"] == 2
@@ -167,22 +174,22 @@ def test_run_spec_eval_tiny(tiny_setup, tmp_path):
     assert res["overall_speedup"] == pytest.approx(t["ar_seconds"] / t["spec_seconds"])
 
     # a batch of 2 (greedy: still token-for-token equal), then sampling (equal is null)
-    res2 = run_spec_eval(model, bundle, items[1:], tree, max_new_tokens=10, batch_size=2, progress=False)
+    res2 = run_spec_eval(model, bundle, items[1:], _ec(tree, max_new_tokens=10, batch_size=2), progress=False)
     assert res2["lossless"] is True and {r["batch_rows"] for r in res2["per_prompt"]} == {2}
     assert [r["ar_tokens"] for r in res2["per_prompt"]] == [r["ar_tokens"] for r in res["per_prompt"][2:]]
-    res3 = run_spec_eval(model, bundle, items[1:], tree, max_new_tokens=10, temperature=1.0, top_p=0.9,
-                         batch_size=2, progress=False)
+    res3 = run_spec_eval(model, bundle, items[1:], _ec(tree, max_new_tokens=10, temperature=1.0, top_p=0.9,
+                                                       batch_size=2), progress=False)
     assert res3["lossless"] is None and res3["node_acceptance"] == [] and res3["tau"] >= 1.0
     assert res3["per_category"]["qa"]["lossless"] is None
 
     # AR through 2-slot blocks for a chain1 tree; the one-slot AR loop is timed too
-    res4 = run_spec_eval(model, bundle, items[1:], build_tree([(0,)], "c1"), max_new_tokens=10, progress=False,
-                         ar_block=2)
+    res4 = run_spec_eval(model, bundle, items[1:], _ec(build_tree([(0,)], "c1"), max_new_tokens=10, ar_block=2),
+                         progress=False)
     assert res4["lossless"] is True and res4["ar_block"] == 2 and res4["speedup_vs_block1_ar"] > 0
     assert res["ar_block"] == 1 and res["speedup_vs_block1_ar"] is None
 
     # prompt lookup on top of the M2R2 drafts: still lossless, its steps counted
-    res5 = run_spec_eval(model, bundle, items, tree, max_new_tokens=10, progress=False, lookup=3)
+    res5 = run_spec_eval(model, bundle, items, _ec(tree, max_new_tokens=10, lookup=3), progress=False)
     lk = res5["lookup"]
     assert res5["lossless"] is True and lk["tokens"] == 3 and lk["steps"] > 0 and res["lookup"] is None
     assert lk["share_of_steps"] == pytest.approx(lk["steps"] / res5["totals"]["steps"])
@@ -208,7 +215,7 @@ def test_hf_baselines_same_run(tiny_setup, tiny_llama_dir):
     model, bundle = tiny_setup
     ref = tf.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
     items = [EvalItem("b", "qa", ["Why blue?"]), EvalItem("c", "qa", ["What is 2+2?"])]
-    res = run_spec_eval(model, bundle, items, build_tree([(0,), (0, 0)], "c2"), max_new_tokens=8,
+    res = run_spec_eval(model, bundle, items, _ec(build_tree([(0,), (0, 0)], "c2"), max_new_tokens=8),
                         progress=False, hf_ref=ref)
     h = res["hf"]
     assert h["prompts"] == 2 and h["hf_greedy_equals_ours"] is True
@@ -218,7 +225,7 @@ def test_hf_baselines_same_run(tiny_setup, tiny_llama_dir):
     assert h["speedup_vs_hf_greedy"]["hf_greedy"] == pytest.approx(1.0)
     assert all(r["hf_equal"] is True for r in res["per_prompt"])
     with pytest.raises(Exception, match="batch size 1"):
-        run_spec_eval(model, bundle, items, build_tree([(0,)], "c1"), max_new_tokens=4, batch_size=2,
+        run_spec_eval(model, bundle, items, _ec(build_tree([(0,)], "c1"), max_new_tokens=4, batch_size=2),
                       progress=False, hf_ref=ref)
 
 
@@ -272,16 +279,16 @@ def test_journal_resume(tiny_setup, tmp_path):
     items = [EvalItem("a", "chat", ["Hello!", "Again?"]), EvalItem("b", "qa", ["Why blue?"]),
              EvalItem("c", "qa", ["What is 2+2?"])]
     tree = build_tree([(0,), (0, 0)], "c2")
-    kw = dict(max_new_tokens=8, progress=False, journal_key={"model": "tiny"})
+    kw = dict(progress=False, journal_key={"model": "tiny"})
     j = tmp_path / "r.partial.jsonl"
-    full = run_spec_eval(model, bundle, items, tree, journal=j, **kw)
+    full = run_spec_eval(model, bundle, items, _ec(tree, max_new_tokens=8), journal=j, **kw)
     lines = j.read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[0])["header"]["items"][0] == ["a", "chat", 2]
     assert [json.loads(x)["batch"] for x in lines[1:]] == [0, 1, 2] and full["resumed_batches"] == 0
 
     j.write_text("\n".join(lines[:3]) + "\n")  # interrupted after two items
     n_calls = len(model.tokenizer.calls)
-    res = run_spec_eval(model, bundle, items, tree, journal=j, resume=True, **kw)
+    res = run_spec_eval(model, bundle, items, _ec(tree, max_new_tokens=8), journal=j, resume=True, **kw)
     assert len(model.tokenizer.calls) - n_calls == 1  # only item c was run
     assert res["resumed_batches"] == 2 and res["prompts"] == 4 and res["lossless"] is True
     key = ("id", "turn", "ar_tokens", "spec_tokens", "steps", "accepted", "equal")
@@ -291,9 +298,10 @@ def test_journal_resume(tiny_setup, tmp_path):
     assert len(j.read_text().splitlines()) == 4
 
     with pytest.raises(M2R2Error, match="different run .*max_new_tokens: 8 there, 6 now"):
-        run_spec_eval(model, bundle, items, tree, journal=j, resume=True, **{**kw, "max_new_tokens": 6})
+        run_spec_eval(model, bundle, items, _ec(tree, max_new_tokens=6), journal=j, resume=True, **kw)
     with pytest.raises(M2R2Error, match="different run .*model: 'tiny' there, 'other' now"):
-        run_spec_eval(model, bundle, items, tree, journal=j, resume=True, **{**kw, "journal_key": {"model": "other"}})
+        run_spec_eval(model, bundle, items, _ec(tree, max_new_tokens=8), journal=j, resume=True,
+                      **{**kw, "journal_key": {"model": "other"}})
 
 
 def test_cli_refuses_to_overwrite_journal(tmp_path, capsys):
@@ -317,16 +325,19 @@ def test_spec_eval_with_cpu_kernels_and_xla_reference(tiny_setup, tmp_path):
     from m2r2_jax.data.eval_sets import EvalItem
     from m2r2_jax.evaluation.spec_eval import run_spec_eval
 
+    from m2r2_jax.backend import CPU_KERNELS
+
     if not K.available():
         pytest.skip("no C++ compiler: the CPU kernels are not built")
     model, bundle = tiny_setup
     items = [EvalItem("a", "chat", ["Hello hello hello!", "Again?"]), EvalItem("b", "qa", ["Why blue?"])]
-    packed = K.pack_decode_params(model.cfg, model.params)
+    packed = CPU_KERNELS.prepare(model.cfg, model.params)
     j = tmp_path / "r.partial.jsonl"
-    res = run_spec_eval(model, bundle, items, get_tree("star4"), max_new_tokens=8, progress=False, lookup=4,
-                        decode_params=packed, ref_ar_params=model.params, journal=j)
+    res = run_spec_eval(model, bundle, items, _ec(get_tree("star4"), max_new_tokens=8, lookup=4), progress=False,
+                        backend=CPU_KERNELS, decode_params=packed, ref_ar_params=model.params, journal=j)
     assert res["lossless"] is True and res["prompts"] == 3
-    assert res["speedup_vs_ref_ar"] > 0 and res["ref_ar_speedup"] > 0 and isinstance(res["ref_ar_equal"], bool)
+    # XLA's AR over the unpacked params emits the kernels' AR tokens on every prompt
+    assert res["speedup_vs_ref_ar"] > 0 and res["ref_ar_speedup"] > 0 and res["ref_ar_equal"] is True
     assert all(u["ref_ar_tokens"] > 0 for u in [json.loads(x) for x in j.read_text().splitlines()[1:]][0]["units"])
     header = json.loads(j.read_text().splitlines()[0])["header"]
-    assert header["cpu_kernel"] is True and header["ref_ar"] is True
+    assert header["backend"] == "cpu_kernels" and header["ref_ar"] is True

@@ -9,7 +9,7 @@ from m2r2_jax.errors import M2R2Error
 
 def encode_chat(tokenizer, messages: Sequence[dict]) -> list[int]:
     """Exactly `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`, as a list of ints."""
-    if not hasattr(tokenizer, "apply_chat_template") or not getattr(tokenizer, "chat_template", None):
+    if not hasattr(tokenizer, "apply_chat_template"):
         raise M2R2Error("this model's tokenizer has no chat template (a chat model is needed)")
     try:
         ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
