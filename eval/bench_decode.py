@@ -9,6 +9,7 @@ separately and reported as `compile_seconds`); both sides generate exactly
 `--max-new-tokens` tokens per prompt (EOS ignored) at batch 1, and both times
 include the prompt's prefill.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,11 @@ def bench_interleaved(gen, params, ref, prompts, max_new, repeats):
                 if ref is None:
                     continue
                 t0 = time.perf_counter()
-                o = ref.generate(torch.tensor([p]), max_new_tokens=max_new, min_new_tokens=max_new,
-                                 do_sample=False, pad_token_id=0)
+                o = ref.generate(
+                    torch.tensor([p]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0
+                )
                 hf_t.append(time.perf_counter() - t0)
-                same.append(o[0, len(p):].tolist() == r.new_ids[0])
+                same.append(o[0, len(p) :].tolist() == r.new_ids[0])
     return ours_t, hf_t, same, compile_s
 
 
@@ -98,28 +100,38 @@ def main(argv=None):
     if a.max_new_tokens < 1 or a.repeats < 1:
         raise M2R2Error("--max-new-tokens and --repeats must be >= 1")
     m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype)
-    prompts = [encode_prompt(m.tokenizer, t, chat=bool(getattr(m.tokenizer, "chat_template", None)))
-               for t in PROMPTS]
+    prompts = [encode_prompt(m.tokenizer, t, chat=bool(getattr(m.tokenizer, "chat_template", None))) for t in PROMPTS]
     backend, params = decode_setup(m, a.cpu_kernel)
     gen = Generator(m.cfg, backend=backend)
     ref = None if a.skip_hf else hf_reference_model(m)
     ours_t, hf_t, same, compile_s = bench_interleaved(gen, params, ref, prompts, a.max_new_tokens, a.repeats)
     n_tok = a.max_new_tokens * len(ours_t)
     res = {
-        "model": a.model, "device": str(jax.devices()[0].platform), "batch": 1,
-        "dtype": m.cfg.dtype, "backend": backend.name, "max_new_tokens": a.max_new_tokens, "prompts": len(prompts),
-        "repeats": a.repeats, "timing": "wall clock per generate call incl. prefill; load and compile excluded",
-        "ours_tokens_per_second": n_tok / sum(ours_t), "ours_ms_per_token": 1e3 * sum(ours_t) / n_tok,
+        "model": a.model,
+        "device": str(jax.devices()[0].platform),
+        "batch": 1,
+        "dtype": m.cfg.dtype,
+        "backend": backend.name,
+        "max_new_tokens": a.max_new_tokens,
+        "prompts": len(prompts),
+        "repeats": a.repeats,
+        "timing": "wall clock per generate call incl. prefill; load and compile excluded",
+        "ours_tokens_per_second": n_tok / sum(ours_t),
+        "ours_ms_per_token": 1e3 * sum(ours_t) / n_tok,
         "compile_seconds": compile_s,
     }
     if ref is not None:
         import torch
 
-        res.update({
-            "hf_tokens_per_second": n_tok / sum(hf_t), "hf_ms_per_token": 1e3 * sum(hf_t) / n_tok,
-            "ratio_vs_hf": sum(hf_t) / sum(ours_t), "torch_threads": torch.get_num_threads(),
-            "greedy_tokens_identical_to_hf": all(same),
-        })
+        res.update(
+            {
+                "hf_tokens_per_second": n_tok / sum(hf_t),
+                "hf_ms_per_token": 1e3 * sum(hf_t) / n_tok,
+                "ratio_vs_hf": sum(hf_t) / sum(ours_t),
+                "torch_threads": torch.get_num_threads(),
+                "greedy_tokens_identical_to_hf": all(same),
+            }
+        )
     res["verify_cost"] = verify_cost_curve(m.cfg, params, backend)
     if a.json:
         print(json.dumps(res))

@@ -1,7 +1,8 @@
 """Generate text with the jitted decode loop.
 
-    python -m eval.generate --model smollm2-135m --prompt "Hi" --chat --json
+python -m eval.generate --model smollm2-135m --prompt "Hi" --chat --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,11 @@ def main(argv=None):
     from m2r2_jax.loading.registry import load_model
     from m2r2_jax.loading.tokenizer import encode_prompt
 
-    gen = GenerateConfig(max_new_tokens=a.max_new_tokens, cache_len=a.cache_len,
-                         sampling=SamplingConfig(a.temperature, a.top_k, a.top_p, a.seed))  # validated before loading
+    gen = GenerateConfig(
+        max_new_tokens=a.max_new_tokens,
+        cache_len=a.cache_len,
+        sampling=SamplingConfig(a.temperature, a.top_k, a.top_p, a.seed),
+    )  # validated before loading
     mesh = parse_mesh(a.mesh)
     m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype, mesh=mesh)
     ids = encode_prompt(m.tokenizer, a.prompt, a.chat)
@@ -41,9 +45,20 @@ def main(argv=None):
     text = m.tokenizer.decode(new, skip_special_tokens=True)
     tps = len(new) / res.decode_seconds if res.decode_seconds > 0 else 0.0
     if a.json:
-        print(json.dumps({"model": a.model, "prompt_ids": ids, "new_ids": new, "text": text,
-                          "num_new_tokens": len(new), "tokens_per_second": tps,
-                          "decode_seconds": res.decode_seconds, "compile_seconds": res.compile_seconds}))
+        print(
+            json.dumps(
+                {
+                    "model": a.model,
+                    "prompt_ids": ids,
+                    "new_ids": new,
+                    "text": text,
+                    "num_new_tokens": len(new),
+                    "tokens_per_second": tps,
+                    "decode_seconds": res.decode_seconds,
+                    "compile_seconds": res.compile_seconds,
+                }
+            )
+        )
     else:
         print(text)
         print(f"[{len(new)} tokens, {tps:.1f} tok/s incl. prefill; compile {res.compile_seconds:.1f}s]")

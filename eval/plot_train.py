@@ -1,7 +1,8 @@
 """Training curves from train.train's metrics.jsonl.
 
-    python -m eval.plot_train RUN_DIR/metrics.jsonl --out curves.png [--smooth 10]
+python -m eval.plot_train RUN_DIR/metrics.jsonl --out curves.png [--smooth 10]
 """
+
 from __future__ import annotations
 
 import argparse

@@ -8,6 +8,7 @@ verify_cost gives the verification-cost curve; C: one drafted depth in plain dec
 eval.speculative's cost breakdown). Prints the expected tokens per step, step cost and speed-up per
 tree size and writes the best tree's paths (usable as `--tree FILE.json`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,15 +45,21 @@ def main(argv=None):
     if "verify_cost" not in bench:
         raise M2R2Error(f"{a.bench} has no verify_cost (run eval.bench_decode --json)")
     curve = {int(k): v["relative"] for k, v in bench["verify_cost"].items()}
-    choice = select_tree(acceptance_from_nodes(spec["node_acceptance"]), curve, a.draft_cost, a.node_cost,
-                         a.max_nodes)
+    choice = select_tree(acceptance_from_nodes(spec["node_acceptance"]), curve, a.draft_cost, a.node_cost, a.max_nodes)
     for T, d, tau, cost, sp in choice.table:
         print(f"T={T:3d} depth={d} tau={tau:.2f} cost={cost:.2f} speedup={sp:.3f}")
     print(f"best: {choice.tree.size} nodes, depth {choice.tree.max_depth}, expected speed-up {choice.speedup:.3f}")
     if a.out:
-        Path(a.out).write_text(json.dumps({"paths": [list(x) for x in choice.tree.paths],
-                                           "expected_tokens": choice.expected_tokens,
-                                           "step_cost": choice.step_cost, "speedup": choice.speedup}))
+        Path(a.out).write_text(
+            json.dumps(
+                {
+                    "paths": [list(x) for x in choice.tree.paths],
+                    "expected_tokens": choice.expected_tokens,
+                    "step_cost": choice.step_cost,
+                    "speedup": choice.speedup,
+                }
+            )
+        )
     return 0
 
 

@@ -15,6 +15,7 @@ excluded from all timings and reported separately. Speed-up = (spec tokens/s)
 / (AR tokens/s) over all timed runs (= total AR time / total spec time when
 greedy, where both emit the same tokens).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,29 @@ def _yn(x):
 def format_table(res: dict) -> str:
     rows = [("category", "prompts", "AR tok/s", "spec tok/s", "speedup", "tau", "lossless")]
     for cat, c in res["per_category"].items():
-        rows.append((cat, str(c["prompts"]), _f(c["ar_tps"], ".1f"), _f(c["spec_tps"], ".1f"),
-                     _f(c["speedup"]), _f(c["tau"]), _yn(c["lossless"])))
+        rows.append(
+            (
+                cat,
+                str(c["prompts"]),
+                _f(c["ar_tps"], ".1f"),
+                _f(c["spec_tps"], ".1f"),
+                _f(c["speedup"]),
+                _f(c["tau"]),
+                _yn(c["lossless"]),
+            )
+        )
     t = res["totals"]
-    rows.append(("overall", str(res["prompts"]), _f(t["ar_tps"], ".1f"), _f(t["spec_tps"], ".1f"),
-                 _f(res["overall_speedup"]), _f(res["tau"]), _yn(res["lossless"])))
+    rows.append(
+        (
+            "overall",
+            str(res["prompts"]),
+            _f(t["ar_tps"], ".1f"),
+            _f(t["spec_tps"], ".1f"),
+            _f(res["overall_speedup"]),
+            _f(res["tau"]),
+            _yn(res["lossless"]),
+        )
+    )
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(r[0].ljust(w[0]) if i == 0 else r[i].rjust(w[i]) for i in range(len(r))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -54,47 +73,76 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.speculative", description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--checkpoint", default=None, help=f"M2R2 checkpoint (default: the shipped {DEFAULT_CHECKPOINT})")
-    p.add_argument("--dataset", default="mt_bench",
-                   help="eval set: builtin (16 prompts shipped with the package), mt_bench, spec_bench, koala, self_instruct, wizardlm, vicuna_bench, alpaca_eval "
-                        "(under the shared data dir), a .json/.jsonl path, or a hub dataset name[:split]")
-    p.add_argument("--tree", default="star4",
-                   help="draft tree: preset (chain1..chain6, star2..star4, tree16, tree32, tree64) or a JSON file of "
-                        "paths; the default star4 (the fast stream's top-4 tokens at one depth) fills the same "
-                        "5-node verification block as --lookup 4 and measured best with the CPU kernels "
-                        "(BENCHMARKS.md); without the kernels, chain1 with --lookup 0 is the cheaper choice")
+    p.add_argument(
+        "--dataset",
+        default="mt_bench",
+        help="eval set: builtin (16 prompts shipped with the package), mt_bench, spec_bench, koala, self_instruct, "
+        "wizardlm, vicuna_bench, alpaca_eval (under the shared data dir), a .json/.jsonl path, or a hub dataset "
+        "name[:split]",
+    )
+    p.add_argument(
+        "--tree",
+        default="star4",
+        help="draft tree: preset (chain1..chain6, star2..star4, tree16, tree32, tree64) or a JSON file of "
+        "paths; the default star4 (the fast stream's top-4 tokens at one depth) fills the same "
+        "5-node verification block as --lookup 4 and measured best with the CPU kernels "
+        "(BENCHMARKS.md); without the kernels, chain1 with --lookup 0 is the cheaper choice",
+    )
     p.add_argument("--draft-layers", type=int, default=0, help="fast layers used to draft (0 = all)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (lossless check on every prompt)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--limit", type=int, default=None,
-                   help="number of items, taken round-robin over categories (default: all)")
+    p.add_argument(
+        "--limit", type=int, default=None, help="number of items, taken round-robin over categories (default: all)"
+    )
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--ar-block", type=int, default=1,
-                   help="AR decode steps over blocks of this many slots (the token + padding), the shapes of a "
-                        "verification of that many tree nodes, so that both round alike (use the tree size with "
-                        "bf16 matmuls); the one-slot AR loop is then timed too (speedup_vs_block1_ar)")
-    p.add_argument("--out", default=None,
-                   help="result JSON (its directory must exist; default runs/speculative/<dataset>.json)")
+    p.add_argument(
+        "--ar-block",
+        type=int,
+        default=1,
+        help="AR decode steps over blocks of this many slots (the token + padding), the shapes of a "
+        "verification of that many tree nodes, so that both round alike (use the tree size with "
+        "bf16 matmuls); the one-slot AR loop is then timed too (speedup_vs_block1_ar)",
+    )
+    p.add_argument(
+        "--out", default=None, help="result JSON (its directory must exist; default runs/speculative/<dataset>.json)"
+    )
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
-    p.add_argument("--hf-baselines", action="store_true",
-                   help="also time HF transformers greedy, prompt-lookup and early-exit assisted generation on "
-                        "every prompt in the same run (greedy, batch 1; needs torch)")
-    p.add_argument("--lookup", type=int, default=4,
-                   help="prompt lookup: when the last --lookup-ngram (down to 2) tokens occurred earlier in the "
-                        "prompt or the answer, verify the N tokens that followed them instead of an M2R2 draft "
-                        "(default 4; 0 = M2R2 drafts only; lossless either way)")
+    p.add_argument(
+        "--hf-baselines",
+        action="store_true",
+        help="also time HF transformers greedy, prompt-lookup and early-exit assisted generation on "
+        "every prompt in the same run (greedy, batch 1; needs torch)",
+    )
+    p.add_argument(
+        "--lookup",
+        type=int,
+        default=4,
+        help="prompt lookup: when the last --lookup-ngram (down to 2) tokens occurred earlier in the "
+        "prompt or the answer, verify the N tokens that followed them instead of an M2R2 draft "
+        "(default 4; 0 = M2R2 drafts only; lossless either way)",
+    )
     p.add_argument("--lookup-ngram", type=int, default=3, help="longest n-gram matched by --lookup (default 3)")
-    p.add_argument("--no-lookup-extend", action="store_true",
-                   help="turn off the lookup extension of M2R2 drafts (with --lookup and a one-depth star tree, "
-                        "the fast stream's top-1 token is looked up in turn and its continuation verified "
-                        "under it in the same block)")
-    p.add_argument("--resume", action="store_true",
-                   help="carry on from --out's journal (FILE.partial.jsonl) of an interrupted run of the same "
-                        "command: finished items are taken from it, the rest are run")
-    p.add_argument("--ref-ar", action="store_true",
-                   help="with the CPU kernels on: also time the plain AR loop through XLA's own dot and attention "
-                        "on every prompt (speedup_vs_ref_ar; whether its greedy output equals the kernels' AR)")
+    p.add_argument(
+        "--no-lookup-extend",
+        action="store_true",
+        help="turn off the lookup extension of M2R2 drafts (with --lookup and a one-depth star tree, "
+        "the fast stream's top-1 token is looked up in turn and its continuation verified "
+        "under it in the same block)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="carry on from --out's journal (FILE.partial.jsonl) of an interrupted run of the same "
+        "command: finished items are taken from it, the rest are run",
+    )
+    p.add_argument(
+        "--ref-ar",
+        action="store_true",
+        help="with the CPU kernels on: also time the plain AR loop through XLA's own dot and attention "
+        "on every prompt (speedup_vs_ref_ar; whether its greedy output equals the kernels' AR)",
+    )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     quiet_env()
@@ -124,11 +172,22 @@ def main(argv=None):
     if a.hf_baselines and (a.temperature > 0 or a.batch_size != 1):
         raise M2R2Error("--hf-baselines needs greedy decoding (--temperature 0) and --batch-size 1")
     # every decoding option is validated here, before anything is loaded or written
-    ec = SpecEvalConfig(draft=DraftOptions(tree=a.tree, draft_layers=a.draft_layers, lookup=a.lookup,
-                                           lookup_ngram=a.lookup_ngram, lookup_min_ngram=min(2, a.lookup_ngram),
-                                           extend=not a.no_lookup_extend),
-                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-                        batch_size=a.batch_size, ar_block=a.ar_block)
+    ec = SpecEvalConfig(
+        draft=DraftOptions(
+            tree=a.tree,
+            draft_layers=a.draft_layers,
+            lookup=a.lookup,
+            lookup_ngram=a.lookup_ngram,
+            lookup_min_ngram=min(2, a.lookup_ngram),
+            extend=not a.no_lookup_extend,
+        ),
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        ar_block=a.ar_block,
+    )
 
     from m2r2_jax.data.eval_sets import load_eval_set
     from m2r2_jax.evaluation.plots import render_png
@@ -151,17 +210,43 @@ def main(argv=None):
         hf_ref = hf_reference_model(m)
     if a.resume and journal.exists():
         print(f"resuming from {journal}", file=sys.stderr)
-    res = run_spec_eval(m, M2R2Bundle(mc, m2r2, draft_ids, meta), items, ec, backend=backend, decode_params=params,
-                        ref_ar_params=m.params if a.ref_ar else None, hf_ref=hf_ref, journal=journal,
-                        resume=a.resume, progress=not a.no_progress,
-                        journal_key=dict(model=a.model, checkpoint=str(Path(ckpt).resolve()), dataset=a.dataset,
-                                         limit=a.limit, dtype=a.dtype, param_dtype=a.param_dtype,
-                                         matmul_dtype=a.matmul_dtype))
-    res["config"].update(model=a.model, checkpoint=ckpt, train_step=meta.get("step"), dataset=a.dataset,
-                         limit=a.limit, dtype=m.cfg.dtype, rate=mc.rate, num_fast_layers=mc.n_fast(m.cfg.num_layers),
-                         cpu_kernel=backend.kernels)
+    res = run_spec_eval(
+        m,
+        M2R2Bundle(mc, m2r2, draft_ids, meta),
+        items,
+        ec,
+        backend=backend,
+        decode_params=params,
+        ref_ar_params=m.params if a.ref_ar else None,
+        hf_ref=hf_ref,
+        journal=journal,
+        resume=a.resume,
+        progress=not a.no_progress,
+        journal_key=dict(
+            model=a.model,
+            checkpoint=str(Path(ckpt).resolve()),
+            dataset=a.dataset,
+            limit=a.limit,
+            dtype=a.dtype,
+            param_dtype=a.param_dtype,
+            matmul_dtype=a.matmul_dtype,
+        ),
+    )
+    res["config"].update(
+        model=a.model,
+        checkpoint=ckpt,
+        train_step=meta.get("step"),
+        dataset=a.dataset,
+        limit=a.limit,
+        dtype=m.cfg.dtype,
+        rate=mc.rate,
+        num_fast_layers=mc.n_fast(m.cfg.num_layers),
+        cpu_kernel=backend.kernels,
+    )
     res["machine"] = machine_info()
-    png = render_png(res, title=f"{a.model} on {a.dataset}: tree {ec.draft.tree.name}, T={a.temperature}, B={a.batch_size}")
+    png = render_png(
+        res, title=f"{a.model} on {a.dataset}: tree {ec.draft.tree.name}, T={a.temperature}, B={a.batch_size}"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     plot.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
@@ -169,32 +254,46 @@ def main(argv=None):
     journal.unlink(missing_ok=True)
     print(format_table(res))
     sp = res["overall_speedup"]
-    print(f"overall: speedup {_f(sp)}x (spec tok/s / AR tok/s = total AR time / total spec time when greedy; "
-          f"compile excluded), tau {_f(res['tau'])}, "
-          f"lossless {_yn(res['lossless'])}, {res['prompts']} prompts; compile {res['compile_seconds']['ar']:.1f}s AR "
-          f"+ {res['compile_seconds']['spec']:.1f}s spec")
+    print(
+        f"overall: speedup {_f(sp)}x (spec tok/s / AR tok/s = total AR time / total spec time when greedy; "
+        f"compile excluded), tau {_f(res['tau'])}, "
+        f"lossless {_yn(res['lossless'])}, {res['prompts']} prompts; compile {res['compile_seconds']['ar']:.1f}s AR "
+        f"+ {res['compile_seconds']['spec']:.1f}s spec"
+    )
     c = res["cost"]
     if res.get("speedup_vs_ref_ar"):
-        print(f"AR through XLA's dot/attention (no CPU kernels), same prompts: the kernels' AR is "
-              f"{_f(res['ref_ar_speedup'])}x it, speculative {_f(res['speedup_vs_ref_ar'])}x it; same greedy "
-              f"output: {_yn(res['ref_ar_equal'])}")
+        print(
+            f"AR through XLA's dot/attention (no CPU kernels), same prompts: the kernels' AR is "
+            f"{_f(res['ref_ar_speedup'])}x it, speculative {_f(res['speedup_vs_ref_ar'])}x it; same greedy "
+            f"output: {_yn(res['ref_ar_equal'])}"
+        )
     if res.get("speedup_vs_block1_ar"):
-        print(f"AR decoded in blocks of {res['ar_block']}; speed-up over the one-slot AR loop: "
-              f"{_f(res['speedup_vs_block1_ar'])}x")
-    print(f"cost per speculative step: {_f(c['spec_ms_per_step'], '.1f')} ms = draft {_f(c['draft_ms'], '.1f')} + "
-          f"verify {_f(c['verify_ms'], '.1f')} + other {_f(c['other_ms'], '.1f')} ms; one AR token "
-          f"{_f(c['ar_ms_per_token'], '.1f')} ms")
+        print(
+            f"AR decoded in blocks of {res['ar_block']}; speed-up over the one-slot AR loop: "
+            f"{_f(res['speedup_vs_block1_ar'])}x"
+        )
+    print(
+        f"cost per speculative step: {_f(c['spec_ms_per_step'], '.1f')} ms = draft {_f(c['draft_ms'], '.1f')} + "
+        f"verify {_f(c['verify_ms'], '.1f')} + other {_f(c['other_ms'], '.1f')} ms; one AR token "
+        f"{_f(c['ar_ms_per_token'], '.1f')} ms"
+    )
     if res.get("lookup"):
         lk = res["lookup"]
-        print(f"prompt lookup drafted {_f(100 * (lk['share_of_steps'] or 0), '.0f')}% of the steps (tau there "
-              f"{_f(lk['tau'])}; M2R2-drafted steps: tau {_f(lk['tau_m2r2'])})")
+        print(
+            f"prompt lookup drafted {_f(100 * (lk['share_of_steps'] or 0), '.0f')}% of the steps (tau there "
+            f"{_f(lk['tau'])}; M2R2-drafted steps: tau {_f(lk['tau_m2r2'])})"
+        )
         if lk.get("extend"):
-            print(f"lookup extension of M2R2 drafts on {_f(100 * (lk['ext_share_of_steps'] or 0), '.0f')}% of the "
-                  f"steps (tau there {_f(lk['tau_ext'])}; plain M2R2 steps: tau {_f(lk['tau_m2r2_plain'])})")
+            print(
+                f"lookup extension of M2R2 drafts on {_f(100 * (lk['ext_share_of_steps'] or 0), '.0f')}% of the "
+                f"steps (tau there {_f(lk['tau_ext'])}; plain M2R2 steps: tau {_f(lk['tau_m2r2_plain'])})"
+            )
     if res.get("hf"):
         h = res["hf"]
-        print(f"\nsame prompts, same run ({h['prompts']} prompts; HF greedy == ours on every prompt: "
-              f"{_yn(h['hf_greedy_equals_ours'])}):")
+        print(
+            f"\nsame prompts, same run ({h['prompts']} prompts; HF greedy == ours on every prompt: "
+            f"{_yn(h['hf_greedy_equals_ours'])}):"
+        )
         for k, v in h["tokens_per_second"].items():
             print(f"  {k:<18} {_f(v, '.1f'):>7} tok/s   {_f(h['speedup_vs_hf_greedy'][k])}x HF greedy")
     print(f"wrote {out} and {plot}", file=sys.stderr)

@@ -1,10 +1,11 @@
 """Shared CLI plumbing: one-line errors, model / mesh / backend flags."""
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from m2r2_jax.errors import M2R2Error
 
@@ -20,21 +21,28 @@ def run_main(main: Callable[[list[str] | None], int | None], argv=None) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser, decode: bool = True) -> None:
-    p.add_argument("--model", default="smollm2-135m",
-                   help="alias (smollm2-135m), .gguf file, HF safetensors dir or hub id")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="alias (smollm2-135m), .gguf file, HF safetensors dir or hub id"
+    )
     p.add_argument("--dtype", default=None, help="compute dtype (default float32; bfloat16 on TPU/GPU)")
     p.add_argument("--param-dtype", default=None, help="parameter dtype (default float32)")
-    p.add_argument("--matmul-dtype", default=None,
-                   help="matmul input dtype, accumulated in f32 (default: the compute dtype); "
-                        "bfloat16 with --param-dtype bfloat16 is the fast mode on AMX / AVX512-BF16 CPUs")
-    p.add_argument("--mesh", default=None,
-                   help="mesh axes, e.g. data=1,fsdp=1,tensor=8 (default: no mesh, one device)")
+    p.add_argument(
+        "--matmul-dtype",
+        default=None,
+        help="matmul input dtype, accumulated in f32 (default: the compute dtype); "
+        "bfloat16 with --param-dtype bfloat16 is the fast mode on AMX / AVX512-BF16 CPUs",
+    )
+    p.add_argument("--mesh", default=None, help="mesh axes, e.g. data=1,fsdp=1,tensor=8 (default: no mesh, one device)")
     if not decode:
         return
-    p.add_argument("--cpu-kernel", choices=("auto", "on", "off"), default="auto",
-                   help="decode through the CPU kernels (packed small-row matmul + block attention, "
-                        "m2r2_jax/kernels): auto = on the CPU backend with float32 params on one device; "
-                        "off = XLA's own dot and attention")
+    p.add_argument(
+        "--cpu-kernel",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="decode through the CPU kernels (packed small-row matmul + block attention, "
+        "m2r2_jax/kernels): auto = on the CPU backend with float32 params on one device; "
+        "off = XLA's own dot and attention",
+    )
 
 
 def decode_setup(m, mode: str = "auto", mesh=None):

@@ -4,6 +4,7 @@
 Mistral). It is built from an HF `config.json` dict or from GGUF metadata by
 the loaders; anything we cannot compute exactly is refused with a clear error.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,9 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -81,7 +83,7 @@ class ModelConfig:
     def jnp_param_dtype(self):
         return jnp.dtype(self.param_dtype)
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         if self.arch not in SUPPORTED_ARCHS:
             raise M2R2Error(f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
         if self.num_heads % self.num_kv_heads:
@@ -90,8 +92,11 @@ class ModelConfig:
             raise M2R2Error(f"head_dim={self.head_dim} must be even for RoPE")
         if self.mlp_type != "dense":
             raise M2R2Error(f"mlp_type {self.mlp_type!r} is not implemented yet (only 'dense')")
-        for k, v in (("dtype", self.dtype), ("param_dtype", self.param_dtype),
-                     ("matmul_dtype", self.matmul_dtype or "float32")):  # "" = no matmul cast
+        for k, v in (
+            ("dtype", self.dtype),
+            ("param_dtype", self.param_dtype),
+            ("matmul_dtype", self.matmul_dtype or "float32"),
+        ):  # "" = no matmul cast
             if v not in ("float32", "bfloat16", "float16"):
                 raise M2R2Error(f"{k}={getattr(self, k)!r}: expected float32, bfloat16 or float16")
         return self
@@ -101,7 +106,8 @@ class ModelConfig:
         if self.sliding_window is not None and cache_len > self.sliding_window:
             raise M2R2Error(
                 f"sliding-window attention is not supported: cache length {cache_len} exceeds "
-                f"sliding_window={self.sliding_window} (full attention is exact only up to the window)")
+                f"sliding_window={self.sliding_window} (full attention is exact only up to the window)"
+            )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -124,7 +130,9 @@ def model_config_from_hf(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
     if arch is None and model_type in ("llama", "mistral", "qwen2"):
         arch = model_type
     if arch is None:
-        raise M2R2Error(f"unsupported architecture {archs or model_type!r}; supported HF classes: {', '.join(_HF_ARCH)}")
+        raise M2R2Error(
+            f"unsupported architecture {archs or model_type!r}; supported HF classes: {', '.join(_HF_ARCH)}"
+        )
     hidden = cfg["hidden_size"]
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or hidden // heads
@@ -134,9 +142,11 @@ def model_config_from_hf(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
         rtype = rs.get("rope_type", rs.get("type", "default"))
         if rtype == "llama3":
             rope_scaling = RopeScaling(
-                factor=float(rs["factor"]), low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                factor=float(rs["factor"]),
+                low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
                 high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-                original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)))
+                original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+            )
         elif rtype != "default":
             raise M2R2Error(f"unsupported rope_scaling type {rtype!r} (supported: default, llama3)")
     theta = cfg.get("rope_theta")
@@ -158,13 +168,23 @@ def model_config_from_hf(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
     eos = cfg.get("eos_token_id", 2)
     eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     mc = ModelConfig(
-        arch=arch, vocab_size=cfg["vocab_size"], hidden_size=hidden,
-        intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
-        num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta or 10000.0),
-        rope_scaling=rope_scaling, max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
-        sliding_window=sliding, bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos,
+        arch=arch,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta or 10000.0),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        sliding_window=sliding,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos,
     )
     return replace(mc, **overrides).validate()
 
@@ -217,7 +237,11 @@ def _coerce(value: Any, typ: Any, key: str):
                 value = int(value) if typ is int else float(value)
             except ValueError:
                 raise M2R2Error(f"config key {key!r}: expected {typ.__name__}, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and not isinstance(value, int)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (typ is int and not isinstance(value, int))
+        ):
             raise M2R2Error(f"config key {key!r}: expected {typ.__name__}, got {value!r}")
         if not math.isfinite(value):
             raise M2R2Error(f"config key {key!r}: expected a finite number, got {value!r}")
@@ -313,7 +337,8 @@ def rope_inv_freq(cfg: ModelConfig):
         wl = 2 * math.pi / inv
         scaled = np.where(wl > low_wl, inv / rs.factor, inv)
         smooth = (rs.original_max_position_embeddings / wl - rs.low_freq_factor) / (
-            rs.high_freq_factor - rs.low_freq_factor)
+            rs.high_freq_factor - rs.low_freq_factor
+        )
         smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
         is_medium = (wl >= high_wl) & (wl <= low_wl)
         inv = np.where(is_medium, smoothed, scaled)

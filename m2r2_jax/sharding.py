@@ -5,16 +5,19 @@ model/params.py and decoder.CACHE_AXES); `RULES` maps them onto mesh axes.
 A dimension that a mesh axis does not divide evenly stays replicated (e.g. 9
 heads on a 4-way tensor axis) — correct everywhere, just less sharded.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from m2r2_jax.errors import M2R2Error
 
@@ -33,7 +36,7 @@ RULES: dict[str, Any] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "norm": None,
-    "rank": None,         # low-rank adapter dimension
+    "rank": None,  # low-rank adapter dimension
     "router": None,
     # KV cache
     "cache_batch": ("data", "fsdp"),
@@ -45,7 +48,7 @@ RULES: dict[str, Any] = {
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1     # -1: all devices left over
+    data: int = -1  # -1: all devices left over
     fsdp: int = 1
     tensor: int = 1
     # multi-host: set coordinator to call jax.distributed.initialize
@@ -65,8 +68,9 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> None:
     if cfg.coordinator_address or os.environ.get("M2R2_DISTRIBUTED") == "1":
         kw = {}
         if cfg.coordinator_address:
-            kw = dict(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
-                      process_id=cfg.process_id)
+            kw = dict(
+                coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id
+            )
         jax.distributed.initialize(**kw)
 
 
@@ -83,8 +87,9 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence | None = None) ->
             raise M2R2Error(f"mesh: {n} devices are not divisible by fsdp*tensor={known}")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) > n:
-        raise M2R2Error(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs "
-                        f"{math.prod(sizes)} devices, have {n}")
+        raise M2R2Error(
+            f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {math.prod(sizes)} devices, have {n}"
+        )
     # an explicit smaller mesh uses the first devices (e.g. data=1 on a forced 8-device host)
     return Mesh(np.asarray(devices[: math.prod(sizes)]).reshape(sizes), MESH_AXES)
 
@@ -129,8 +134,9 @@ def tree_shardings(mesh: Mesh, axes_tree, shapes_tree) -> Any:
     is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
     flat_axes, treedef = jax.tree.flatten(axes_tree, is_leaf=is_axes)
     flat_shapes = treedef.flatten_up_to(shapes_tree)
-    return jax.tree.unflatten(treedef, [named_sharding(mesh, a, getattr(s, "shape", s))
-                                        for a, s in zip(flat_axes, flat_shapes)])
+    return jax.tree.unflatten(
+        treedef, [named_sharding(mesh, a, getattr(s, "shape", s)) for a, s in zip(flat_axes, flat_shapes)]
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -6,6 +6,7 @@ not the memory reads of a real decode step.
     python scripts/bench_attention.py [--ts 1,5,8,17] [--fill 300] [--reps 7]
 
 Run it at an older commit (e.g. 8998fd1, the per-query kernel) to compare kernels."""
+
 from __future__ import annotations
 
 import argparse
@@ -47,11 +48,14 @@ def main():
                 kl = jnp.ones((1, 3, T, 64), jnp.float32) * 0.1
                 s = 0.0
                 for l in range(layers):
-                    o = K.block_attention(q, kc[l], vc[l], jnp.full((1,), a.fill, jnp.int32), kl, kl,
-                                          jnp.tril(jnp.ones((T, T), bool)))
+                    o = K.block_attention(
+                        q, kc[l], vc[l], jnp.full((1,), a.fill, jnp.int32), kl, kl, jnp.tril(jnp.ones((T, T), bool))
+                    )
                     s = s + o[0, 0, 0]
                 return acc + s
+
             return lax.fori_loop(0, a.steps, body, jnp.float32(0))
+
         return jax.jit(f)
 
     Ts = [int(t) for t in a.ts.split(",")]

@@ -6,6 +6,7 @@ weights + bf16 matmuls (f32 activations), T = 1..N, the two dtypes interleaved r
 A one-slot AR step is T = 1; an AR step through blocks of T slots (GenerateConfig.block) and the
 verification of a T-node chain are both T. On CPUs with AMX / AVX512-BF16 the bf16 block cost is
 nearly flat in T, the f32 one is not."""
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ def main():
             jax.block_until_ready(f(*args))
             ts[k].append(time.perf_counter() - t0)
     base = 1e3 * statistics.median(ts[("float32", 1)])
-    res = {f"{n}/T={T}": {"ms": 1e3 * statistics.median(v), "vs_f32_T1": 1e3 * statistics.median(v) / base}
-           for (n, T), v in ts.items()}
+    res = {
+        f"{n}/T={T}": {"ms": 1e3 * statistics.median(v), "vs_f32_T1": 1e3 * statistics.median(v) / base}
+        for (n, T), v in ts.items()
+    }
     if a.json:
         print(json.dumps(res))
     else:

@@ -5,6 +5,7 @@ process over the same cache. Also checks that both forms draft the same tokens.
 
     python scripts/bench_draft.py [--checkpoint DIR] [--fill 256] [--repeats 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,13 +30,13 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
+    from eval.alignment import DEFAULT_CHECKPOINT
     from m2r2_jax.decoding.speculative import _draft, _verify
     from m2r2_jax.decoding.trees import chain
     from m2r2_jax.loading.registry import load_model
     from m2r2_jax.m2r2 import stream as S
     from m2r2_jax.model import decoder as D
     from m2r2_jax.training.checkpoint import load_m2r2
-    from eval.alignment import DEFAULT_CHECKPOINT
 
     m = load_model(a.model)
     cfg, base = m.cfg, m.params
@@ -54,8 +55,11 @@ def main():
 
     merged = jax.jit(lambda b, q, d: S.draft_params(cfg, mc, b, q, d))(base, m2, dids)
     layers = mc.base_layers(cfg.num_layers)
-    plain = {"layers": [base["layers"][j] for j in layers], "final_norm": base["final_norm"],
-             "head": S.draft_head(cfg, base, dids)}
+    plain = {
+        "layers": [base["layers"][j] for j in layers],
+        "final_norm": base["final_norm"],
+        "head": S.draft_head(cfg, base, dids),
+    }
     draft = jax.jit(lambda b, q, d, c, p_, t, ad: _draft(cfg, mc, tree, b, q, d, c, p_, t, ad))
     verify = jax.jit(lambda b, t, c, p_: _verify(cfg, tree, b, t, c, p_)[0])
     step = jax.jit(lambda b, t, c, p_: D.forward(cfg, b, t, c, p_)[0])
@@ -70,8 +74,11 @@ def main():
         return 1e3 * float(np.median(ts))
 
     curs = [jnp.asarray([int(t)], jnp.int32) for t in rs.randint(3, cfg.vocab_size, 16)]
-    same = sum(int(draft(base, merged, dids, cache, pos, c, None)[0, 1])
-               == int(draft(base, plain, dids, cache, pos, c, m2["fast"])[0, 1]) for c in curs)
+    same = sum(
+        int(draft(base, merged, dids, cache, pos, c, None)[0, 1])
+        == int(draft(base, plain, dids, cache, pos, c, m2["fast"])[0, 1])
+        for c in curs
+    )
     cur = curs[0]
     r = {
         "ar_step_ms": med(lambda: step(base, cur[:, None], cache, pos)),
@@ -79,7 +86,10 @@ def main():
         "draft_merged_ms": med(lambda: draft(base, merged, dids, cache, pos, cur, None)),
         "verify2_ms": med(lambda: verify(base, jnp.stack([cur, cur], 1), cache, pos)),
         "same_draft_token": f"{same}/{len(curs)}",
-        "fill": a.fill, "cache_len": a.cache_len, "repeats": a.repeats, "fast_layers": n,
+        "fill": a.fill,
+        "cache_len": a.cache_len,
+        "repeats": a.repeats,
+        "fast_layers": n,
         "draft_vocab": int(dids.shape[0]),
     }
     for k in ("draft_adapters_ms", "draft_merged_ms", "verify2_ms"):

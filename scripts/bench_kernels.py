@@ -6,6 +6,7 @@ the variants interleaved rep by rep so machine noise hits them alike.
 
 T = 1 is a plain AR step; T = k + 1 is the verification of a k-token draft (a chain, a star, or prompt
 lookup's candidates). Reported: ms per forward and each T relative to the same variant's T = 1."""
+
 from __future__ import annotations
 
 import argparse
@@ -51,11 +52,13 @@ def main():
                 toks = jnp.full((1, T), 3, jnp.int32) + i % 7 + prev  # depends on the last step's argmax
                 logits, cache = D.forward(cfg, params, toks, cache, jnp.full((1,), a.fill, jnp.int32) + i)
                 return cache, jnp.argmax(logits[0, -1]).astype(jnp.int32) % 2
+
             return lax.fori_loop(0, a.steps, body, (D.init_cache(cfg, 1, a.cache_len), jnp.int32(0)))[1]
+
         return jax.jit(f)
 
     fns = {(v, T): make(T) for v in variants for T in Ts}
-    for (v, T), f in fns.items():
+    for (v, _), f in fns.items():
         jax.block_until_ready(f(variants[v]))  # compile
     ts = {k: [] for k in fns}
     for _ in range(a.reps):
@@ -66,8 +69,9 @@ def main():
     res = {}
     for v in variants:
         base = statistics.median(ts[(v, Ts[0])])
-        res[v] = {str(T): {"ms": statistics.median(ts[(v, T)]), "vs_T1": statistics.median(ts[(v, T)]) / base}
-                  for T in Ts}
+        res[v] = {
+            str(T): {"ms": statistics.median(ts[(v, T)]), "vs_T1": statistics.median(ts[(v, T)]) / base} for T in Ts
+        }
     if a.json:
         print(json.dumps(res))
     else:

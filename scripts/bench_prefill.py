@@ -4,6 +4,7 @@ chunk holding the prompt's last token. Also checks that every chunking gives the
 cache bit for bit.
 
     python scripts/bench_prefill.py [--bucket 256] [--length 180] [--chunks 256,64,32] [--reps 5]"""
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ def main():
     for c in (int(x) for x in a.chunks.split(",")):
         fns[c] = jax.jit(lambda p, t, l, c=c: G.prefill(cfg, p, t, l, D.init_cache(cfg, 1, a.bucket + 128), chunk=c))
         lg, cache = fns[c](params, toks, lens)
-        res[c] = (np.asarray(lg), np.asarray(cache.k[5][0, :, :a.length]))
+        res[c] = (np.asarray(lg), np.asarray(cache.k[5][0, :, : a.length]))
     ts = {c: [] for c in fns}
     for _ in range(a.reps):
         for c, f in fns.items():
@@ -52,8 +53,10 @@ def main():
     first = next(iter(res.values()))
     for c in fns:
         same = np.array_equal(res[c][0], first[0]) and np.array_equal(res[c][1], first[1])
-        print(f"chunk {c}: {1e3 * statistics.median(ts[c]):.1f} ms for a {a.length}-token prompt in the "
-              f"{a.bucket} bucket; same logits and cache as chunk {next(iter(res))}: {same}")
+        print(
+            f"chunk {c}: {1e3 * statistics.median(ts[c]):.1f} ms for a {a.length}-token prompt in the "
+            f"{a.bucket} bucket; same logits and cache as chunk {next(iter(res))}: {same}"
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ all positions (train_positions=0, slow pass in the step).
 
     python scripts/bench_train_step.py [--positions 160] [--repeats 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ def main():
     B, T = tc.batch_size, tc.seq_len
     toks = jnp.asarray(rs.randint(3, cfg.vocab_size, (B, T)), jnp.int32)
     mask = np.zeros((B, T), np.float32)
-    mask[:, T // 3: T // 3 + min(a.positions, T - T // 3)] = 1
+    mask[:, T // 3 : T // 3 + min(a.positions, T - T // 3)] = 1
     mask = jnp.asarray(mask)
     dids = jnp.arange(mc.draft_vocab + 1, dtype=jnp.int32)
 
@@ -59,21 +60,34 @@ def main():
     hid = jnp.asarray(rs.randn(B, len(mc.cached_layers(cfg.num_layers)), T, cfg.hidden_size), jnp.bfloat16)
     fin = jnp.asarray(rs.randn(B, a.positions, cfg.hidden_size), jnp.float32)
     variants = [
-        (f"train_positions={a.positions}, slow pass in the step",
-         lambda p_, b, t, mk, d: m2r2_loss(p_, b, t, mk, d, cfg, mcx)[0], ()),
-        (f"train_positions={a.positions}, teacher cache (bf16)",
-         lambda p_, b, t, mk, d, h, f: m2r2_loss_cached(p_, b, t, mk, d, h, f, cfg, mcx)[0], (hid, fin)),
-        (f"train_positions={a.positions}, teacher cache, train_matmul_dtype=bfloat16",
-         lambda p_, b, t, mk, d, h, f: m2r2_loss_cached(
-             p_, b, t, mk, d, h, f, cfg, dataclasses.replace(mcx, train_matmul_dtype="bfloat16"))[0], (hid, fin)),
-        ("train_positions=0, slow pass in the step",
-         lambda p_, b, t, mk, d: m2r2_loss(p_, b, t, mk, d, cfg, dataclasses.replace(mc, train_positions=0))[0],
-         ()),
+        (
+            f"train_positions={a.positions}, slow pass in the step",
+            lambda p_, b, t, mk, d: m2r2_loss(p_, b, t, mk, d, cfg, mcx)[0],
+            (),
+        ),
+        (
+            f"train_positions={a.positions}, teacher cache (bf16)",
+            lambda p_, b, t, mk, d, h, f: m2r2_loss_cached(p_, b, t, mk, d, h, f, cfg, mcx)[0],
+            (hid, fin),
+        ),
+        (
+            f"train_positions={a.positions}, teacher cache, train_matmul_dtype=bfloat16",
+            lambda p_, b, t, mk, d, h, f: m2r2_loss_cached(
+                p_, b, t, mk, d, h, f, cfg, dataclasses.replace(mcx, train_matmul_dtype="bfloat16")
+            )[0],
+            (hid, fin),
+        ),
+        (
+            "train_positions=0, slow pass in the step",
+            lambda p_, b, t, mk, d: m2r2_loss(p_, b, t, mk, d, cfg, dataclasses.replace(mc, train_positions=0))[0],
+            (),
+        ),
     ]
     for name, loss, extra in variants:
         fwd = timeit(jax.jit(loss), m2, base, toks, mask, dids, *extra)
         grad = timeit(jax.jit(jax.grad(loss)), m2, base, toks, mask, dids, *extra)
         print(f"{name}: loss forward {fwd:.2f} s, forward + gradient {grad:.2f} s", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ tokens, and the two ratios the speculative speed-up depends on.
 
     python scripts/bench_xla_flags.py [--repeats 20] [--out FILE.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,18 +40,25 @@ def main():
             continue
         env = dict(os.environ)
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_draft.py"), "--repeats",
-                               str(a.repeats)], env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "bench_draft.py"), "--repeats", str(a.repeats)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             rows[name] = {"flags": flags, "error": proc.stderr.strip().splitlines()[-1:]}
             print(f"{name}: failed: {rows[name]['error']}", flush=True)
             continue
-        r = json.loads(proc.stdout[proc.stdout.index("{"):])
+        r = json.loads(proc.stdout[proc.stdout.index("{") :])
         r["flags"] = flags
         rows[name] = r
-        print(f"{name:<18} step {r['ar_step_ms']:6.1f} ms  draft {r['draft_merged_ms']:5.1f} ms "
-              f"({r['draft_merged_steps']:.3f})  verify2 {r['verify2_ms']:6.1f} ms ({r['verify2_steps']:.3f})"
-              f"  same draft {r['same_draft_token']}", flush=True)
+        print(
+            f"{name:<18} step {r['ar_step_ms']:6.1f} ms  draft {r['draft_merged_ms']:5.1f} ms "
+            f"({r['draft_merged_steps']:.3f})  verify2 {r['verify2_ms']:6.1f} ms ({r['verify2_steps']:.3f})"
+            f"  same draft {r['same_draft_token']}",
+            flush=True,
+        )
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))
 

@@ -1,5 +1,6 @@
 """Shared fixtures. 8 forced CPU devices for the sharding tests: must be set
 before JAX initialises its backends."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -8,9 +9,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 def save_tiny_hf(path, kind="llama", **kw):
@@ -37,9 +48,18 @@ def save_tiny_hf(path, kind="llama", **kw):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_llama")
-    save_tiny_hf(d, "llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-                 rope_theta=10000.0)
+    save_tiny_hf(
+        d,
+        "llama",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        rope_theta=10000.0,
+    )
     return d
 
 
@@ -51,6 +71,7 @@ def tiny_qwen2_dir(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- SmolLM2 (real model)
+
 
 @pytest.fixture(scope="session")
 def smol_gguf():

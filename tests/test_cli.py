@@ -1,4 +1,5 @@
 """CLI behaviour: bad input -> exactly one `error:` line, exit code 2, nothing written."""
+
 import subprocess
 import sys
 
@@ -11,16 +12,25 @@ from m2r2_jax.errors import M2R2Error
 
 
 def _run(args, cwd=None):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": "."}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": "."},
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["eval.generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"], "GGUF file not found"),
-    (["eval.generate", "--model", "/tmp", "--prompt", "hi"], "missing config.json"),
-    (["train.train", "--config", "/nonexistent.yaml"], "config file not found"),
-    (["train.train", "bogus_key=3"], "unknown config key 'bogus_key'"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["eval.generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"], "GGUF file not found"),
+        (["eval.generate", "--model", "/tmp", "--prompt", "hi"], "missing config.json"),
+        (["train.train", "--config", "/nonexistent.yaml"], "config file not found"),
+        (["train.train", "bogus_key=3"], "unknown config key 'bogus_key'"),
+    ],
+)
 def test_bad_input_is_one_error_line(args, msg):
     r = _run(args)
     assert r.returncode == 2, r.stderr[-2000:]
@@ -58,8 +68,19 @@ def test_plot_train_curves(tmp_path, capsys):
 
     from eval.plot_train import main
 
-    rows = [{"step": i, "loss": 5.0 / i, "kd": 4.0 / i, "align": 0.5, "router_bce": 0.3, "agreement": i / 40,
-             "agreement_per_layer/0": i / 80, "agreement_per_layer/1": i / 40} for i in range(1, 31)]
+    rows = [
+        {
+            "step": i,
+            "loss": 5.0 / i,
+            "kd": 4.0 / i,
+            "align": 0.5,
+            "router_bce": 0.3,
+            "agreement": i / 40,
+            "agreement_per_layer/0": i / 80,
+            "agreement_per_layer/1": i / 40,
+        }
+        for i in range(1, 31)
+    ]
     src = tmp_path / "metrics.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows))
     assert main([str(src), "--out", str(tmp_path / "c.png")]) == 0

@@ -1,5 +1,6 @@
 """Training prompts (formats, dedupe, eval hold-out, determinism, real data) and
 the self-distillation cache (resume, refusal) on a tiny random model."""
+
 import json
 from pathlib import Path
 
@@ -7,10 +8,15 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from m2r2_jax.errors import M2R2Error
 from m2r2_jax.data import prompts as P
-from m2r2_jax.training.distill import (DistillModel, as_distill_model, build_distill_cache,
-                                       load_distill_cache, read_manifest)
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.training.distill import (
+    DistillModel,
+    as_distill_model,
+    build_distill_cache,
+    load_distill_cache,
+    read_manifest,
+)
 
 
 def _write(path: Path, records, jsonl=None):
@@ -28,31 +34,43 @@ def _one(path):
 
 # ----------------------------------------------------------------------------- formats
 
+
 def test_alpaca_family_instruction_input(tmp_path):
-    f = _write(tmp_path / "alpaca.json", [
-        {"instruction": "Sum the numbers.", "input": "1, 2", "output": "3"},
-        {"instruction": "Say hi. ", "input": "", "output": "hi"},
-        {"instruction": "", "input": "", "output": "dropped: empty"},
-        {"instruction": "Write code.", "input": "  ", "response": "gpteacher style"},
-    ])
+    f = _write(
+        tmp_path / "alpaca.json",
+        [
+            {"instruction": "Sum the numbers.", "input": "1, 2", "output": "3"},
+            {"instruction": "Say hi. ", "input": "", "output": "hi"},
+            {"instruction": "", "input": "", "output": "dropped: empty"},
+            {"instruction": "Write code.", "input": "  ", "response": "gpteacher style"},
+        ],
+    )
     st, ps = _one(f)
     assert st.format == "instruction" and st.records == 4 and st.prompts == 3 and st.reader == "datasets"
     assert ps == sorted(["Sum the numbers.\n\n1, 2", "Say hi.", "Write code."])
 
 
 def test_lima_and_instructionwild_and_alpaca_cot_escapes(tmp_path):
-    lima = _write(tmp_path / "lima.json", [{"instruction": "Can brain cells move?", "input": "", "output": "x",
-                                            "history": [["q", "a"]]}])
+    lima = _write(
+        tmp_path / "lima.json",
+        [{"instruction": "Can brain cells move?", "input": "", "output": "x", "history": [["q", "a"]]}],
+    )
     wild = _write(tmp_path / "wild.jsonl", [{"instruction": "Act as a poet."}, {"instruction": "Tell a joke."}])
-    cot = _write(tmp_path / "aqua.json", [
-        {"instruction": "Question: 1+1?\\nOptions:\\n(A) 2\\n(B) 3 Let's think first.", "input": "", "output": "A"},
-        {"instruction": "Question: 2+2?\\nOptions:\\n(A) 4", "input": "", "output": "A"}])
+    cot = _write(
+        tmp_path / "aqua.json",
+        [
+            {"instruction": "Question: 1+1?\\nOptions:\\n(A) 2\\n(B) 3 Let's think first.", "input": "", "output": "A"},
+            {"instruction": "Question: 2+2?\\nOptions:\\n(A) 4", "input": "", "output": "A"},
+        ],
+    )
     assert _one(lima)[1] == ["Can brain cells move?"]
     assert _one(wild)[1] == ["Act as a poet.", "Tell a joke."]
     assert _one(cot)[1][0] == "Question: 1+1?\nOptions:\n(A) 2\n(B) 3 Let's think first."
     # a single literal backslash-n in an otherwise normal (code) file is kept as written
-    code = _write(tmp_path / "code.json", [{"instruction": 'Fix printf("%d\\n")', "input": ""},
-                                           {"instruction": "Reverse a list.", "input": ""}])
+    code = _write(
+        tmp_path / "code.json",
+        [{"instruction": 'Fix printf("%d\\n")', "input": ""}, {"instruction": "Reverse a list.", "input": ""}],
+    )
     assert 'Fix printf("%d\\n")' in _one(code)[1]
 
 
@@ -63,45 +81,107 @@ def test_gsm8k_question(tmp_path):
 
 
 def test_dpo_conversations_first_human_turn(tmp_path):
-    f = _write(tmp_path / "dpo.json", [
-        {"conversations": [{"from": "system", "value": "You are helpful."}, {"from": "human", "value": "First?"},
-                           {"from": "gpt", "value": "ans"}, {"from": "human", "value": "Second?"}],
-         "chosen": {"from": "gpt", "value": "c"}, "rejected": {"from": "gpt", "value": "r"}},
-        {"conversations": [{"from": "human", "value": "Only turn"}], "chosen": {"from": "gpt", "value": "c"},
-         "rejected": {"from": "gpt", "value": "r"}}])
+    f = _write(
+        tmp_path / "dpo.json",
+        [
+            {
+                "conversations": [
+                    {"from": "system", "value": "You are helpful."},
+                    {"from": "human", "value": "First?"},
+                    {"from": "gpt", "value": "ans"},
+                    {"from": "human", "value": "Second?"},
+                ],
+                "chosen": {"from": "gpt", "value": "c"},
+                "rejected": {"from": "gpt", "value": "r"},
+            },
+            {
+                "conversations": [{"from": "human", "value": "Only turn"}],
+                "chosen": {"from": "gpt", "value": "c"},
+                "rejected": {"from": "gpt", "value": "r"},
+            },
+        ],
+    )
     st, ps = _one(f)
     assert st.format == "conversations" and ps == ["First?", "Only turn"]
 
 
 def test_kto_messages_first_user_turn(tmp_path):
-    f = _write(tmp_path / "kto.json", [
-        {"messages": [{"content": "Summarise this.", "role": "user"}, {"content": "bad", "role": "assistant"},
-                      {"content": "Again", "role": "user"}], "label": False}])
+    f = _write(
+        tmp_path / "kto.json",
+        [
+            {
+                "messages": [
+                    {"content": "Summarise this.", "role": "user"},
+                    {"content": "bad", "role": "assistant"},
+                    {"content": "Again", "role": "user"},
+                ],
+                "label": False,
+            }
+        ],
+    )
     st, ps = _one(f)
     assert st.format == "messages" and ps == ["Summarise this."]
 
 
 def test_open_assistant_tree_roots(tmp_path):
-    f = _write(tmp_path / "oa.json", [
-        {"task_message_id": "t1", "user_message_id": "a", "parent_message_id": None,
-         "text": " Hi, teach me horseshoes?", "role": "prompter"},
-        {"task_message_id": "t2", "user_message_id": "b", "parent_message_id": "a", "text": " Sure.",
-         "role": "assistant"},
-        {"task_message_id": "t3", "user_message_id": "c", "parent_message_id": "b", "text": " Thanks, more?",
-         "role": "prompter"},
-        {"task_message_id": "t4", "user_message_id": "d", "parent_message_id": None, "text": "\n Root two",
-         "role": "prompter"}])
+    f = _write(
+        tmp_path / "oa.json",
+        [
+            {
+                "task_message_id": "t1",
+                "user_message_id": "a",
+                "parent_message_id": None,
+                "text": " Hi, teach me horseshoes?",
+                "role": "prompter",
+            },
+            {
+                "task_message_id": "t2",
+                "user_message_id": "b",
+                "parent_message_id": "a",
+                "text": " Sure.",
+                "role": "assistant",
+            },
+            {
+                "task_message_id": "t3",
+                "user_message_id": "c",
+                "parent_message_id": "b",
+                "text": " Thanks, more?",
+                "role": "prompter",
+            },
+            {
+                "task_message_id": "t4",
+                "user_message_id": "d",
+                "parent_message_id": None,
+                "text": "\n Root two",
+                "role": "prompter",
+            },
+        ],
+    )
     st, ps = _one(f)
     assert st.format == "oa_tree" and st.records == 2
     assert ps == ["Hi, teach me horseshoes?", "Root two"]
 
 
 def test_self_instruct_seed_tasks_and_mt_bench_turns(tmp_path):
-    seed = _write(tmp_path / "seed_tasks.jsonl", [
-        {"id": "s0", "name": "n", "instruction": "Classify the sentiment.", "is_classification": True,
-         "instances": [{"input": "I love it", "output": "pos"}, {"input": "meh", "output": "neg"}]},
-        {"id": "s1", "name": "m", "instruction": "Suggest a breakfast.", "is_classification": False,
-         "instances": [{"input": "", "output": "oats"}]}])
+    seed = _write(
+        tmp_path / "seed_tasks.jsonl",
+        [
+            {
+                "id": "s0",
+                "name": "n",
+                "instruction": "Classify the sentiment.",
+                "is_classification": True,
+                "instances": [{"input": "I love it", "output": "pos"}, {"input": "meh", "output": "neg"}],
+            },
+            {
+                "id": "s1",
+                "name": "m",
+                "instruction": "Suggest a breakfast.",
+                "is_classification": False,
+                "instances": [{"input": "", "output": "oats"}],
+            },
+        ],
+    )
     assert _one(seed)[1] == ["Classify the sentiment.\n\nI love it", "Suggest a breakfast."]
     mt = _write(tmp_path / "q.jsonl", [{"question_id": 1, "category": "w", "turns": ["First turn", "Second"]}])
     st, ps = _one(mt)
@@ -130,8 +210,10 @@ def test_json_fallback_and_directory_sources(tmp_path):
 
 
 def test_dedupe_across_and_within_files(tmp_path):
-    a = _write(tmp_path / "a.json", [{"instruction": "Hello   World"}, {"instruction": "hello world"},
-                                     {"instruction": "Other"}])
+    a = _write(
+        tmp_path / "a.json",
+        [{"instruction": "Hello   World"}, {"instruction": "hello world"}, {"instruction": "Other"}],
+    )
     b = _write(tmp_path / "b.jsonl", [{"question": "HELLO\nworld"}, {"question": "new one"}])
     ps = P.collect_prompts([a, b], exclude_eval=False)
     assert sorted(ps.prompts) == ["Hello   World", "Other", "new one"]
@@ -140,13 +222,23 @@ def test_dedupe_across_and_within_files(tmp_path):
 
 def _eval_layout(tmp_path):
     data = tmp_path / "data"
-    _write(data / "mt_bench" / "question.jsonl",
-           [{"question_id": 81, "category": "math", "turns": ["Prove the Pythagorean Theorem.", "Now in 3D."]}])
-    _write(data / "alpaca_eval" / "alpaca_eval_prompts.jsonl",
-           [{"idx": 0, "dataset": "x", "instruction": "What is the meaning of life?"}])
-    train = _write(data / "train_prompts" / "t.json",
-                   [{"instruction": "prove  the pythagorean theorem."}, {"instruction": "What is the meaning of life?"},
-                    {"instruction": "Keep me."}, {"instruction": "What is the meaning of life, really?"}])
+    _write(
+        data / "mt_bench" / "question.jsonl",
+        [{"question_id": 81, "category": "math", "turns": ["Prove the Pythagorean Theorem.", "Now in 3D."]}],
+    )
+    _write(
+        data / "alpaca_eval" / "alpaca_eval_prompts.jsonl",
+        [{"idx": 0, "dataset": "x", "instruction": "What is the meaning of life?"}],
+    )
+    train = _write(
+        data / "train_prompts" / "t.json",
+        [
+            {"instruction": "prove  the pythagorean theorem."},
+            {"instruction": "What is the meaning of life?"},
+            {"instruction": "Keep me."},
+            {"instruction": "What is the meaning of life, really?"},
+        ],
+    )
     return data, train
 
 
@@ -191,11 +283,18 @@ def test_real_default_sources():
     first = [json.loads(line)["turns"][0] for line in mt.read_text().splitlines() if line.strip()]
     assert len(first) == 80 and not keys & {P.normalize(t) for t in first}
     assert sum(s.eval_overlap for s in ps.stats) == 2  # SOURCES.md: 3 records, 2 distinct prompts
-    assert {s.format for s in ps.stats} >= {"instruction", "question", "conversations", "messages", "oa_tree",
-                                           "self_instruct"}
+    assert {s.format for s in ps.stats} >= {
+        "instruction",
+        "question",
+        "conversations",
+        "messages",
+        "oa_tree",
+        "self_instruct",
+    }
 
 
 # ----------------------------------------------------------------------------- distill cache
+
 
 def _encode(text):  # tokenizer-free stand-in for the chat-encoded prompt
     return [1] + [3 + b % 250 for b in text.encode()]
@@ -308,8 +407,10 @@ def test_pack_examples_masks():
 
     from m2r2_jax.data.batches import pack_examples
 
-    recs = [{"prompt_ids": [5, 6, 7], "answer_ids": [8, 9]},
-            {"prompt_ids": list(range(10, 30)), "answer_ids": list(range(40, 60))}]
+    recs = [
+        {"prompt_ids": [5, 6, 7], "answer_ids": [8, 9]},
+        {"prompt_ids": list(range(10, 30)), "answer_ids": list(range(40, 60))},
+    ]
     toks, mask = pack_examples(recs, 8)
     assert toks[0].tolist() == [5, 6, 7, 8, 9, 0, 0, 0] and mask[0].tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
     assert toks[1, :4].tolist() == [26, 27, 28, 29] and toks[1, 4:].tolist() == [40, 41, 42, 43]

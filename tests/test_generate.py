@@ -1,4 +1,5 @@
 """The jitted generator: HF greedy parity, batching, buckets, sampling, errors."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +32,9 @@ def test_greedy_matches_hf_generate(tiny, tiny_llama_dir):
     for p in _prompts(3):
         ours = gen.generate(params, [p], GenerateConfig(max_new_tokens=24, stop_ids=(-1,))).new_ids[0]
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, len(p):].tolist()
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)[
+                0, len(p) :
+            ].tolist()
         assert ours == ref
 
 
@@ -54,7 +56,7 @@ def test_no_recompile_within_bucket(tiny):
     assert gen.compiles == 1
     r = gen.generate(params, [list(range(10, 22))], g)  # 12 tokens: same 16-bucket
     assert gen.compiles == 1 and r.compile_seconds == 0.0
-    gen.generate(params, [list(range(10, 40))], g)      # 30 tokens: next bucket
+    gen.generate(params, [list(range(10, 40))], g)  # 30 tokens: next bucket
     assert gen.compiles == 2
 
 
@@ -64,14 +66,15 @@ def test_eos_stops_generation(tiny):
     full = gen.generate(params, [[5, 6, 7]], GenerateConfig(max_new_tokens=12, stop_ids=(-1,))).new_ids[0]
     stop = full[4]
     cut = gen.generate(params, [[5, 6, 7]], GenerateConfig(max_new_tokens=12, stop_ids=(stop,))).new_ids[0]
-    assert cut == full[:full.index(stop) + 1]
+    assert cut == full[: full.index(stop) + 1]
 
 
 def test_sampling_seeded_and_filters(tiny):
     cfg, params = tiny
     gen = Generator(cfg)
-    mk = lambda seed, **kw: GenerateConfig(max_new_tokens=16, stop_ids=(-1,),
-                                           sampling=SamplingConfig(temperature=1.0, seed=seed, **kw))
+    mk = lambda seed, **kw: GenerateConfig(
+        max_new_tokens=16, stop_ids=(-1,), sampling=SamplingConfig(temperature=1.0, seed=seed, **kw)
+    )
     a = gen.generate(params, [[5, 6, 7]], mk(1)).new_ids[0]
     b = gen.generate(params, [[5, 6, 7]], mk(1)).new_ids[0]
     c = gen.generate(params, [[5, 6, 7]], mk(2)).new_ids[0]
@@ -135,8 +138,12 @@ def test_bf16_matmul_rows_padded_same_result():
     x3 = jnp.asarray(rs.randn(1, 1, 64), jnp.float32)
     lg = L.rows_logits(x3, w.T, jnp.dtype(jnp.bfloat16))
     assert lg.shape == (1, 1, 96)
-    np.testing.assert_allclose(np.asarray(lg[0]), np.asarray(x3[0].astype(jnp.bfloat16), np.float32)
-                               @ np.asarray(w, np.float32), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(lg[0]),
+        np.asarray(x3[0].astype(jnp.bfloat16), np.float32) @ np.asarray(w, np.float32),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_bad_dtype_refused(tiny):
@@ -174,8 +181,9 @@ def test_chunked_prefill_equals_one_block(tiny, tiny_llama_dir):
         for b, n in enumerate(lens):
             if prm is params:
                 np.testing.assert_allclose(np.asarray(lc[b]), np.asarray(lo[b]), rtol=1e-5, atol=1e-5)
-                np.testing.assert_allclose(np.asarray(cc.k[1][b, :, :n]), np.asarray(co.k[1][b, :, :n]),
-                                           rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(
+                    np.asarray(cc.k[1][b, :, :n]), np.asarray(co.k[1][b, :, :n]), rtol=1e-5, atol=1e-5
+                )
             else:  # the kernels' rows do not depend on the block: bit for bit
                 assert np.array_equal(np.asarray(lc[b]), np.asarray(lo[b]))
                 assert np.array_equal(np.asarray(cc.v[0][b, :, :n]), np.asarray(co.v[0][b, :, :n]))
@@ -183,6 +191,7 @@ def test_chunked_prefill_equals_one_block(tiny, tiny_llama_dir):
     p = rs.randint(3, 256, lens[1]).tolist()
     ours = Generator(cfg).generate(params, [p], GenerateConfig(max_new_tokens=12, stop_ids=(-1,))).new_ids[0]
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)[0, len(p):].tolist()
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[
+            0, len(p) :
+        ].tolist()
     assert ours == ref

@@ -1,6 +1,7 @@
 """GGUF loader: real SmolLM2 GGUF vs transformers' GGUF loader, plus tiny
 synthetic GGUF files (written with gguf-py) for qwen2 biases, Llama-3 RoPE
 factors, the Q/K permutation and the strictness errors."""
+
 from __future__ import annotations
 
 import gguf
@@ -26,16 +27,25 @@ def hf_name(path: str) -> tuple[str, bool]:
     if path == "lm_head":
         return "lm_head.weight", True
     _, i, *rest = path.split(".")
-    sub = {"attn_norm": ("input_layernorm.weight", False), "mlp_norm": ("post_attention_layernorm.weight", False),
-           "attn.wq": ("self_attn.q_proj.weight", True), "attn.wk": ("self_attn.k_proj.weight", True),
-           "attn.wv": ("self_attn.v_proj.weight", True), "attn.wo": ("self_attn.o_proj.weight", True),
-           "attn.bq": ("self_attn.q_proj.bias", False), "attn.bk": ("self_attn.k_proj.bias", False),
-           "attn.bv": ("self_attn.v_proj.bias", False), "mlp.gate": ("mlp.gate_proj.weight", True),
-           "mlp.up": ("mlp.up_proj.weight", True), "mlp.down": ("mlp.down_proj.weight", True)}[".".join(rest)]
+    sub = {
+        "attn_norm": ("input_layernorm.weight", False),
+        "mlp_norm": ("post_attention_layernorm.weight", False),
+        "attn.wq": ("self_attn.q_proj.weight", True),
+        "attn.wk": ("self_attn.k_proj.weight", True),
+        "attn.wv": ("self_attn.v_proj.weight", True),
+        "attn.wo": ("self_attn.o_proj.weight", True),
+        "attn.bq": ("self_attn.q_proj.bias", False),
+        "attn.bk": ("self_attn.k_proj.bias", False),
+        "attn.bv": ("self_attn.v_proj.bias", False),
+        "mlp.gate": ("mlp.gate_proj.weight", True),
+        "mlp.up": ("mlp.up_proj.weight", True),
+        "mlp.down": ("mlp.down_proj.weight", True),
+    }[".".join(rest)]
     return f"model.layers.{i}.{sub[0]}", sub[1]
 
 
 # ----------------------------------------------------------------------------- real model (SmolLM2)
+
 
 @pytest.fixture(scope="module")
 def smol_path():
@@ -98,7 +108,10 @@ def test_qk_permutation_undone(ours, smol_path):
     cfg, params, _ = ours
     reader = gguf.GGUFReader(str(smol_path))
     raw = {t.name: t for t in reader.tensors}
-    for key, gname, n in (("wq", "blk.3.attn_q.weight", cfg.num_heads), ("wk", "blk.3.attn_k.weight", cfg.num_kv_heads)):
+    for key, gname, n in (
+        ("wq", "blk.3.attn_q.weight", cfg.num_heads),
+        ("wk", "blk.3.attn_k.weight", cfg.num_kv_heads),
+    ):
         t = raw[gname]
         w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape)))
         hf_layout = params["layers"][3]["attn"][key].T
@@ -117,8 +130,12 @@ def test_tokenizer_cached(smol_path):
 @pytest.mark.slow
 def test_corrupt_files(smol_path, tmp_path):
     data = smol_path.read_bytes()
-    cases = {"truncated.gguf": data[: len(data) // 2], "header_only.gguf": data[:1000],
-             "not_gguf.gguf": b"definitely not a gguf file" * 10, "empty.gguf": b""}
+    cases = {
+        "truncated.gguf": data[: len(data) // 2],
+        "header_only.gguf": data[:1000],
+        "not_gguf.gguf": b"definitely not a gguf file" * 10,
+        "empty.gguf": b"",
+    }
     for fname, blob in cases.items():
         p = tmp_path / fname
         p.write_bytes(blob)
@@ -147,10 +164,17 @@ def hf_weights(arch: str, seed=0) -> dict[str, np.ndarray]:
     w = {"token_embd.weight": r(V, D), "output_norm.weight": r(D), "output.weight": r(V, D)}
     for i in range(L):
         b = f"blk.{i}."
-        w |= {b + "attn_norm.weight": r(D), b + "ffn_norm.weight": r(D), b + "attn_q.weight": r(H * HD, D),
-              b + "attn_k.weight": r(KV * HD, D), b + "attn_v.weight": r(KV * HD, D),
-              b + "attn_output.weight": r(D, H * HD), b + "ffn_gate.weight": r(F, D),
-              b + "ffn_up.weight": r(F, D), b + "ffn_down.weight": r(D, F)}
+        w |= {
+            b + "attn_norm.weight": r(D),
+            b + "ffn_norm.weight": r(D),
+            b + "attn_q.weight": r(H * HD, D),
+            b + "attn_k.weight": r(KV * HD, D),
+            b + "attn_v.weight": r(KV * HD, D),
+            b + "attn_output.weight": r(D, H * HD),
+            b + "ffn_gate.weight": r(F, D),
+            b + "ffn_up.weight": r(F, D),
+            b + "ffn_down.weight": r(D, F),
+        }
         if arch == "qwen2":
             w |= {b + "attn_q.bias": r(H * HD), b + "attn_k.bias": r(KV * HD), b + "attn_v.bias": r(KV * HD)}
     return w
@@ -212,11 +236,13 @@ def test_llama3_rope_freqs(tmp_path):
         hf[f"blk.{i}.attn_k.weight"] = rng.standard_normal((KV * hd, D)).astype(np.float32)
         hf[f"blk.{i}.attn_v.weight"] = rng.standard_normal((KV * hd, D)).astype(np.float32)
         hf[f"blk.{i}.attn_output.weight"] = rng.standard_normal((D, H * hd)).astype(np.float32)
-    cfg, params, _ = read_gguf(write_gguf(tmp_path / "a.gguf", "llama", hf | {"rope_freqs.weight": factors}, rope_dim=hd))
+    cfg, params, _ = read_gguf(
+        write_gguf(tmp_path / "a.gguf", "llama", hf | {"rope_freqs.weight": factors}, rope_dim=hd)
+    )
     assert cfg.rope_scaling == want
     np.testing.assert_array_equal(params["layers"][0]["attn"]["wk"], hf["blk.0.attn_k.weight"].T)
     with pytest.raises(M2R2Error, match="rope_freqs.weight"):
-        read_gguf(write_gguf(tmp_path / "b.gguf", "llama", hf | {"rope_freqs.weight": factors ** 0.5}, rope_dim=hd))
+        read_gguf(write_gguf(tmp_path / "b.gguf", "llama", hf | {"rope_freqs.weight": factors**0.5}, rope_dim=hd))
 
 
 def test_strictness(tmp_path):
@@ -225,7 +251,11 @@ def test_strictness(tmp_path):
         ("gemma2", hf, "unsupported GGUF architecture 'gemma2'"),
         ("llama", {k: v for k, v in hf.items() if k != "blk.1.ffn_up.weight"}, r"missing tensor.*layers\.1\.mlp\.up"),
         ("llama", hf | {"blk.0.attn_q.bias": np.zeros(H * HD, np.float32)}, "unexpected tensor 'blk.0.attn_q.bias'"),
-        ("llama", hf | {"blk.0.ffn_gate.weight": np.zeros((F + 1, D), np.float32)}, "shape mismatch.*blk.0.ffn_gate.weight"),
+        (
+            "llama",
+            hf | {"blk.0.ffn_gate.weight": np.zeros((F + 1, D), np.float32)},
+            "shape mismatch.*blk.0.ffn_gate.weight",
+        ),
         ("qwen2", hf, r"missing tensor.*layers\.0\.attn\.bq"),
     ]
     for i, (arch, tensors, msg) in enumerate(cases):

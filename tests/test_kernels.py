@@ -1,5 +1,6 @@
 """CPU kernels (m2r2_jax/kernels): the packed small-row matmul and the block attention against XLA,
 their row independence, and decoding with packed params (AR and speculative, lossless)."""
+
 import shutil
 
 import jax
@@ -53,10 +54,12 @@ def test_packed_weight_merges_match_dense():
     rs = np.random.RandomState(0)
     w, ab, g = rs.randn(64, 100), rs.randn(64, 100), rs.randn(100)
     pw = K.pack(jnp.asarray(w, jnp.float32))
-    np.testing.assert_allclose(np.asarray(K.unpack(K.add_dense(pw, jnp.asarray(ab, jnp.float32)))), w + ab,
-                               rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(K.unpack(K.scale_columns(pw, jnp.asarray(g, jnp.float32)))),
-                               w * g[None], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(K.unpack(K.add_dense(pw, jnp.asarray(ab, jnp.float32)))), w + ab, rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(K.unpack(K.scale_columns(pw, jnp.asarray(g, jnp.float32)))), w * g[None], rtol=1e-6, atol=1e-6
+    )
 
 
 @needs_kernels
@@ -129,8 +132,11 @@ def _m2r2(cfg):
     mc = M2R2Config(rate=1, num_fast_layers=2, rank=4, router_dim=8).validate(cfg.num_layers)
     m = init_m2r2(cfg, mc, jax.random.key(3))
     m = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.3 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
-        if getattr(p[-1], "key", "") == "b" else x, m)
+        lambda p, x: (
+            x + 0.3 * jax.random.normal(jax.random.key(len(str(p))), x.shape) if getattr(p[-1], "key", "") == "b" else x
+        ),
+        m,
+    )
     return mc, m
 
 

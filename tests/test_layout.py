@@ -1,13 +1,27 @@
 """The library's import structure: no import from a lower layer to a higher one, no library module
 importing the CLI plumbing, no private name imported across packages."""
+
 import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "m2r2_jax"
 
 # lower layers first; a module may import its own package and packages of lower rank
-RANK = {"errors": -1, "config": 0, "kernels": 0, "backend": 1, "sharding": 1, "model": 2, "loading": 3, "m2r2": 3,
-        "decoding": 4, "data": 4, "training": 5, "evaluation": 5, "cli": 6}
+RANK = {
+    "errors": -1,
+    "config": 0,
+    "kernels": 0,
+    "backend": 1,
+    "sharding": 1,
+    "model": 2,
+    "loading": 3,
+    "m2r2": 3,
+    "decoding": 4,
+    "data": 4,
+    "training": 5,
+    "evaluation": 5,
+    "cli": 6,
+}
 
 
 def _package(module: str) -> str:
@@ -45,8 +59,12 @@ def test_no_upward_imports():
 
 
 def test_no_private_names_across_packages():
-    bad = [f"{mod} -> {target}.{n}" for mod, target, names in _imports() for n in names
-           if n.startswith("_") and _package(mod) != _package(target)]
+    bad = [
+        f"{mod} -> {target}.{n}"
+        for mod, target, names in _imports()
+        for n in names
+        if n.startswith("_") and _package(mod) != _package(target)
+    ]
     assert not bad, bad
 
 

@@ -1,5 +1,6 @@
 """M2R2 streams and training: zero-init equivalence, frozen base, overfitting,
 sharded == unsharded step, exact resume, restore across meshes, refusals."""
+
 import dataclasses
 
 import jax
@@ -31,15 +32,30 @@ def _model(tiny_model, mesh=None):
 
 def _records(n=16, seed=0):
     rs = np.random.RandomState(seed)
-    return [{"prompt_ids": rs.randint(3, 256, rs.randint(4, 10)).tolist(),
-             "answer_ids": rs.randint(3, 256, rs.randint(8, 20)).tolist()} for _ in range(n)]
+    return [
+        {
+            "prompt_ids": rs.randint(3, 256, rs.randint(4, 10)).tolist(),
+            "answer_ids": rs.randint(3, 256, rs.randint(8, 20)).tolist(),
+        }
+        for _ in range(n)
+    ]
 
 
 def _tc(tmp_path, **kw):
-    base = dict(model="tiny", seq_len=32, batch_size=4, steps=6, lr=3e-3, warmup_steps=1, save_every=2,
-                async_save=False, out_dir=str(tmp_path),
-                m2r2=M2R2Config(rate=1, num_fast_layers=2, rank=4, router_dim=8, draft_vocab=64),
-                data=DataConfig(), mesh=MeshConfig(data=1, fsdp=1, tensor=1))
+    base = dict(
+        model="tiny",
+        seq_len=32,
+        batch_size=4,
+        steps=6,
+        lr=3e-3,
+        warmup_steps=1,
+        save_every=2,
+        async_save=False,
+        out_dir=str(tmp_path),
+        m2r2=M2R2Config(rate=1, num_fast_layers=2, rank=4, router_dim=8, draft_vocab=64),
+        data=DataConfig(),
+        mesh=MeshConfig(data=1, fsdp=1, tensor=1),
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -103,16 +119,16 @@ def test_resume_gives_identical_next_step(tiny_model, tmp_path):
         assert float(a["loss"]) == float(b["loss"])
 
 
-@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=1, tensor=4), dict(data=1, fsdp=1, tensor=8)],
-                         ids=["2x4", "1x8"])
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=1, tensor=4), dict(data=1, fsdp=1, tensor=8)], ids=["2x4", "1x8"])
 def test_sharded_step_equals_unsharded(tiny_model, tmp_path, mesh):
     recs = _records(16)
     ref = train(_tc(tmp_path / "u", steps=3), model=_model(tiny_model), records=recs, progress=False)
     mc = MeshConfig(**mesh)
     from m2r2_jax.sharding import make_mesh
 
-    sh = train(_tc(tmp_path / "s", steps=3, mesh=mc), model=_model(tiny_model, make_mesh(mc)), records=recs,
-               progress=False)
+    sh = train(
+        _tc(tmp_path / "s", steps=3, mesh=mc), model=_model(tiny_model, make_mesh(mc)), records=recs, progress=False
+    )
     for a, b in zip(ref.history, sh.history):
         np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(ref.m2r2), jax.tree.leaves(sh.m2r2)):
@@ -127,8 +143,9 @@ def test_restore_across_meshes(tiny_model, tmp_path):
     train(_tc(tmp_path, steps=2, mesh=mc8), model=_model(tiny_model, make_mesh(mc8)), records=recs, progress=False)
     one = train(_tc(tmp_path, steps=4), model=_model(tiny_model), records=recs, progress=False)  # 8 -> 1 device
     assert one.step == 4 and len(one.history) == 2
-    back = train(_tc(tmp_path, steps=6, mesh=mc8), model=_model(tiny_model, make_mesh(mc8)), records=recs,
-                 progress=False)  # 1 -> 8 devices
+    back = train(
+        _tc(tmp_path, steps=6, mesh=mc8), model=_model(tiny_model, make_mesh(mc8)), records=recs, progress=False
+    )  # 1 -> 8 devices
     assert back.step == 6 and len(back.history) == 2
 
 
@@ -136,9 +153,12 @@ def test_mismatched_checkpoint_refused(tiny_model, tmp_path):
     recs = _records(16)
     train(_tc(tmp_path, steps=2), model=_model(tiny_model), records=recs, progress=False)
     with pytest.raises(M2R2Error, match="different M2R2 config"):
-        train(_tc(tmp_path, steps=4, m2r2=M2R2Config(rate=1, num_fast_layers=2, rank=8, router_dim=8,
-                                                     draft_vocab=64)),
-              model=_model(tiny_model), records=recs, progress=False)
+        train(
+            _tc(tmp_path, steps=4, m2r2=M2R2Config(rate=1, num_fast_layers=2, rank=8, router_dim=8, draft_vocab=64)),
+            model=_model(tiny_model),
+            records=recs,
+            progress=False,
+        )
     cfg, params = tiny_model
     other = jax.tree.map(lambda x: x * 1.01, params)
     with pytest.raises(M2R2Error, match="made for base model"):
@@ -200,8 +220,10 @@ def test_alignment_eval_and_checkpoint_loading(tiny_model, tiny_llama_dir, tmp_p
 
     m16 = load_model(str(tiny_llama_dir), param_dtype="bfloat16", tokenizer=False)
     assert m16.fingerprint == params_fingerprint(base) != params_fingerprint(m16.params)
-    assert load_m2r2(tmp_path / "checkpoints", m16.cfg, m16.params, "tiny",
-                     base_fingerprint=m16.fingerprint)[3]["step"] == 2
+    assert (
+        load_m2r2(tmp_path / "checkpoints", m16.cfg, m16.params, "tiny", base_fingerprint=m16.fingerprint)[3]["step"]
+        == 2
+    )
     with pytest.raises(M2R2Error, match="made for base model"):
         load_m2r2(tmp_path / "checkpoints", m16.cfg, m16.params, "tiny")
 
@@ -253,10 +275,20 @@ def test_kill_9_then_resume_is_exact(tiny_model, tiny_llama_dir, tmp_path):
 
     start = Checkpointer(out / "checkpoints", 2, 2, False).latest_step()
     assert start is not None and start >= 2
-    resumed = train(_tc(out, steps=400, save_every=2), model=_model(tiny_model), records=_records(16),
-                    progress=False, stop_at=start + 2)
-    full = train(_tc(tmp_path / "full", steps=400, save_every=1000), model=_model(tiny_model),
-                 records=_records(16), progress=False, stop_at=start + 2)
+    resumed = train(
+        _tc(out, steps=400, save_every=2),
+        model=_model(tiny_model),
+        records=_records(16),
+        progress=False,
+        stop_at=start + 2,
+    )
+    full = train(
+        _tc(tmp_path / "full", steps=400, save_every=1000),
+        model=_model(tiny_model),
+        records=_records(16),
+        progress=False,
+        stop_at=start + 2,
+    )
     assert len(resumed.history) == 2
     for a, b in zip(full.history[start:], resumed.history):
         assert float(a["loss"]) == float(b["loss"])
@@ -272,7 +304,7 @@ def test_draft_weight_fraction(tiny_model):
     f = draft_weight_fraction(cfg, mc, params, m2r2, 0)
     assert len(f) == mc.n_fast(cfg.num_layers) and all(b > a for a, b in zip(f, f[1:]))
     n = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
-    expect = (cfg.vocab_size * cfg.hidden_size + cfg.hidden_size + n(params["layers"][0]) + n(m2r2["fast"][0]))
+    expect = cfg.vocab_size * cfg.hidden_size + cfg.hidden_size + n(params["layers"][0]) + n(m2r2["fast"][0])
     assert f[0] == pytest.approx(expect / n(params))
     small = draft_weight_fraction(cfg, mc, params, m2r2, 16)
     assert all(s < x for s, x in zip(small, f))
@@ -296,16 +328,19 @@ def test_train_positions_equal_full_pass(tiny_model):
     draft_ids = jnp.arange(0, 256, 2, dtype=jnp.int32)
     for kd_vocab in ("full", "draft"):
         mc = M2R2Config(rate=2, layer_map="skip", rank=4, router_dim=8, draft_vocab=128, kd_vocab=kd_vocab)
-        m2r2 = jax.tree.map(lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)),
-                            init_m2r2(cfg, mc, jax.random.key(2)))
+        m2r2 = jax.tree.map(
+            lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), init_m2r2(cfg, mc, jax.random.key(2))
+        )
         full = jax.value_and_grad(m2r2_loss, has_aux=True)(m2r2, base, toks, mask, draft_ids, cfg, mc)
         sub = jax.value_and_grad(m2r2_loss, has_aux=True)(
-            m2r2, base, toks, mask, draft_ids, cfg, dataclasses.replace(mc, train_positions=16))
+            m2r2, base, toks, mask, draft_ids, cfg, dataclasses.replace(mc, train_positions=16)
+        )
         np.testing.assert_allclose(float(sub[0][0]), float(full[0][0]), rtol=1e-5)
         for k in ("agreement", "kd", "align", "router_bce", "tokens"):
             np.testing.assert_allclose(np.asarray(sub[0][1][k]), np.asarray(full[0][1][k]), rtol=1e-5, atol=1e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
-                     sub[1], full[1])
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), sub[1], full[1]
+        )
         short = m2r2_loss(m2r2, base, toks, mask, draft_ids, cfg, dataclasses.replace(mc, train_positions=8))
         assert float(short[1]["tokens"]) == 8 * 2 + 8  # rows of 15, 15 and 9 loss positions, capped at 8
         assert abs(float(short[0]) - float(full[0][0])) > 1e-6
@@ -329,26 +364,33 @@ def test_teacher_cache_loss_equals_slow_pass(tiny_model, tmp_path, layer_map, br
     for b, (s, e) in enumerate([(5, 20), (9, 24), (2, 11), (3, 18), (12, 13)]):
         mask[b, s:e] = 1.0
     draft_ids = jnp.arange(0, 256, 2, dtype=jnp.int32)
-    mc = M2R2Config(rate=2, branch=branch, layer_map=layer_map, rank=4, router_dim=8, draft_vocab=128,
-                    train_positions=tp)
-    m2r2 = jax.tree.map(lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)),
-                        init_m2r2(cfg, mc, jax.random.key(2)))
+    mc = M2R2Config(
+        rate=2, branch=branch, layer_map=layer_map, rank=4, router_dim=8, draft_vocab=128, train_positions=tp
+    )
+    m2r2 = jax.tree.map(
+        lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), init_m2r2(cfg, mc, jax.random.key(2))
+    )
     idx = np.array([0, 2, 3])
     ref = jax.value_and_grad(m2r2_loss, has_aux=True)(m2r2, base, toks[idx], mask[idx], draft_ids, cfg, mc)
     for dtype, tol in (("float32", 1e-5), ("bfloat16", 2e-2)):
-        tc = open_or_build(tmp_path / dtype, cfg, mc, base, {"id": "tiny"}, toks, mask, dtype, batch_size=2,
-                           progress=False)
+        tc = open_or_build(
+            tmp_path / dtype, cfg, mc, base, {"id": "tiny"}, toks, mask, dtype, batch_size=2, progress=False
+        )
         hid, fin = tc.batch(idx)
         assert hid.shape == (3, len(mc.cached_layers(cfg.num_layers)), T, cfg.hidden_size)
-        got = jax.value_and_grad(m2r2_loss_cached, has_aux=True)(m2r2, base, toks[idx], mask[idx], draft_ids,
-                                                                 jnp.asarray(hid), jnp.asarray(fin), cfg, mc)
+        got = jax.value_and_grad(m2r2_loss_cached, has_aux=True)(
+            m2r2, base, toks[idx], mask[idx], draft_ids, jnp.asarray(hid), jnp.asarray(fin), cfg, mc
+        )
         np.testing.assert_allclose(float(got[0][0]), float(ref[0][0]), rtol=tol)
         for k in ("kd", "align", "router_bce", "tokens"):
             np.testing.assert_allclose(np.asarray(got[0][1][k]), np.asarray(ref[0][1][k]), rtol=tol, atol=tol / 10)
         if dtype == "float32":
             assert float(got[0][1]["agreement"]) == float(ref[0][1]["agreement"])
-            jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                                                                 atol=1e-6), got[1], ref[1])
+            jax.tree.map(
+                lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+                got[1],
+                ref[1],
+            )
 
 
 def test_teacher_cache_training_resume_and_refusals(tiny_model, tmp_path):
@@ -359,12 +401,14 @@ def test_teacher_cache_training_resume_and_refusals(tiny_model, tmp_path):
     recs = _records(16)
     plain = train(_tc(tmp_path / "plain", steps=3), model=_model(tiny_model), records=recs, progress=False)
     data = DataConfig(teacher_cache_dir=str(tmp_path / "teacher"), teacher_cache_dtype="float32")
-    cached = train(_tc(tmp_path / "cached", steps=3, data=data), model=_model(tiny_model), records=recs,
-                   progress=False)
+    cached = train(_tc(tmp_path / "cached", steps=3, data=data), model=_model(tiny_model), records=recs, progress=False)
     for a, b in zip(plain.history, cached.history):
         np.testing.assert_allclose(float(b["loss"]), float(a["loss"]), rtol=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5),
-                 cached.m2r2, plain.m2r2)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5),
+        cached.m2r2,
+        plain.m2r2,
+    )
     man = tmp_path / "teacher" / "manifest.json"
     full_hid = np.load(tmp_path / "teacher" / "hid.npy").copy()
     # interrupted build: roll progress back to 8 examples and scribble over the rest; the rebuild redoes them
@@ -382,23 +426,60 @@ def test_teacher_cache_training_resume_and_refusals(tiny_model, tmp_path):
     from m2r2_jax.data.batches import pack_examples
 
     toks, mask = pack_examples(recs, 32)
-    tc = TC.open_or_build(tmp_path / "teacher", cfg, _tc(tmp_path).m2r2.validate(cfg.num_layers), base,
-                          m["base"], toks, mask, "float32", batch_size=4, progress=False)
+    tc = TC.open_or_build(
+        tmp_path / "teacher",
+        cfg,
+        _tc(tmp_path).m2r2.validate(cfg.num_layers),
+        base,
+        m["base"],
+        toks,
+        mask,
+        "float32",
+        batch_size=4,
+        progress=False,
+    )
     assert tc.manifest["done"] == 16
     np.testing.assert_array_equal(np.load(tmp_path / "teacher" / "hid.npy"), full_hid)
     before = man.read_text()
     with pytest.raises(M2R2Error, match="built for another data"):
-        TC.open_or_build(tmp_path / "teacher", cfg, _tc(tmp_path).m2r2.validate(cfg.num_layers), base, m["base"],
-                         toks[::-1].copy(), mask, "float32", progress=False)
+        TC.open_or_build(
+            tmp_path / "teacher",
+            cfg,
+            _tc(tmp_path).m2r2.validate(cfg.num_layers),
+            base,
+            m["base"],
+            toks[::-1].copy(),
+            mask,
+            "float32",
+            progress=False,
+        )
     with pytest.raises(M2R2Error, match="built for another base"):
-        TC.open_or_build(tmp_path / "teacher", cfg, _tc(tmp_path).m2r2.validate(cfg.num_layers), base,
-                         {"other": 1}, toks, mask, "float32", progress=False)
+        TC.open_or_build(
+            tmp_path / "teacher",
+            cfg,
+            _tc(tmp_path).m2r2.validate(cfg.num_layers),
+            base,
+            {"other": 1},
+            toks,
+            mask,
+            "float32",
+            progress=False,
+        )
     assert man.read_text() == before
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x").write_text("x")
     with pytest.raises(M2R2Error, match="no manifest"):
-        TC.open_or_build(tmp_path / "junk", cfg, _tc(tmp_path).m2r2.validate(cfg.num_layers), base, m["base"],
-                         toks, mask, "float32", progress=False)
+        TC.open_or_build(
+            tmp_path / "junk",
+            cfg,
+            _tc(tmp_path).m2r2.validate(cfg.num_layers),
+            base,
+            m["base"],
+            toks,
+            mask,
+            "float32",
+            progress=False,
+        )
 
 
 def test_train_matmul_dtype_bf16(tiny_model, tmp_path):
@@ -417,8 +498,9 @@ def test_train_matmul_dtype_bf16(tiny_model, tmp_path):
     mask = jnp.asarray(np.r_[np.zeros(8), np.ones(16)][None].repeat(2, 0), jnp.float32)
     draft_ids = jnp.arange(0, 256, 2, dtype=jnp.int32)
     mc = M2R2Config(rate=2, layer_map="skip", rank=4, router_dim=8, draft_vocab=128)
-    m2r2 = jax.tree.map(lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)),
-                        init_m2r2(cfg, mc, jax.random.key(2)))
+    m2r2 = jax.tree.map(
+        lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), init_m2r2(cfg, mc, jax.random.key(2))
+    )
     vg = jax.value_and_grad(m2r2_loss, has_aux=True)
     (l32, m32), g32 = vg(m2r2, base, toks, mask, draft_ids, cfg, mc)
     (l16, m16), g16 = vg(m2r2, base, toks, mask, draft_ids, cfg, dataclasses.replace(mc, train_matmul_dtype="bfloat16"))
@@ -432,11 +514,13 @@ def test_train_matmul_dtype_bf16(tiny_model, tmp_path):
     lg32 = D.logits_from_hidden(cfg, base, h)
     lg16 = D.logits_from_hidden(dataclasses.replace(cfg, matmul_dtype="bfloat16"), base, h)
     assert lg16.dtype == jnp.float32 and 0 < float(jnp.abs(lg16 - lg32).max()) < 0.05 * float(jnp.abs(lg32).max())
-    assert base_identity("tiny", dataclasses.replace(cfg, matmul_dtype="bfloat16"), params) == \
-        base_identity("tiny", cfg, params)
+    assert base_identity("tiny", dataclasses.replace(cfg, matmul_dtype="bfloat16"), params) == base_identity(
+        "tiny", cfg, params
+    )
     mcb = dataclasses.replace(_tc(tmp_path).m2r2, train_matmul_dtype="bfloat16")
-    r = train(_tc(tmp_path, steps=30, save_every=100, m2r2=mcb), model=_model(tiny_model), records=_records(4),
-              progress=False)
+    r = train(
+        _tc(tmp_path, steps=30, save_every=100, m2r2=mcb), model=_model(tiny_model), records=_records(4), progress=False
+    )
     losses = [float(x["loss"]) for x in r.history]
     assert losses[-1] < 0.5 * losses[0]
     with pytest.raises(M2R2Error, match="train_matmul_dtype"):

@@ -1,4 +1,5 @@
 """Logits parity with HF transformers (fp32) on tiny random configs, and loader strictness."""
+
 import json
 import shutil
 
@@ -51,13 +52,14 @@ def test_incremental_decode_matches_full_forward(tiny_llama_dir):
     _, cache = D.forward(cfg, params, ids[:, :20], D.init_cache(cfg, 1, 64), jnp.zeros(1, jnp.int32))
     steps = []
     for t in range(20, 28):
-        lg, cache = D.forward(cfg, params, ids[:, t:t + 1], cache, jnp.full((1,), t, jnp.int32))
+        lg, cache = D.forward(cfg, params, ids[:, t : t + 1], cache, jnp.full((1,), t, jnp.int32))
         steps.append(lg[:, 0])
     np.testing.assert_allclose(np.stack(steps, 1), np.asarray(full[:, 20:]), atol=1e-5)
 
 
 def test_mistral_sliding_window_refused_beyond_window(tmp_path):
     from conftest import save_tiny_hf
+
     from m2r2_jax.model.decoder import init_cache
 
     save_tiny_hf(tmp_path, "mistral", sliding_window=32)

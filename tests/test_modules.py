@@ -34,10 +34,12 @@ def test_params_carry_logical_axes(tiny):
     spec = model_spec(cfg)
     assert logical_axes(spec)["layers"][1]["attn"]["wq"] == ("embed", "heads")
     assert logical_axes(spec)["embed"] == ("vocab", "embed")
-    assert jax.tree.structure(jax.tree.map(lambda x: 0, spec, is_leaf=lambda x: hasattr(x, "axes"))) == \
-        jax.tree.structure(jax.tree.map(lambda x: 0, base))
-    boxed = jax.eval_shape(lambda: M2R2(cfg, M2R2Config(rate=1, rank=4, router_dim=8)).init(jax.random.key(0),
-                                                                                             method="declare"))
+    assert jax.tree.structure(
+        jax.tree.map(lambda x: 0, spec, is_leaf=lambda x: hasattr(x, "axes"))
+    ) == jax.tree.structure(jax.tree.map(lambda x: 0, base))
+    boxed = jax.eval_shape(
+        lambda: M2R2(cfg, M2R2Config(rate=1, rank=4, router_dim=8)).init(jax.random.key(0), method="declare")
+    )
     specs = nn.get_partition_spec(boxed)["params"]
     assert tuple(specs["fast"]["0"]["q"]["a"]) == ("embed", "rank")
     assert tuple(specs["router"]["w_out"]) == ("router", None)

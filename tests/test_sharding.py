@@ -1,4 +1,5 @@
 """Sharded == unsharded forward and decode on forced-CPU-device meshes."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +13,12 @@ from m2r2_jax.model import decoder as D
 from m2r2_jax.model.params import logical_axes, model_spec
 from m2r2_jax.sharding import MeshConfig, logical_to_pspec, make_mesh, named_sharding, tree_shardings
 
-MESHES = [dict(data=1, fsdp=1, tensor=8), dict(data=1, fsdp=8, tensor=1), dict(data=2, fsdp=1, tensor=4),
-          dict(data=2, fsdp=2, tensor=2)]
+MESHES = [
+    dict(data=1, fsdp=1, tensor=8),
+    dict(data=1, fsdp=8, tensor=1),
+    dict(data=2, fsdp=1, tensor=4),
+    dict(data=2, fsdp=2, tensor=2),
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +38,9 @@ def test_sharded_forward_and_decode_match(tiny_np, axes):
     ref_params = place_params(cfg, params_np)
     sh_params = place_params(cfg, params_np, mesh)
     # weights really are split across devices
-    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
-               for x in jax.tree.leaves(sh_params))
+    assert any(
+        len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(sh_params)
+    )
 
     ids = jnp.asarray(np.random.RandomState(0).randint(3, 256, (4, 24)), jnp.int32)
     fwd = lambda p, t: D.forward(cfg, p, t, D.init_cache(cfg, 4, 32), jnp.zeros(4, jnp.int32))[0]

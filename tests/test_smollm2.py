@@ -1,12 +1,13 @@
 """The embedded default (SmolLM2-135M-Instruct GGUF) against transformers' own
 GGUF-loaded model: logits parity and greedy continuation."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from m2r2_jax.loading.tokenizer import encode_prompt
 from m2r2_jax.decoding.generate import GenerateConfig, Generator
+from m2r2_jax.loading.tokenizer import encode_prompt
 from m2r2_jax.model import decoder as D
 
 pytestmark = pytest.mark.slow
@@ -30,8 +31,9 @@ def test_greedy_32_tokens_identical_to_hf(smol, smol_hf, prompt):
     ids = encode_prompt(smol.tokenizer, prompt, chat=True)
     ours = Generator(smol.cfg).generate(smol.params, [ids], GenerateConfig(max_new_tokens=32, stop_ids=(-1,)))
     with torch.no_grad():
-        ref = smol_hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                               pad_token_id=2)[0, len(ids):].tolist()
+        ref = smol_hf.generate(
+            torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=2
+        )[0, len(ids) :].tolist()
     assert ours.new_ids[0] == ref
 
 
@@ -57,8 +59,10 @@ def test_shipped_checkpoint_speculative_on_cpu_kernels_equals_ar(smol):
     mc, m2r2, draft_ids, _ = load_m2r2(ck, smol.cfg, smol.params, "smollm2-135m", base_fingerprint=smol.fingerprint)
     backend = resolve(smol.cfg, "auto")
     base = backend.prepare(smol.cfg, smol.params)
-    prompts = [encode_prompt(smol.tokenizer, t, chat=True) for t in
-               ("List the planets of the solar system in order.", "Write a Python function that reverses a string.")]
+    prompts = [
+        encode_prompt(smol.tokenizer, t, chat=True)
+        for t in ("List the planets of the solar system in order.", "Write a Python function that reverses a string.")
+    ]
     ar = Generator(smol.cfg, backend=backend).generate(base, prompts, GenerateConfig(max_new_tokens=48)).new_ids
     spec = SpeculativeDecoder(smol.cfg, DraftOptions().drafter(smol.cfg, mc, backend), backend)
     r = spec.generate(base, spec.prepare(base, m2r2, draft_ids), prompts, SpecConfig(max_new_tokens=48))

@@ -1,5 +1,6 @@
 """Speculative-decoding eval: eval-set formats, the AR-vs-spec run on a tiny random
 model (multi-turn through a fake chat tokenizer), aggregates, plot, CLI errors."""
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m2r2_jax.errors import M2R2Error
 from m2r2_jax.data.eval_sets import load_eval_set
 from m2r2_jax.data.prompts import data_root
+from m2r2_jax.errors import M2R2Error
 
 
 def _jsonl(path: Path, recs):
@@ -22,18 +23,27 @@ def _jsonl(path: Path, recs):
 
 # ----------------------------------------------------------------------------- datasets
 
+
 def test_formats_synthetic(tmp_path):
-    mt = _jsonl(tmp_path / "mt.jsonl", [
-        {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Now shorter."]},
-        {"question_id": 82, "category": "math", "turns": ["1+1?", "2+2?"], "reference": ["2", "4"]}])
+    mt = _jsonl(
+        tmp_path / "mt.jsonl",
+        [
+            {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Now shorter."]},
+            {"question_id": 82, "category": "math", "turns": ["1+1?", "2+2?"], "reference": ["2", "4"]},
+        ],
+    )
     it = load_eval_set(str(mt))
     assert [(i.id, i.category, len(i.turns)) for i in it] == [("81", "writing", 2), ("82", "math", 2)]
 
-    sb = _jsonl(tmp_path / "sb.jsonl", [
-        {"question_id": 1, "category": "writing", "turns": ["a", "b"]},
-        {"question_id": 2, "category": "translation", "turns": ["Translate: Hallo"]},
-        {"question_id": 3, "category": "math_reasoning", "turns": ["3*3?"]},
-        {"question_id": 4, "category": "rag", "turns": ["ctx q"]}])
+    sb = _jsonl(
+        tmp_path / "sb.jsonl",
+        [
+            {"question_id": 1, "category": "writing", "turns": ["a", "b"]},
+            {"question_id": 2, "category": "translation", "turns": ["Translate: Hallo"]},
+            {"question_id": 3, "category": "math_reasoning", "turns": ["3*3?"]},
+            {"question_id": 4, "category": "rag", "turns": ["ctx q"]},
+        ],
+    )
     it = load_eval_set(str(sb))
     assert [i.category for i in it] == ["multi-turn", "translation", "math", "rag"]
     assert [i.raw_category for i in it] == ["writing", "translation", "math_reasoning", "rag"]
@@ -41,20 +51,40 @@ def test_formats_synthetic(tmp_path):
     ko = _jsonl(tmp_path / "koala" / "koala_test_set.jsonl", [{"id": "koala_0", "prompt": "Hi?"}])
     assert [(i.id, i.category, i.turns) for i in load_eval_set(str(ko))] == [("koala_0", "koala", ["Hi?"])]
 
-    si = _jsonl(tmp_path / "si.jsonl", [
-        {"id": "t0", "motivation_app": "Gmail", "instruction": "Fix this.", "instances": [{"input": "teh", "output": "the"}]},
-        {"id": "t1", "motivation_app": "X", "instruction": "Joke.", "instances": [{"input": "", "output": "ha"}]}])
+    si = _jsonl(
+        tmp_path / "si.jsonl",
+        [
+            {
+                "id": "t0",
+                "motivation_app": "Gmail",
+                "instruction": "Fix this.",
+                "instances": [{"input": "teh", "output": "the"}],
+            },
+            {"id": "t1", "motivation_app": "X", "instruction": "Joke.", "instances": [{"input": "", "output": "ha"}]},
+        ],
+    )
     it = load_eval_set(str(si))
     assert [i.turns for i in it] == [["Fix this.\n\nteh"], ["Joke."]] and it[0].raw_category == "Gmail"
 
-    wz = _jsonl(tmp_path / "wz.jsonl", [{"idx": 1, "Skill": "Math", "Difficulty": 1, "Instruction": "2+2?"},
-                                        {"idx": 2, "Skill": "Code", "Difficulty": 3, "Instruction": "Sort."}])
+    wz = _jsonl(
+        tmp_path / "wz.jsonl",
+        [
+            {"idx": 1, "Skill": "Math", "Difficulty": 1, "Instruction": "2+2?"},
+            {"idx": 2, "Skill": "Code", "Difficulty": 3, "Instruction": "Sort."},
+        ],
+    )
     assert [(i.id, i.category) for i in load_eval_set(str(wz))] == [("1", "Math"), ("2", "Code")]
 
     ae = tmp_path / "ae.json"  # a .json list file
-    ae.write_text(json.dumps([{"idx": 0, "dataset": "oasst", "instruction": "Why?"},
-                              {"idx": 1, "dataset": "koala", "instruction": "How?"},
-                              {"idx": 2, "dataset": "oasst", "instruction": "   "}]))
+    ae.write_text(
+        json.dumps(
+            [
+                {"idx": 0, "dataset": "oasst", "instruction": "Why?"},
+                {"idx": 1, "dataset": "koala", "instruction": "How?"},
+                {"idx": 2, "dataset": "oasst", "instruction": "   "},
+            ]
+        )
+    )
     it = load_eval_set(str(ae))
     assert [(i.category, i.turns) for i in it] == [("oasst", ["Why?"]), ("koala", ["How?"])]
 
@@ -69,8 +99,9 @@ def test_formats_synthetic(tmp_path):
 def test_short_names_and_hub_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("M2R2_DATA", str(tmp_path))
     _jsonl(tmp_path / "wizardlm" / "WizardLM_testset.jsonl", [{"idx": 7, "Skill": "Art", "Instruction": "Paint."}])
-    assert [(i.id, i.category, i.source.endswith("WizardLM_testset.jsonl")) for i in load_eval_set("wizardlm")] \
-        == [("7", "Art", True)]
+    assert [(i.id, i.category, i.source.endswith("WizardLM_testset.jsonl")) for i in load_eval_set("wizardlm")] == [
+        ("7", "Art", True)
+    ]
     with pytest.raises(M2R2Error, match="eval set 'koala' not found"):
         load_eval_set("koala")
     with pytest.raises(M2R2Error) as e:  # HF_HUB_OFFLINE=1 (conftest)
@@ -106,6 +137,7 @@ def _ec(tree, lookup=0, **kw):
 
     return SpecEvalConfig(draft=DraftOptions(tree=tree, lookup=lookup), **kw)
 
+
 class CharTokenizer:
     """Printable ASCII char -> its code point; 1 = BOS, 2 = EOS, 3/4 = user/assistant headers."""
 
@@ -136,22 +168,30 @@ def tiny_setup(tiny_llama_dir):
     mc = M2R2Config(rate=1, num_fast_layers=2, rank=4, router_dim=8).validate(cfg.num_layers)
     m = init_m2r2(cfg, mc, jax.random.key(3))
     m = jax.tree_util.tree_map_with_path(  # small random adapters (b != 0): drafts partly accepted
-        lambda p, x: x + 0.02 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
-        if getattr(p[-1], "key", "") == "b" else x, m)
+        lambda p, x: (
+            x + 0.02 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+            if getattr(p[-1], "key", "") == "b"
+            else x
+        ),
+        m,
+    )
     model = SimpleNamespace(cfg=cfg, params=jax.tree.map(jnp.asarray, params), tokenizer=CharTokenizer())
     return model, (mc, m, np.arange(cfg.vocab_size, dtype=np.int32))
 
 
 def test_run_spec_eval_tiny(tiny_setup, tmp_path):
     from eval.speculative import format_table
-    from m2r2_jax.decoding.trees import build_tree
     from m2r2_jax.data.eval_sets import EvalItem
+    from m2r2_jax.decoding.trees import build_tree
     from m2r2_jax.evaluation.plots import plot_spec_eval
     from m2r2_jax.evaluation.spec_eval import run_spec_eval
 
     model, bundle = tiny_setup
-    items = [EvalItem("a", "chat", ["Hello!", "Again?"]), EvalItem("b", "qa", ["Why blue?"]),
-             EvalItem("c", "qa", ["What is 2+2?"])]  # first turns in the 16-token bucket
+    items = [
+        EvalItem("a", "chat", ["Hello!", "Again?"]),
+        EvalItem("b", "qa", ["Why blue?"]),
+        EvalItem("c", "qa", ["What is 2+2?"]),
+    ]  # first turns in the 16-token bucket
     tree = build_tree([(0,), (1,), (0, 0)], "t3")
     res = run_spec_eval(model, bundle, items, _ec(tree, max_new_tokens=10, batch_size=1), progress=False)
     assert res["lossless"] is True and res["prompts"] == 4
@@ -177,14 +217,16 @@ def test_run_spec_eval_tiny(tiny_setup, tmp_path):
     res2 = run_spec_eval(model, bundle, items[1:], _ec(tree, max_new_tokens=10, batch_size=2), progress=False)
     assert res2["lossless"] is True and {r["batch_rows"] for r in res2["per_prompt"]} == {2}
     assert [r["ar_tokens"] for r in res2["per_prompt"]] == [r["ar_tokens"] for r in res["per_prompt"][2:]]
-    res3 = run_spec_eval(model, bundle, items[1:], _ec(tree, max_new_tokens=10, temperature=1.0, top_p=0.9,
-                                                       batch_size=2), progress=False)
+    res3 = run_spec_eval(
+        model, bundle, items[1:], _ec(tree, max_new_tokens=10, temperature=1.0, top_p=0.9, batch_size=2), progress=False
+    )
     assert res3["lossless"] is None and res3["node_acceptance"] == [] and res3["tau"] >= 1.0
     assert res3["per_category"]["qa"]["lossless"] is None
 
     # AR through 2-slot blocks for a chain1 tree; the one-slot AR loop is timed too
-    res4 = run_spec_eval(model, bundle, items[1:], _ec(build_tree([(0,)], "c1"), max_new_tokens=10, ar_block=2),
-                         progress=False)
+    res4 = run_spec_eval(
+        model, bundle, items[1:], _ec(build_tree([(0,)], "c1"), max_new_tokens=10, ar_block=2), progress=False
+    )
     assert res4["lossless"] is True and res4["ar_block"] == 2 and res4["speedup_vs_block1_ar"] > 0
     assert res["ar_block"] == 1 and res["speedup_vs_block1_ar"] is None
 
@@ -208,35 +250,49 @@ def test_hf_baselines_same_run(tiny_setup, tiny_llama_dir):
     torch = pytest.importorskip("torch")
     import transformers as tf
 
-    from m2r2_jax.decoding.trees import build_tree
     from m2r2_jax.data.eval_sets import EvalItem
+    from m2r2_jax.decoding.trees import build_tree
     from m2r2_jax.evaluation.spec_eval import run_spec_eval
 
     model, bundle = tiny_setup
     ref = tf.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
     items = [EvalItem("b", "qa", ["Why blue?"]), EvalItem("c", "qa", ["What is 2+2?"])]
-    res = run_spec_eval(model, bundle, items, _ec(build_tree([(0,), (0, 0)], "c2"), max_new_tokens=8),
-                        progress=False, hf_ref=ref)
+    res = run_spec_eval(
+        model, bundle, items, _ec(build_tree([(0,), (0, 0)], "c2"), max_new_tokens=8), progress=False, hf_ref=ref
+    )
     h = res["hf"]
     assert h["prompts"] == 2 and h["hf_greedy_equals_ours"] is True
-    assert set(h["tokens_per_second"]) == {"hf_greedy", "hf_prompt_lookup", "hf_early_exit", "ours_ar",
-                                           "ours_m2r2_spec"}
+    assert set(h["tokens_per_second"]) == {
+        "hf_greedy",
+        "hf_prompt_lookup",
+        "hf_early_exit",
+        "ours_ar",
+        "ours_m2r2_spec",
+    }
     assert all(v > 0 for v in h["tokens_per_second"].values())
     assert h["speedup_vs_hf_greedy"]["hf_greedy"] == pytest.approx(1.0)
     assert all(r["hf_equal"] is True for r in res["per_prompt"])
     with pytest.raises(Exception, match="batch size 1"):
-        run_spec_eval(model, bundle, items, _ec(build_tree([(0,)], "c1"), max_new_tokens=4, batch_size=2),
-                      progress=False, hf_ref=ref)
+        run_spec_eval(
+            model,
+            bundle,
+            items,
+            _ec(build_tree([(0,)], "c1"), max_new_tokens=4, batch_size=2),
+            progress=False,
+            hf_ref=ref,
+        )
 
 
 def test_cli_bad_input_one_line(tmp_path, capsys):
     from eval.speculative import main
     from m2r2_jax.cli import run_main
 
-    for argv, msg in ((["--out", str(tmp_path / "nope" / "r.json")], "does not exist"),
-                      (["--out", str(tmp_path / "r.json"), "--tree", "bogus"], "unknown draft tree"),
-                      (["--out", str(tmp_path / "r.json"), "--batch-size", "0"], ">= 1"),
-                      (["--out", str(tmp_path / "r.json"), "--dataset", str(tmp_path / "x.jsonl")], "not found")):
+    for argv, msg in (
+        (["--out", str(tmp_path / "nope" / "r.json")], "does not exist"),
+        (["--out", str(tmp_path / "r.json"), "--tree", "bogus"], "unknown draft tree"),
+        (["--out", str(tmp_path / "r.json"), "--batch-size", "0"], ">= 1"),
+        (["--out", str(tmp_path / "r.json"), "--dataset", str(tmp_path / "x.jsonl")], "not found"),
+    ):
         with pytest.raises(SystemExit) as e:
             run_main(main, argv)
         err = capsys.readouterr().err.strip()
@@ -271,13 +327,16 @@ def test_hf_baselines_keep_eos_like_ours():
 def test_journal_resume(tiny_setup, tmp_path):
     """An interrupted eval carries on from its journal: finished items are read back, not rerun, and the
     result matches an uninterrupted run's; a journal from another run is refused."""
-    from m2r2_jax.decoding.trees import build_tree
     from m2r2_jax.data.eval_sets import EvalItem
+    from m2r2_jax.decoding.trees import build_tree
     from m2r2_jax.evaluation.spec_eval import run_spec_eval
 
     model, bundle = tiny_setup
-    items = [EvalItem("a", "chat", ["Hello!", "Again?"]), EvalItem("b", "qa", ["Why blue?"]),
-             EvalItem("c", "qa", ["What is 2+2?"])]
+    items = [
+        EvalItem("a", "chat", ["Hello!", "Again?"]),
+        EvalItem("b", "qa", ["Why blue?"]),
+        EvalItem("c", "qa", ["What is 2+2?"]),
+    ]
     tree = build_tree([(0,), (0, 0)], "c2")
     kw = dict(progress=False, journal_key={"model": "tiny"})
     j = tmp_path / "r.partial.jsonl"
@@ -300,8 +359,15 @@ def test_journal_resume(tiny_setup, tmp_path):
     with pytest.raises(M2R2Error, match="different run .*max_new_tokens: 8 there, 6 now"):
         run_spec_eval(model, bundle, items, _ec(tree, max_new_tokens=6), journal=j, resume=True, **kw)
     with pytest.raises(M2R2Error, match="different run .*model: 'tiny' there, 'other' now"):
-        run_spec_eval(model, bundle, items, _ec(tree, max_new_tokens=8), journal=j, resume=True,
-                      **{**kw, "journal_key": {"model": "other"}})
+        run_spec_eval(
+            model,
+            bundle,
+            items,
+            _ec(tree, max_new_tokens=8),
+            journal=j,
+            resume=True,
+            **{**kw, "journal_key": {"model": "other"}},
+        )
 
 
 def test_cli_refuses_to_overwrite_journal(tmp_path, capsys):
@@ -321,11 +387,10 @@ def test_spec_eval_with_cpu_kernels_and_xla_reference(tiny_setup, tmp_path):
     """The harness decodes both loops with the packed params, times XLA's AR on the same prompts,
     records the kernel choice in the journal header, and stays lossless."""
     from m2r2_jax import kernels as K
-    from m2r2_jax.decoding.trees import get_tree
-    from m2r2_jax.data.eval_sets import EvalItem
-    from m2r2_jax.evaluation.spec_eval import run_spec_eval
-
     from m2r2_jax.backend import CPU_KERNELS
+    from m2r2_jax.data.eval_sets import EvalItem
+    from m2r2_jax.decoding.trees import get_tree
+    from m2r2_jax.evaluation.spec_eval import run_spec_eval
 
     if not K.available():
         pytest.skip("no C++ compiler: the CPU kernels are not built")
@@ -333,8 +398,17 @@ def test_spec_eval_with_cpu_kernels_and_xla_reference(tiny_setup, tmp_path):
     items = [EvalItem("a", "chat", ["Hello hello hello!", "Again?"]), EvalItem("b", "qa", ["Why blue?"])]
     packed = CPU_KERNELS.prepare(model.cfg, model.params)
     j = tmp_path / "r.partial.jsonl"
-    res = run_spec_eval(model, bundle, items, _ec(get_tree("star4"), max_new_tokens=8, lookup=4), progress=False,
-                        backend=CPU_KERNELS, decode_params=packed, ref_ar_params=model.params, journal=j)
+    res = run_spec_eval(
+        model,
+        bundle,
+        items,
+        _ec(get_tree("star4"), max_new_tokens=8, lookup=4),
+        progress=False,
+        backend=CPU_KERNELS,
+        decode_params=packed,
+        ref_ar_params=model.params,
+        journal=j,
+    )
     assert res["lossless"] is True and res["prompts"] == 3
     # XLA's AR over the unpacked params emits the kernels' AR tokens on every prompt
     assert res["speedup_vs_ref_ar"] > 0 and res["ref_ar_speedup"] > 0 and res["ref_ar_equal"] is True

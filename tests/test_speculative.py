@@ -1,12 +1,13 @@
 """Self-speculative decoding: tree buffers, verification vs a Python oracle,
 greedy losslessness (random adapters), batching, sampling distribution."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from m2r2_jax.backend import XLA
-from m2r2_jax.decoding.drafters import DraftOptions, Drafter, extension_tree, lookup_continuation
+from m2r2_jax.decoding.drafters import Drafter, DraftOptions, extension_tree, lookup_continuation
 from m2r2_jax.decoding.generate import GenerateConfig, Generator
 from m2r2_jax.decoding.sampling import SamplingConfig
 from m2r2_jax.decoding.speculative import SpecConfig, SpeculativeDecoder
@@ -26,8 +27,17 @@ def test_tree_buffers_hand_built():
     assert t.rank.tolist() == [0, 0, 1, 0, 1, 0]
     assert t.children.tolist() == [[1, 2], [3, 4], [5, -1], [-1, -1], [-1, -1], [-1, -1]]
     assert t.leaf_paths.tolist() == [[0, 1, 3], [0, 1, 4], [0, 2, 5]]
-    want = np.array([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0],
-                     [1, 1, 0, 1, 0, 0], [1, 1, 0, 0, 1, 0], [1, 0, 1, 0, 0, 1]], bool)
+    want = np.array(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 0, 1, 0, 0, 0],
+            [1, 1, 0, 1, 0, 0],
+            [1, 1, 0, 0, 1, 0],
+            [1, 0, 1, 0, 0, 1],
+        ],
+        bool,
+    )
     assert (t.ancestor_mask == want).all()
     c = chain(3)
     assert c.parent.tolist() == [-1, 0, 1, 2] and c.topk == 1
@@ -58,13 +68,14 @@ def test_greedy_accept_matches_oracle():
         toks = np.zeros((1, tree.size), int)
         for kids in tree.children:
             kids = kids[kids >= 0]
-            toks[0, kids] = rs.permutation(V)[:len(kids)]
+            toks[0, kids] = rs.permutation(V)[: len(kids)]
         logits = rs.randn(1, tree.size, V)
-        a, path, bonus, _ = accept_greedy(TreeTables.of([tree]), 0, jnp.asarray(toks),
-                                          jnp.argmax(jnp.asarray(logits), -1))
+        a, path, bonus, _ = accept_greedy(
+            TreeTables.of([tree]), 0, jnp.asarray(toks), jnp.argmax(jnp.asarray(logits), -1)
+        )
         oa, opath, obonus = _oracle_accept(tree, toks[0], logits[0].argmax(-1))
         assert int(a[0]) == oa and int(bonus[0]) == int(obonus)
-        assert np.asarray(path[0])[:oa + 1].tolist() == opath
+        assert np.asarray(path[0])[: oa + 1].tolist() == opath
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +89,13 @@ def _m2r2(cfg, scale=0.3, **kw):
     m = init_m2r2(cfg, mc, jax.random.key(3))
     # random (untrained) adapters: b != 0 so the draft really differs from the base
     m = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + scale * jax.random.normal(jax.random.key(len(str(p))), x.shape)
-        if getattr(p[-1], "key", "") == "b" else x, m)
+        lambda p, x: (
+            x + scale * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+            if getattr(p[-1], "key", "") == "b"
+            else x
+        ),
+        m,
+    )
     return mc, m
 
 
@@ -133,7 +149,7 @@ def test_zero_adapters_draft_well_and_stop_on_eos(tiny):
     assert r.new_ids[0] == ar
     stop = ar[7]
     r2 = _run(spec, base, m2r2, [p], SpecConfig(max_new_tokens=21, stop_ids=(stop,)))
-    assert r2.new_ids[0] == ar[:ar.index(stop) + 1]
+    assert r2.new_ids[0] == ar[: ar.index(stop) + 1]
 
 
 def test_no_recompile_within_bucket(tiny):
@@ -165,20 +181,31 @@ def test_sampling_lossless_distribution(tiny, tree, lookup):
     n = 300
     sc = lambda s: SamplingConfig(temperature=1.0, seed=s)
     # tokens 2-3 come from a speculative step (token 1 is sampled after prefill)
-    spec_first = [tuple(spec.generate(base, dp, [prompt], SpecConfig(max_new_tokens=3, stop_ids=(-1,),
-                                                                     sampling=sc(s))).new_ids[0][1:3])
-                  for s in range(n)]
-    ar_first = [tuple(gen.generate(base, [prompt], GenerateConfig(max_new_tokens=3, stop_ids=(-1,),
-                                                                  sampling=sc(10_000 + s))).new_ids[0][1:3])
-                for s in range(n)]
+    spec_first = [
+        tuple(
+            spec.generate(base, dp, [prompt], SpecConfig(max_new_tokens=3, stop_ids=(-1,), sampling=sc(s))).new_ids[0][
+                1:3
+            ]
+        )
+        for s in range(n)
+    ]
+    ar_first = [
+        tuple(
+            gen.generate(
+                base, [prompt], GenerateConfig(max_new_tokens=3, stop_ids=(-1,), sampling=sc(10_000 + s))
+            ).new_ids[0][1:3]
+        )
+        for s in range(n)
+    ]
     from collections import Counter
 
     a, b = Counter(spec_first), Counter(ar_first)
     keys = sorted(set(a) | set(b))
     # pool rare outcomes, then a two-sample chi-square test
     big = [k for k in keys if a[k] + b[k] >= 10]
-    obs = np.array([[a[k] for k in big] + [n - sum(a[k] for k in big)],
-                    [b[k] for k in big] + [n - sum(b[k] for k in big)]], float)
+    obs = np.array(
+        [[a[k] for k in big] + [n - sum(a[k] for k in big)], [b[k] for k in big] + [n - sum(b[k] for k in big)]], float
+    )
     obs = obs[:, obs.sum(0) > 0]
     exp = obs.sum(1, keepdims=True) * obs.sum(0, keepdims=True) / obs.sum()
     chi2 = ((obs - exp) ** 2 / exp).sum()
@@ -217,8 +244,9 @@ def test_rejection_sampling_exact_on_tiny_vocab():
     toks = np.array([0, 2, 4, 1, 3, 5, 0], np.int32)[: tree.size]  # siblings distinct
     keys = jax.random.split(jax.random.key(0), n)
     tt = TreeTables.of([tree])
-    a, path, bonus, _ = jax.jit(jax.vmap(lambda k: accept_sampling(
-        tt, 0, jnp.asarray(toks)[None], jnp.asarray(probs)[None], k)))(keys)
+    a, path, bonus, _ = jax.jit(
+        jax.vmap(lambda k: accept_sampling(tt, 0, jnp.asarray(toks)[None], jnp.asarray(probs)[None], k))
+    )(keys)
     a, path, bonus = np.asarray(a)[:, 0], np.asarray(path)[:, 0], np.asarray(bonus)[:, 0]
     first = np.where(a >= 1, toks[path[:, 1]], bonus)
     assert _chi2_ok(np.bincount(first, minlength=V), probs[0])
@@ -235,15 +263,19 @@ def test_tree_selection_trades_acceptance_for_cost():
     p = [[0.6, 0.15, 0.08, 0.05]] * 5
     cheap = select_tree(p, curve, draft_cost=0.02)
     dear = select_tree(p, curve, draft_cost=0.4)
-    assert cheap.tree.max_depth > dear.tree.max_depth        # expensive drafting -> shallower trees
+    assert cheap.tree.max_depth > dear.tree.max_depth  # expensive drafting -> shallower trees
     assert cheap.speedup > dear.speedup > 0
     # the expected length of a chain is 1 + a + a^2 + ...
     ch = select_tree([[0.5]] * 3, {1: 1.0, 64: 1.0}, draft_cost=0.0, max_nodes=4)
     assert ch.tree.size == 4 and abs(ch.expected_tokens - (1 + 0.5 + 0.25 + 0.125)) < 1e-9
     # with free verification and no draft cost, more nodes never hurt
     assert select_tree(p, {1: 1.0, 64: 1.0}, 0.0).tree.size == 64
-    rows = [{"depth": 1, "rank": 0, "tries": 10, "hits": 6}, {"depth": 1, "rank": 1, "tries": 10, "hits": 2},
-            {"depth": 2, "rank": 0, "tries": 6, "hits": 3}, {"depth": 0, "rank": 0, "tries": 10, "hits": 10}]
+    rows = [
+        {"depth": 1, "rank": 0, "tries": 10, "hits": 6},
+        {"depth": 1, "rank": 1, "tries": 10, "hits": 2},
+        {"depth": 2, "rank": 0, "tries": 6, "hits": 3},
+        {"depth": 0, "rank": 0, "tries": 10, "hits": 10},
+    ]
     assert acceptance_from_nodes(rows) == [[0.6, 0.2], [0.5]]
 
 
@@ -274,8 +306,9 @@ def test_merged_draft_params_equal_adapters(tiny):
     for l in range(len(want)):
         np.testing.assert_allclose(got[l], want[l], atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(gkv[l][0], wkv[l][0], atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(S.draft_head_logits(cfg, dp, h), S.draft_logits(cfg, base, h, draft_ids),
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        S.draft_head_logits(cfg, dp, h), S.draft_logits(cfg, base, h, draft_ids), atol=1e-4, rtol=1e-4
+    )
     assert len(S.draft_params(cfg, mc, base, m2r2, draft_ids, depth=1)["layers"]) == 1
 
 
@@ -304,7 +337,7 @@ def test_decode_block_rows_bit_identical_to_chain_verification(tiny, dtype, T):
         ar.append(np.asarray(lg[0, 0]))
     c = cache0
     for j in range(0, len(toks), T):
-        lg, c = fwd(base, jnp.asarray([toks[j:j + T]]), c, jnp.asarray([P + j]))
+        lg, c = fwd(base, jnp.asarray([toks[j : j + T]]), c, jnp.asarray([P + j]))
         for r in range(T):
             np.testing.assert_array_equal(np.asarray(lg[0, r]), ar[j + r])
 
@@ -340,8 +373,8 @@ def test_prompt_lookup_matches_oracle():
         t = list(h[:hl])
         for n in range(nmax, nmin - 1, -1):
             for i in range(hl - n - 1, -1, -1) if hl > n else ():
-                if t[i:i + n] == t[-n:]:
-                    return True, list(h[i + n:i + n + K])
+                if t[i : i + n] == t[-n:]:
+                    return True, list(h[i + n : i + n + K])
         return False, None
 
     rng = np.random.default_rng(0)

@@ -6,6 +6,7 @@ Self-distils the training prompts with the frozen base (cached on disk,
 resumable), then trains adapters + ARLA router; resumes from the newest
 checkpoint in `out_dir` when there is one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,17 @@ def main(argv=None):
         from m2r2_jax.loading.registry import load_model
 
         recs = distilled_records(tc, load_model(tc.model))
-        print(f"distill cache {tc.data.distill_dir}: {len(recs)} records, "
-              f"{sum(len(r['answer_ids']) for r in recs)} answer tokens")
+        print(
+            f"distill cache {tc.data.distill_dir}: {len(recs)} records, "
+            f"{sum(len(r['answer_ids']) for r in recs)} answer tokens"
+        )
         return 0
     r = train(tc, progress=not a.no_progress)
     last = r.history[-1] if r.history else {}
-    print(f"done: step {r.step}; out_dir {tc.out_dir}" +
-          (f"; loss {float(last['loss']):.4f} agreement {float(last['agreement']):.3f}" if last else ""))
+    print(
+        f"done: step {r.step}; out_dir {tc.out_dir}"
+        + (f"; loss {float(last['loss']):.4f} agreement {float(last['agreement']):.3f}" if last else "")
+    )
     return 0
 
 

@@ -5,17 +5,19 @@ Each example is prompt + the base's own answer, truncated / right-padded to
 function of (seed, epoch), so a data position (the number of batches already
 consumed) is all a checkpoint needs to resume the exact stream.
 """
+
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from m2r2_jax.errors import M2R2Error
 
 
-def pack_examples(records: Sequence[dict], seq_len: int, pad_id: int = 0,
-                  loss_on_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def pack_examples(
+    records: Sequence[dict], seq_len: int, pad_id: int = 0, loss_on_prompt: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """-> tokens [N, seq_len] int32, mask [N, seq_len] float32 (1 on answer tokens; with
     `loss_on_prompt`, on every real token: the full model's distribution, the target of
     self-distillation, exists at prompt positions too).
@@ -30,10 +32,10 @@ def pack_examples(records: Sequence[dict], seq_len: int, pad_id: int = 0,
         if not a:
             continue
         keep_p = min(len(p), max(seq_len // 2, seq_len - len(a)))
-        p = p[len(p) - keep_p:]
+        p = p[len(p) - keep_p :]
         seq = (p + a)[:seq_len]
-        toks[i, :len(seq)] = seq
-        mask[i, 0 if loss_on_prompt else len(p):len(seq)] = 1.0
+        toks[i, : len(seq)] = seq
+        mask[i, 0 if loss_on_prompt else len(p) : len(seq)] = 1.0
     return toks, mask
 
 
@@ -50,7 +52,7 @@ class BatchStream:
         """Example indices of batch `position` (sorted)."""
         epoch, k = divmod(position, self.per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.tokens))
-        return np.sort(order[k * self.batch_size:(k + 1) * self.batch_size])
+        return np.sort(order[k * self.batch_size : (k + 1) * self.batch_size])
 
     def batch_at(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         idx = self.indices_at(position)

@@ -21,6 +21,7 @@ Spec-Bench's 13 categories are mapped to its 6 task groups (multi-turn =
 the 8 MT-Bench categories, translation, summarization, qa, math, rag); the
 original category is kept in `raw_category`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,8 +42,14 @@ EVAL_SETS = {
 }
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
-SPEC_BENCH_GROUPS = {**{c: "multi-turn" for c in MT_BENCH_CATEGORIES}, "translation": "translation",
-                     "summarization": "summarization", "qa": "qa", "math_reasoning": "math", "rag": "rag"}
+SPEC_BENCH_GROUPS = {
+    **{c: "multi-turn" for c in MT_BENCH_CATEGORIES},
+    "translation": "translation",
+    "summarization": "summarization",
+    "qa": "qa",
+    "math_reasoning": "math",
+    "rag": "rag",
+}
 _SPEC_ONLY = {"translation", "summarization", "qa", "math_reasoning", "rag"}
 _EXTS = (".json", ".jsonl")
 
@@ -52,11 +59,12 @@ class EvalItem:
     id: str
     category: str
     turns: list[str]
-    raw_category: str | None = None   # the record's own category where `category` is a group
-    source: str = ""                  # file or hub name it came from
+    raw_category: str | None = None  # the record's own category where `category` is a group
+    source: str = ""  # file or hub name it came from
 
 
 # ----------------------------------------------------------------------------- reading
+
 
 def _local_records(path: Path) -> list[dict]:
     from m2r2_jax.data.prompts import read_records
@@ -73,9 +81,9 @@ def _local_records(path: Path) -> list[dict]:
 
 
 def _hub_records(name: str) -> list[dict]:
-    from m2r2_jax.data import quiet_datasets
-
     from huggingface_hub.utils import logging as hf_logging
+
+    from m2r2_jax.data import quiet_datasets
 
     datasets = quiet_datasets()
     ds_name, _, split = name.partition(":")
@@ -90,9 +98,11 @@ def _hub_records(name: str) -> list[dict]:
             ds = dd[split]
     except Exception as e:  # noqa: BLE001 - offline, unknown name, bad split, ...
         msg = (str(e).strip().splitlines() or [""])[0][:200]
-        raise M2R2Error(f"cannot load eval set {name!r}: not a short name ({', '.join(EVAL_SETS)}) or a local "
-                        f"path, and the hub dataset could not be loaded (offline or not found): "
-                        f"{type(e).__name__}: {msg}") from None
+        raise M2R2Error(
+            f"cannot load eval set {name!r}: not a short name ({', '.join(EVAL_SETS)}) or a local "
+            f"path, and the hub dataset could not be loaded (offline or not found): "
+            f"{type(e).__name__}: {msg}"
+        ) from None
     finally:
         hf_logging.set_verbosity(level)
     return ds.to_list()
@@ -112,6 +122,7 @@ def _default_category(label: str) -> str:
 
 # ----------------------------------------------------------------------------- formats
 
+
 def _s(x: Any) -> str:
     return x.strip() if isinstance(x, str) else ""
 
@@ -122,12 +133,20 @@ def _join(a: Any, b: Any) -> str:
 
 
 def _format(keys: set[str]) -> str:
-    for fmt, need in (("turns", "turns"), ("self_instruct", "instances"), ("instruction", "instruction"),
-                      ("Instruction", "Instruction"), ("prompt", "prompt"), ("question", "question")):
+    for fmt, need in (
+        ("turns", "turns"),
+        ("self_instruct", "instances"),
+        ("instruction", "instruction"),
+        ("Instruction", "Instruction"),
+        ("prompt", "prompt"),
+        ("question", "question"),
+    ):
         if need in keys and (fmt != "self_instruct" or "instruction" in keys):
             return fmt
-    raise M2R2Error(f"unknown eval record format (keys: {sorted(keys)}); expected one of turns, instruction, "
-                    f"Instruction, prompt, question")
+    raise M2R2Error(
+        f"unknown eval record format (keys: {sorted(keys)}); expected one of turns, instruction, "
+        f"Instruction, prompt, question"
+    )
 
 
 def _item(rec: dict, fmt: str, row: int, default_cat: str, label: str) -> EvalItem | None:
@@ -140,7 +159,7 @@ def _item(rec: dict, fmt: str, row: int, default_cat: str, label: str) -> EvalIt
         inst = rec.get("instances") or []
         first = inst[0].get("input") if inst and isinstance(inst[0], dict) else ""
         turns = [_join(rec.get("instruction"), first)]
-        raw = _s(rec.get("motivation_app")) or None   # ~70 apps: too fine to be the category
+        raw = _s(rec.get("motivation_app")) or None  # ~70 apps: too fine to be the category
     elif fmt == "instruction":
         turns = [_join(rec.get("instruction"), rec.get("input"))]
         raw = _s(rec.get("dataset")) or _s(rec.get("category")) or None

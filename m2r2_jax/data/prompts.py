@@ -19,14 +19,15 @@ Instruction and a non-empty input are joined with a blank line. Files whose
 instructions mostly carry literal two-character "\\n" escapes (Alpaca-CoT aqua
 and qasc) get them turned into newlines.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from m2r2_jax.data import data_root, quiet_datasets
 from m2r2_jax.errors import M2R2Error
@@ -63,6 +64,7 @@ def normalize(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- reading
+
 
 def _looks_local(src: str) -> bool:
     return src.startswith(("/", ".", "~")) or src.endswith(_EXTS) or Path(src).expanduser().exists()
@@ -120,12 +122,14 @@ def _read_hub(name: str) -> list[dict]:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:  # noqa: BLE001 - offline, unknown name, no train split, ...
         msg = (str(e).strip().splitlines() or [""])[0][:200]
-        raise M2R2Error(f"cannot load hub dataset {name!r} (not a local path; offline or not found): "
-                        f"{type(e).__name__}: {msg}") from None
+        raise M2R2Error(
+            f"cannot load hub dataset {name!r} (not a local path; offline or not found): {type(e).__name__}: {msg}"
+        ) from None
     return ds.to_list()
 
 
 # ----------------------------------------------------------------------------- formats
+
 
 def detect_format(keys: Iterable[str]) -> str:
     k = set(keys)
@@ -230,6 +234,7 @@ def prompts_of(records: list[dict], where: str = "records") -> tuple[list[str], 
 
 # ----------------------------------------------------------------------------- eval hold-out
 
+
 def find_eval_root(paths: Iterable[str | Path]) -> Path | None:
     """The nearest ancestor of the given local paths that holds any evaluation set."""
     for p in paths:
@@ -265,32 +270,39 @@ def eval_keys(root: str | Path) -> tuple[set[str], list[str]]:
 
 # ----------------------------------------------------------------------------- API
 
+
 @dataclasses.dataclass
 class SourceStats:
-    source: str          # the file (or hub name)
+    source: str  # the file (or hub name)
     format: str
-    reader: str          # datasets | json | hub
-    records: int         # records that are prompts (OA: root prompter messages)
-    prompts: int         # non-empty prompts
-    duplicates: int      # dropped as duplicates of an earlier prompt
-    eval_overlap: int    # dropped as matches of an evaluation set
-    kept: int            # contributed to the pool (before shuffle / limit)
+    reader: str  # datasets | json | hub
+    records: int  # records that are prompts (OA: root prompter messages)
+    prompts: int  # non-empty prompts
+    duplicates: int  # dropped as duplicates of an earlier prompt
+    eval_overlap: int  # dropped as matches of an evaluation set
+    kept: int  # contributed to the pool (before shuffle / limit)
 
 
 @dataclasses.dataclass
 class PromptSet:
     prompts: list[str]
     stats: list[SourceStats]
-    eval_files: list[str]   # evaluation sets used for the hold-out ([] = check skipped)
+    eval_files: list[str]  # evaluation sets used for the hold-out ([] = check skipped)
 
     @property
     def counts(self) -> dict[str, int]:
         return {s.source: s.kept for s in self.stats}
 
 
-def collect_prompts(sources: list[str] | str, *, limit: int | None = None, seed: int = 0,
-                    exclude_eval: bool = True, eval_root: str | Path | None = None,
-                    shuffle: bool = True) -> PromptSet:
+def collect_prompts(
+    sources: list[str] | str,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    exclude_eval: bool = True,
+    eval_root: str | Path | None = None,
+    shuffle: bool = True,
+) -> PromptSet:
     """Read, dedupe, hold out eval prompts, shuffle with `seed`, then keep `limit`."""
     if isinstance(sources, (str, Path)):
         sources = [str(sources)]
@@ -313,7 +325,7 @@ def collect_prompts(sources: list[str] | str, *, limit: int | None = None, seed:
     seen: set[str] = set()
     pool: list[str] = []
     stats = []
-    for label, kind, recs in items:
+    for label, _kind, recs in items:
         reader = "hub"
         if recs is None:
             recs, reader = read_records(label)
@@ -334,15 +346,23 @@ def collect_prompts(sources: list[str] | str, *, limit: int | None = None, seed:
     if shuffle:
         random.Random(seed).shuffle(pool)
     if limit is not None:
-        pool = pool[:max(0, int(limit))]
+        pool = pool[: max(0, int(limit))]
     return PromptSet(pool, stats, efiles)
 
 
-def load_prompts(sources: list[str] | str, *, limit: int | None = None, seed: int = 0,
-                 exclude_eval: bool = True, eval_root: str | Path | None = None, shuffle: bool = True) -> list[str]:
+def load_prompts(
+    sources: list[str] | str,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    exclude_eval: bool = True,
+    eval_root: str | Path | None = None,
+    shuffle: bool = True,
+) -> list[str]:
     """Prompts from the sources (file order kept when shuffle=False)."""
-    return collect_prompts(sources, limit=limit, seed=seed, exclude_eval=exclude_eval,
-                           eval_root=eval_root, shuffle=shuffle).prompts
+    return collect_prompts(
+        sources, limit=limit, seed=seed, exclude_eval=exclude_eval, eval_root=eval_root, shuffle=shuffle
+    ).prompts
 
 
 def prompt_stats(sources: list[str] | str, **kw) -> list[SourceStats]:

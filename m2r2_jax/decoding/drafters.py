@@ -82,8 +82,10 @@ class M2R2Drafter(Drafter):
         if not 0 <= self.draft_layers <= n:
             raise M2R2Error(f"draft_layers={self.draft_layers} must be in [0, {n}] (0 = all)")
         if self.mc.branch:
-            raise M2R2Error("drafting with branch > 0 is not implemented (the slow stream would have to run "
-                            "the first b layers for draft tokens)")
+            raise M2R2Error(
+                "drafting with branch > 0 is not implemented (the slow stream would have to run "
+                "the first b layers for draft tokens)"
+            )
 
     @property
     def depth(self) -> int:
@@ -101,7 +103,8 @@ class M2R2Drafter(Drafter):
         """{"dp": `stream.draft_params` (merged adapters, the draft head), "draft_ids"}."""
         ids = jnp.asarray(draft_ids, jnp.int32)
         dp = jax.jit(lambda b, m, d: S.draft_params(self.cfg, self.mc, b, m, d, self.depth, self.backend))(
-            base, m2r2, ids)
+            base, m2r2, ids
+        )
         return {"dp": dp, "draft_ids": ids}
 
     def draft(self, dparams, base, cache, pos, cur) -> jax.Array:
@@ -126,8 +129,9 @@ class M2R2Drafter(Drafter):
                 j = layers[l]
                 return tree_draft_attention(cfg, self.backend, cache.k[j], cache.v[j], pos, lk[l], lv[l], anc)
 
-            hs, states = stream.apply({"params": {}}, dp["layers"], D.embed(cfg, base, toks[:, nodes]), cos, sin,
-                                      attention_for, len(layers))
+            hs, states = stream.apply(
+                {"params": {}}, dp["layers"], D.embed(cfg, base, toks[:, nodes]), cos, sin, attention_for, len(layers)
+            )
             for l, (k, v) in enumerate(states):
                 lk[l] = lk[l].at[:, :, nodes].set(k.astype(lk[l].dtype))
                 lv[l] = lv[l].at[:, :, nodes].set(v.astype(lv[l].dtype))
@@ -181,8 +185,9 @@ class PromptLookup(Drafter):
 
     def __post_init__(self):
         if self.k < 1 or not 1 <= self.min_ngram <= self.ngram:
-            raise M2R2Error(f"prompt lookup: need k >= 1 and 1 <= min_ngram <= ngram "
-                            f"(got {self.k}, {self.min_ngram}, {self.ngram})")
+            raise M2R2Error(
+                f"prompt lookup: need k >= 1 and 1 <= min_ngram <= ngram (got {self.k}, {self.min_ngram}, {self.ngram})"
+            )
 
     @property
     def trees(self):
@@ -197,8 +202,13 @@ class PromptLookup(Drafter):
         return self.k
 
     def search(self, view: DraftView, K: int | None = None, text=None, text_len=None):
-        return lookup_continuation(view.text if text is None else text, view.text_len if text_len is None else text_len,
-                                   K or self.k, self.ngram, self.min_ngram)
+        return lookup_continuation(
+            view.text if text is None else text,
+            view.text_len if text_len is None else text_len,
+            K or self.k,
+            self.ngram,
+            self.min_ngram,
+        )
 
     def propose(self, dparams, base, view: DraftView) -> Proposal:
         _, cand = self.search(view)

@@ -6,11 +6,12 @@ so a batch gives exactly the rows' one-by-one results. Compiled executables
 are cached per (batch, prompt bucket, cache length, max new tokens, greedy):
 a second prompt in the same bucket never recompiles.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], P: int, pad_id: int = 0) -> np
     """Right-pad token lists to a [B, P] int32 array."""
     tokens = np.full((len(prompts), P), pad_id, np.int32)
     for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = p
+        tokens[b, : len(p)] = p
     return tokens
 
 
@@ -59,7 +60,7 @@ class GenerateConfig:
     max_new_tokens: int = 128
     sampling: SamplingConfig = SamplingConfig()
     stop_ids: tuple[int, ...] | None = None  # None -> the model's EOS ids
-    cache_len: int | None = None             # None -> bucketed prompt + max_new_tokens
+    cache_len: int | None = None  # None -> bucketed prompt + max_new_tokens
     pad_id: int = 0
     # Slots per decode step: the token, then block - 1 padding slots that no real token attends to
     # (overwritten by the next step). Equal to a chain's verification size, every token goes through
@@ -80,9 +81,9 @@ class GenerateConfig:
 class GenerateResult:
     new_ids: list[list[int]]
     prompt_ids: list[list[int]]
-    decode_seconds: float    # wall clock of the jitted call (compile excluded)
-    compile_seconds: float   # 0 when the executable was cached
-    steps: int               # forward passes after prefill
+    decode_seconds: float  # wall clock of the jitted call (compile excluded)
+    compile_seconds: float  # 0 when the executable was cached
+    steps: int  # forward passes after prefill
 
     @property
     def num_new_tokens(self) -> int:
@@ -113,8 +114,9 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache, chunk: int = PREFI
     def body(st):
         i, cache, last = st
         s = i * C
-        h, cache, _ = D.forward_hidden(cfg, params, lax.dynamic_slice(tokens, (0, s), (B, C)), cache,
-                                       jnp.full((B,), s, jnp.int32), backend=backend)
+        h, cache, _ = D.forward_hidden(
+            cfg, params, lax.dynamic_slice(tokens, (0, s), (B, C)), cache, jnp.full((B,), s, jnp.int32), backend=backend
+        )
         j = lengths - 1 - s  # the last real token's index in this chunk
         hj = jnp.take_along_axis(h, jnp.clip(j, 0, C - 1)[:, None, None], axis=1)
         last = jnp.where(((j >= 0) & (j < C))[:, None, None], hj.astype(last.dtype), last)
@@ -125,8 +127,7 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache, chunk: int = PREFI
     return D.logits_from_hidden(cfg, params, last)[:, 0], cache
 
 
-def _generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int, block: int = 1,
-                 backend: Backend = XLA):
+def _generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int, block: int = 1, backend: Backend = XLA):
     def run(params, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
         B = tokens.shape[0]
         cache = D.init_cache(cfg, B, cache_len)
@@ -179,21 +180,26 @@ class Generator:
         if gen.cache_len is not None:
             S = gen.cache_len
             if need > S:
-                raise M2R2Error(f"prompt of {longest} tokens + {gen.max_new_tokens} new tokens needs a cache of "
-                                f"{need}, longer than the cache length {S}")
+                raise M2R2Error(
+                    f"prompt of {longest} tokens + {gen.max_new_tokens} new tokens needs a cache of "
+                    f"{need}, longer than the cache length {S}"
+                )
             P = min(P, S)
         else:
             S = round_cache(max(need, P))
         if need > self.cfg.max_position_embeddings:
-            raise M2R2Error(f"prompt of {longest} tokens + {gen.max_new_tokens} new tokens exceeds the model's "
-                            f"context of {self.cfg.max_position_embeddings} positions")
+            raise M2R2Error(
+                f"prompt of {longest} tokens + {gen.max_new_tokens} new tokens exceeds the model's "
+                f"context of {self.cfg.max_position_embeddings} positions"
+            )
         P = max(P, longest)
         self.cfg.check_cache_len(S)
         return P, S
 
     # -- run ------------------------------------------------------------------
-    def generate(self, params, prompts: Sequence[Sequence[int]], gen: GenerateConfig = GenerateConfig()
-                 ) -> GenerateResult:
+    def generate(
+        self, params, prompts: Sequence[Sequence[int]], gen: GenerateConfig = GenerateConfig()
+    ) -> GenerateResult:
         prompts = [list(map(int, p)) for p in prompts]
         B = len(prompts)
         if B == 0:
@@ -203,9 +209,16 @@ class Generator:
         stop = stop_tuple(self.cfg, gen.stop_ids)
         tokens = pad_prompts(prompts, P, gen.pad_id)
         s = gen.sampling
-        args = (params, jnp.asarray(tokens), jnp.asarray(lens, jnp.int32), jnp.asarray(stop, jnp.int32),
-                jax.random.key(s.seed), jnp.float32(s.temperature), jnp.int32(s.top_k),
-                jnp.float32(s.top_p))
+        args = (
+            params,
+            jnp.asarray(tokens),
+            jnp.asarray(lens, jnp.int32),
+            jnp.asarray(stop, jnp.int32),
+            jax.random.key(s.seed),
+            jnp.float32(s.temperature),
+            jnp.int32(s.top_k),
+            jnp.float32(s.top_p),
+        )
         exe, compile_s = self._lookup(params, B, P, S, gen, args)
         t0 = time.perf_counter()
         out, steps = exe(*args)
@@ -216,8 +229,9 @@ class Generator:
         for row in out.tolist():
             cut = next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))
             new_ids.append(row[:cut])
-        return GenerateResult(new_ids=new_ids, prompt_ids=prompts, decode_seconds=dt,
-                              compile_seconds=compile_s, steps=int(steps) - 1)
+        return GenerateResult(
+            new_ids=new_ids, prompt_ids=prompts, decode_seconds=dt, compile_seconds=compile_s, steps=int(steps) - 1
+        )
 
     def _lookup(self, params, B, P, S, gen, args):
         greedy = gen.sampling.greedy
@@ -230,8 +244,18 @@ class Generator:
             vec = named_sharding(self.mesh, ("batch",), (B,))
             rep = replicated(self.mesh)
             jit_kw = dict(
-                in_shardings=(pshard, named_sharding(self.mesh, ("batch", "seq"), (B, P)), vec,
-                              rep, rep, rep, rep, rep),
-                out_shardings=(named_sharding(self.mesh, ("batch", None), (B, gen.max_new_tokens)), rep))
-        return self.cache.get(key, lambda: _generate_fn(self.cfg, greedy, gen.max_new_tokens, S, gen.block,
-                                                        self.backend), args, **jit_kw)
+                in_shardings=(
+                    pshard,
+                    named_sharding(self.mesh, ("batch", "seq"), (B, P)),
+                    vec,
+                    rep,
+                    rep,
+                    rep,
+                    rep,
+                    rep,
+                ),
+                out_shardings=(named_sharding(self.mesh, ("batch", None), (B, gen.max_new_tokens)), rep),
+            )
+        return self.cache.get(
+            key, lambda: _generate_fn(self.cfg, greedy, gen.max_new_tokens, S, gen.block, self.backend), args, **jit_kw
+        )

@@ -1,5 +1,6 @@
 """Token selection: greedy, or temperature / top-k / top-p sampling (all dynamic
 scalars, so changing them never recompiles)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,8 @@ class SamplingConfig:
     """Validated once, here: every decoder and CLI builds one of these."""
 
     temperature: float = 0.0  # 0 -> greedy (static branch)
-    top_k: int = 0            # 0 -> off
-    top_p: float = 1.0        # 1 -> off
+    top_k: int = 0  # 0 -> off
+    top_p: float = 1.0  # 1 -> off
     seed: int = 0
 
     def __post_init__(self):

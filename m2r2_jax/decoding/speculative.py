@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +49,15 @@ def _init_stats(B: int, tt: TreeTables) -> SpecStats:
     z = jnp.zeros((B,), jnp.int32)
     t0 = tt.trees[0]
     nK = len(tt.trees)
-    return SpecStats(steps=z, accepted=z, kind_steps=jnp.zeros((B, nK), jnp.int32),
-                     kind_accepted=jnp.zeros((B, nK), jnp.int32), depth_hits=jnp.zeros((B, t0.max_depth + 1), jnp.int32),
-                     node_tries=jnp.zeros((B, t0.size), jnp.int32), node_hits=jnp.zeros((B, t0.size), jnp.int32))
+    return SpecStats(
+        steps=z,
+        accepted=z,
+        kind_steps=jnp.zeros((B, nK), jnp.int32),
+        kind_accepted=jnp.zeros((B, nK), jnp.int32),
+        depth_hits=jnp.zeros((B, t0.max_depth + 1), jnp.int32),
+        node_tries=jnp.zeros((B, t0.size), jnp.int32),
+        node_hits=jnp.zeros((B, t0.size), jnp.int32),
+    )
 
 
 def _update_stats(s: SpecStats, tt: TreeTables, active, tree, a, correct) -> SpecStats:
@@ -63,19 +69,29 @@ def _update_stats(s: SpecStats, tt: TreeTables, active, tree, a, correct) -> Spe
     ok = node_accepted(jnp.asarray(t0.ancestor_mask), correct[:, : t0.size])
     parent_ok = jnp.take_along_axis(ok, jnp.broadcast_to(jnp.asarray(np.maximum(t0.parent, 0))[None], (B, t0.size)), 1)
     return SpecStats(
-        steps=s.steps + act, accepted=s.accepted + act * a,
-        kind_steps=s.kind_steps + act[:, None] * kind, kind_accepted=s.kind_accepted + (act * a)[:, None] * kind,
+        steps=s.steps + act,
+        accepted=s.accepted + act * a,
+        kind_steps=s.kind_steps + act[:, None] * kind,
+        kind_accepted=s.kind_accepted + (act * a)[:, None] * kind,
         depth_hits=s.depth_hits + first[:, None] * (jnp.arange(t0.max_depth + 1)[None] <= a[:, None]),
         node_tries=s.node_tries + first[:, None] * parent_ok.astype(jnp.int32),
-        node_hits=s.node_hits + first[:, None] * (parent_ok & correct[:, : t0.size]).astype(jnp.int32))
+        node_hits=s.node_hits + first[:, None] * (parent_ok & correct[:, : t0.size]).astype(jnp.int32),
+    )
 
 
-def speculative_fn(cfg: ModelConfig, drafter: Drafter, greedy: bool, filtered: bool, max_new: int, cache_len: int,
-                   backend: Backend = XLA):
+def speculative_fn(
+    cfg: ModelConfig,
+    drafter: Drafter,
+    greedy: bool,
+    filtered: bool,
+    max_new: int,
+    cache_len: int,
+    backend: Backend = XLA,
+):
     """-> run(base, dparams, tokens, lengths, stop_ids, key, temperature, top_k, top_p)
     -> (out [B, max_new], n_out [B], SpecStats). Static: the config, drafter, sampling mode and shapes."""
     tt = TreeTables.of(drafter.trees, drafter.block_size)
-    Tv, W = tt.block, tt.width
+    _Tv, W = tt.block, tt.width
 
     def run(base, dparams, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
         B, P = tokens.shape
@@ -87,9 +103,17 @@ def speculative_fn(cfg: ModelConfig, drafter: Drafter, greedy: bool, filtered: b
         if drafter.needs_text:
             text = jnp.zeros((B, P + max_new + W + drafter.lookahead), jnp.int32).at[:, :P].set(tokens)
             text = jax.vmap(lambda h, c, n: h.at[n].set(c))(text, cur, lengths)
-        state = SpecState(pos=lengths, cur=cur, cache=cache, out=jnp.zeros((B, max_new + W), jnp.int32).at[:, 0].set(cur),
-                          n_out=jnp.ones((B,), jnp.int32), done=jnp.isin(cur, stop_ids) | (max_new <= 1), key=key,
-                          stats=_init_stats(B, tt), text=text)
+        state = SpecState(
+            pos=lengths,
+            cur=cur,
+            cache=cache,
+            out=jnp.zeros((B, max_new + W), jnp.int32).at[:, 0].set(cur),
+            n_out=jnp.ones((B,), jnp.int32),
+            done=jnp.isin(cur, stop_ids) | (max_new <= 1),
+            key=key,
+            stats=_init_stats(B, tt),
+            text=text,
+        )
 
         def accept(tree, toks, logits, sub):
             if greedy:
@@ -103,15 +127,18 @@ def speculative_fn(cfg: ModelConfig, drafter: Drafter, greedy: bool, filtered: b
         def body(st: SpecState) -> SpecState:
             active = ~st.done
             key, sub = jax.random.split(st.key)
-            view = DraftView(cache=st.cache, pos=st.pos, cur=st.cur, text=st.text, text_len=lengths + st.n_out,
-                             active=active)
+            view = DraftView(
+                cache=st.cache, pos=st.pos, cur=st.cur, text=st.text, text_len=lengths + st.n_out, active=active
+            )
             prop = drafter.propose(dparams, base, view)
             logits, cache = verify(cfg, backend, base, tt, prop.tree, prop.tokens, st.cache, st.pos)
             a, path, bonus, correct = accept(prop.tree, prop.tokens, logits, sub)
             cache = compact(cache, st.pos, path)
             # emit the accepted path's tokens, then the bonus token; stop at a stop token or max_new
             k = jnp.arange(W)[None]
-            path_toks = jnp.concatenate([jnp.take_along_axis(prop.tokens, path[:, 1:], 1), jnp.zeros((B, 1), jnp.int32)], 1)
+            path_toks = jnp.concatenate(
+                [jnp.take_along_axis(prop.tokens, path[:, 1:], 1), jnp.zeros((B, 1), jnp.int32)], 1
+            )
             emitted = jnp.where(k < a[:, None], path_toks, jnp.where(k == a[:, None], bonus[:, None], 0))
             is_stop = jnp.isin(emitted, stop_ids) & (k <= a[:, None])
             first_stop = jnp.where(jnp.any(is_stop, 1), jnp.argmax(is_stop, 1), W)
@@ -122,9 +149,17 @@ def speculative_fn(cfg: ModelConfig, drafter: Drafter, greedy: bool, filtered: b
             if text is not None:
                 text = jnp.where(active[:, None], put(text, emitted, lengths + st.n_out), text)
             n_out = st.n_out + jnp.where(active, n_new, 0)
-            return SpecState(pos=jnp.where(active, st.pos + a + 1, st.pos), cur=jnp.where(active, bonus, st.cur),
-                             cache=cache, out=out, n_out=n_out, done=st.done | (first_stop < W) | (n_out >= max_new),
-                             key=key, stats=_update_stats(st.stats, tt, active, prop.tree, a, correct), text=text)
+            return SpecState(
+                pos=jnp.where(active, st.pos + a + 1, st.pos),
+                cur=jnp.where(active, bonus, st.cur),
+                cache=cache,
+                out=out,
+                n_out=n_out,
+                done=st.done | (first_stop < W) | (n_out >= max_new),
+                key=key,
+                stats=_update_stats(st.stats, tt, active, prop.tree, a, correct),
+                text=text,
+            )
 
         st = lax.while_loop(lambda st: ~jnp.all(st.done), body, state)
         return st.out[:, :max_new], st.n_out, st.stats
@@ -137,12 +172,12 @@ class SpecResult:
     new_ids: list[list[int]]
     decode_seconds: float
     compile_seconds: float
-    steps: list[int]            # verification steps per row
-    accepted: list[int]         # drafted tokens accepted per row (bonus tokens not counted)
-    depth_hits: np.ndarray      # [B, D+1] first-tree steps whose accepted depth >= d
-    node_tries: np.ndarray      # [B, T] first-tree steps where the node's parent was accepted (greedy)
-    node_hits: np.ndarray       # [B, T] ... and the node itself matched
-    kinds: dict                 # step kind -> {"steps": [B], "accepted": [B]}
+    steps: list[int]  # verification steps per row
+    accepted: list[int]  # drafted tokens accepted per row (bonus tokens not counted)
+    depth_hits: np.ndarray  # [B, D+1] first-tree steps whose accepted depth >= d
+    node_tries: np.ndarray  # [B, T] first-tree steps where the node's parent was accepted (greedy)
+    node_hits: np.ndarray  # [B, T] ... and the node itself matched
+    kinds: dict  # step kind -> {"steps": [B], "accepted": [B]}
 
     @property
     def tau(self) -> float:
@@ -183,8 +218,10 @@ class SpeculativeDecoder:
         P = bucket(longest)
         need = longest + max_new + self.block + 1
         if need > self.cfg.max_position_embeddings:
-            raise M2R2Error(f"prompt of {longest} tokens + {max_new} new tokens (+ a {self.block}-node block) "
-                            f"exceeds the model's context of {self.cfg.max_position_embeddings} positions")
+            raise M2R2Error(
+                f"prompt of {longest} tokens + {max_new} new tokens (+ a {self.block}-node block) "
+                f"exceeds the model's context of {self.cfg.max_position_embeddings} positions"
+            )
         S_ = round_cache(max(need, P))
         self.cfg.check_cache_len(S_)
         return P, S_
@@ -198,26 +235,48 @@ class SpeculativeDecoder:
         P, S_ = self.plan(lens, sc.max_new_tokens)
         s = sc.sampling
         filtered = (s.top_k > 0) or (s.top_p < 1.0)
-        args = (base, dparams, jnp.asarray(pad_prompts(prompts, P)), jnp.asarray(lens, jnp.int32),
-                jnp.asarray(stop_tuple(self.cfg, sc.stop_ids), jnp.int32), jax.random.key(s.seed),
-                jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p))
+        args = (
+            base,
+            dparams,
+            jnp.asarray(pad_prompts(prompts, P)),
+            jnp.asarray(lens, jnp.int32),
+            jnp.asarray(stop_tuple(self.cfg, sc.stop_ids), jnp.int32),
+            jax.random.key(s.seed),
+            jnp.float32(s.temperature),
+            jnp.int32(s.top_k),
+            jnp.float32(s.top_p),
+        )
         key = (B, P, S_, sc.max_new_tokens, s.greedy, filtered, jax.tree.structure((base, dparams)))
         exe, compile_s = self.cache.get(
-            key, lambda: speculative_fn(self.cfg, self.drafter, s.greedy, filtered, sc.max_new_tokens, S_,
-                                        self.backend), args)
+            key,
+            lambda: speculative_fn(self.cfg, self.drafter, s.greedy, filtered, sc.max_new_tokens, S_, self.backend),
+            args,
+        )
         t0 = time.perf_counter()
         out, n_out, stats = exe(*args)
         out = np.asarray(jax.block_until_ready(out))
         dt = time.perf_counter() - t0
         n_out = np.asarray(n_out)
         st = jax.tree.map(np.asarray, stats)
-        kinds = {k: {"steps": st.kind_steps[:, i].tolist(), "accepted": st.kind_accepted[:, i].tolist()}
-                 for i, k in enumerate(self.drafter.kinds)}
-        return SpecResult([out[b, : n_out[b]].tolist() for b in range(B)], dt, compile_s, st.steps.tolist(),
-                          st.accepted.tolist(), st.depth_hits, st.node_tries, st.node_hits, kinds)
+        kinds = {
+            k: {"steps": st.kind_steps[:, i].tolist(), "accepted": st.kind_accepted[:, i].tolist()}
+            for i, k in enumerate(self.drafter.kinds)
+        }
+        return SpecResult(
+            [out[b, : n_out[b]].tolist() for b in range(B)],
+            dt,
+            compile_s,
+            st.steps.tolist(),
+            st.accepted.tolist(),
+            st.depth_hits,
+            st.node_tries,
+            st.node_hits,
+            kinds,
+        )
 
-    def cost_breakdown(self, base, dparams, cache_len: int = 512, fill: int = 256, repeats: int = 5,
-                       batch: int = 1) -> dict:
+    def cost_breakdown(
+        self, base, dparams, cache_len: int = 512, fill: int = 256, repeats: int = 5, batch: int = 1
+    ) -> dict:
         """Median ms of one draft (the drafter's first kind of step, e.g. the whole M2R2 tree) and of
         one block verification, each jitted alone over a cache filled to `fill` positions. The decode
         loop's remaining per-step work (acceptance, compaction, bookkeeping) is its step time minus these."""
@@ -229,8 +288,14 @@ class SpeculativeDecoder:
         pos = jnp.full((batch,), fill, jnp.int32)
         cur = jnp.ones((batch,), jnp.int32)
         first = getattr(drafter, "m2r2", drafter)  # a composite's M2R2 part: what M2R2 steps draft with
-        view = DraftView(cache=cache, pos=pos, cur=cur, text=jnp.zeros((batch, fill + 64), jnp.int32),
-                         text_len=pos, active=jnp.ones((batch,), bool))
+        view = DraftView(
+            cache=cache,
+            pos=pos,
+            cur=cur,
+            text=jnp.zeros((batch, fill + 64), jnp.int32),
+            text_len=pos,
+            active=jnp.ones((batch,), bool),
+        )
         draft = jax.jit(lambda b, q, v: first.propose(q, b, v).tokens)
         # the cache is donated, as in the decode loop, where it is updated in place: an undonated cache
         # would be copied (all layers' K/V) on every call and counted as verification
@@ -248,6 +313,12 @@ class SpeculativeDecoder:
                 ts.append(time.perf_counter() - t0)
             return 1e3 * float(np.median(ts))
 
-        return {"draft_ms": med(lambda _: draft(base, dparams, view)), "verify_ms": med(lambda c: ver(base, toks, c, pos), fresh),
-                "cache_len": cache_len, "fill": fill, "block": tt.block, "batch": batch,
-                "draft_layers": getattr(first, "depth", None)}
+        return {
+            "draft_ms": med(lambda _: draft(base, dparams, view)),
+            "verify_ms": med(lambda c: ver(base, toks, c, pos), fresh),
+            "cache_len": cache_len,
+            "fill": fill,
+            "block": tt.block,
+            "batch": batch,
+            "draft_layers": getattr(first, "depth", None),
+        }

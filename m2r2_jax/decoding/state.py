@@ -12,41 +12,41 @@ from flax import struct
 
 @struct.dataclass
 class SpecStats:
-    steps: jax.Array            # [B] verification steps
-    accepted: jax.Array         # [B] drafted tokens accepted (the bonus token not counted)
-    kind_steps: jax.Array       # [B, nK] steps per step kind (the drafter's tree that drafted it)
-    kind_accepted: jax.Array    # [B, nK] ... and their accepted tokens
-    depth_hits: jax.Array       # [B, D0 + 1] first-tree steps whose accepted depth >= d
-    node_tries: jax.Array       # [B, T0] first-tree steps where the node's parent was accepted (greedy)
-    node_hits: jax.Array        # [B, T0] ... and the node itself matched
+    steps: jax.Array  # [B] verification steps
+    accepted: jax.Array  # [B] drafted tokens accepted (the bonus token not counted)
+    kind_steps: jax.Array  # [B, nK] steps per step kind (the drafter's tree that drafted it)
+    kind_accepted: jax.Array  # [B, nK] ... and their accepted tokens
+    depth_hits: jax.Array  # [B, D0 + 1] first-tree steps whose accepted depth >= d
+    node_tries: jax.Array  # [B, T0] first-tree steps where the node's parent was accepted (greedy)
+    node_hits: jax.Array  # [B, T0] ... and the node itself matched
 
 
 @struct.dataclass
 class SpecState:
-    pos: jax.Array              # [B] tokens in the slow cache (the slot `cur` goes to)
-    cur: jax.Array              # [B] the last accepted token, not yet in the cache
-    cache: object               # model.decoder.KVCache
-    out: jax.Array              # [B, max_new + W] emitted tokens
-    n_out: jax.Array            # [B] how many are valid
-    done: jax.Array             # [B] row finished (stop token or max_new)
-    key: jax.Array              # PRNG key (sampling)
+    pos: jax.Array  # [B] tokens in the slow cache (the slot `cur` goes to)
+    cur: jax.Array  # [B] the last accepted token, not yet in the cache
+    cache: object  # model.decoder.KVCache
+    out: jax.Array  # [B, max_new + W] emitted tokens
+    n_out: jax.Array  # [B] how many are valid
+    done: jax.Array  # [B] row finished (stop token or max_new)
+    key: jax.Array  # PRNG key (sampling)
     stats: SpecStats
-    text: jax.Array | None      # [B, H] prompt + emitted tokens (only when the drafter reads the text)
+    text: jax.Array | None  # [B, H] prompt + emitted tokens (only when the drafter reads the text)
 
 
 @struct.dataclass
 class DraftView:
     """What a drafter reads each step (read-only: a drafter never writes the cache)."""
 
-    cache: object               # KVCache, pos[b] slots filled
-    pos: jax.Array              # [B]
-    cur: jax.Array              # [B] the root of the block (the last accepted token)
-    text: jax.Array | None      # [B, H] the text so far (when the drafter asked for it)
-    text_len: jax.Array         # [B] its length (prompt + emitted)
-    active: jax.Array           # [B] rows still decoding
+    cache: object  # KVCache, pos[b] slots filled
+    pos: jax.Array  # [B]
+    cur: jax.Array  # [B] the root of the block (the last accepted token)
+    text: jax.Array | None  # [B, H] the text so far (when the drafter asked for it)
+    text_len: jax.Array  # [B] its length (prompt + emitted)
+    active: jax.Array  # [B] rows still decoding
 
 
 @struct.dataclass
 class Proposal:
-    tokens: jax.Array           # [B, Tv] the block: node 0 = cur, then the drafted nodes (padded)
-    tree: jax.Array             # int32 scalar: which of the drafter's trees laid the block out
+    tokens: jax.Array  # [B, Tv] the block: node 0 = cur, then the drafted nodes (padded)
+    tree: jax.Array  # int32 scalar: which of the drafter's trees laid the block out

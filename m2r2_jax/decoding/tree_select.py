@@ -18,11 +18,12 @@ draft_cost * depth + node_cost * nodes + verify_cost(T). Nodes are added best
 path-probability first (a greedy construction that is optimal for the
 expected length at each size); every prefix size is scored and the best kept.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -32,10 +33,10 @@ from m2r2_jax.decoding.trees import DraftTree, build_tree
 @dataclasses.dataclass
 class TreeChoice:
     tree: DraftTree
-    expected_tokens: float   # tau per verification step
-    step_cost: float         # in plain decode steps
-    speedup: float           # expected_tokens / step_cost
-    table: list              # (size, depth, expected_tokens, step_cost, speedup) for every size tried
+    expected_tokens: float  # tau per verification step
+    step_cost: float  # in plain decode steps
+    speedup: float  # expected_tokens / step_cost
+    table: list  # (size, depth, expected_tokens, step_cost, speedup) for every size tried
 
 
 def interp_cost(curve: Mapping[int, float]):
@@ -44,8 +45,14 @@ def interp_cost(curve: Mapping[int, float]):
     return lambda T: float(np.interp(T, xs, ys, right=ys[-1] + (T - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])))
 
 
-def select_tree(p: Sequence[Sequence[float]], verify_cost: Mapping[int, float], draft_cost: float,
-                node_cost: float = 0.0, max_nodes: int = 64, max_depth: int | None = None) -> TreeChoice:
+def select_tree(
+    p: Sequence[Sequence[float]],
+    verify_cost: Mapping[int, float],
+    draft_cost: float,
+    node_cost: float = 0.0,
+    max_nodes: int = 64,
+    max_depth: int | None = None,
+) -> TreeChoice:
     """p[d-1][r] for depths d = 1..len(p), ranks r = 0..len(p[d-1])-1."""
     vc = interp_cost(verify_cost)
     max_depth = min(max_depth or len(p), len(p))
@@ -60,7 +67,7 @@ def select_tree(p: Sequence[Sequence[float]], verify_cost: Mapping[int, float], 
         d, r = len(path), path[-1]
         if r + 1 < len(p[d - 1]):  # next sibling
             heapq.heappush(heap, (-probs[path[:-1]] * p[d - 1][r + 1], path[:-1] + (r + 1,)))
-        if d < max_depth:          # first child
+        if d < max_depth:  # first child
             heapq.heappush(heap, (-q * p[d][0], path + (0,)))
         T = len(paths) + 1
         depth = max(len(x) for x in paths)

@@ -7,10 +7,11 @@ by (depth, path). Everything a jitted drafter/verifier needs is precomputed
 once with numpy: parents, depths, ranks, the ancestor mask, per-depth node
 lists, per-node child tables and the retrieve paths of the leaves.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,14 +22,14 @@ from m2r2_jax.errors import M2R2Error
 class DraftTree:
     name: str
     paths: tuple[tuple[int, ...], ...]
-    parent: np.ndarray        # [T] parent node (root: -1)
-    depth: np.ndarray         # [T] 0 for the root
-    rank: np.ndarray          # [T] top-k rank among its parent's draft candidates (root: 0)
+    parent: np.ndarray  # [T] parent node (root: -1)
+    depth: np.ndarray  # [T] 0 for the root
+    rank: np.ndarray  # [T] top-k rank among its parent's draft candidates (root: 0)
     ancestor_mask: np.ndarray  # [T, T] bool: node i sees node j (ancestors and itself)
-    children: np.ndarray      # [T, K] child node ids in rank order, -1 padded
+    children: np.ndarray  # [T, K] child node ids in rank order, -1 padded
     levels: tuple[np.ndarray, ...]  # node ids at depth 0, 1, ..., max_depth
-    leaf_paths: np.ndarray    # [num_leaves, max_depth + 1] node ids root..leaf, -1 padded
-    topk: int                 # candidates needed per expanded node (max rank + 1)
+    leaf_paths: np.ndarray  # [num_leaves, max_depth + 1] node ids root..leaf, -1 padded
+    topk: int  # candidates needed per expanded node (max rank + 1)
 
     @property
     def size(self) -> int:
@@ -76,7 +77,7 @@ def build_tree(paths: Sequence[Sequence[int]], name: str = "custom") -> DraftTre
     children = np.full((T, K), -1, np.int32)
     for i, ks in enumerate(kids):
         ks = sorted(ks, key=lambda c: rank[c])
-        children[i, :len(ks)] = ks
+        children[i, : len(ks)] = ks
     D = int(depth.max())
     levels = tuple(np.nonzero(depth == d)[0].astype(np.int32) for d in range(D + 1))
     leaves = [i for i in range(T) if not kids[i]]
@@ -86,9 +87,8 @@ def build_tree(paths: Sequence[Sequence[int]], name: str = "custom") -> DraftTre
         while j >= 0:
             chain.append(j)
             j = parent[j]
-        leaf_paths[r, :len(chain)] = chain[::-1]
-    return DraftTree(name, tuple(ps), parent, depth, rank, anc, children, levels, leaf_paths,
-                     int(rank.max()) + 1)
+        leaf_paths[r, : len(chain)] = chain[::-1]
+    return DraftTree(name, tuple(ps), parent, depth, rank, anc, children, levels, leaf_paths, int(rank.max()) + 1)
 
 
 def chain(k: int) -> DraftTree:
@@ -121,11 +121,11 @@ PRESETS = {
     "chain3": lambda: chain(3),
     "chain4": lambda: chain(4),
     "chain6": lambda: chain(6),
-    "star2": lambda: wide_tree((2,), "star2"),     # the top-2 draft tokens, one depth
+    "star2": lambda: wide_tree((2,), "star2"),  # the top-2 draft tokens, one depth
     "star3": lambda: wide_tree((3,), "star3"),
     "star4": lambda: wide_tree((4,), "star4"),
-    "tree16": lambda: sparse_tree((4, 4, 3, 2, 2), "tree16"),      # 15 drafted nodes + root
-    "tree32": lambda: sparse_tree((8, 8, 6, 5, 4), "tree32"),      # 31 + root
+    "tree16": lambda: sparse_tree((4, 4, 3, 2, 2), "tree16"),  # 15 drafted nodes + root
+    "tree32": lambda: sparse_tree((8, 8, 6, 5, 4), "tree32"),  # 31 + root
     "tree64": lambda: sparse_tree((10, 16, 14, 12, 11), "tree64"),  # 63 + root
 }
 

@@ -16,7 +16,7 @@ forward and one acceptance serve every kind of step with the same shapes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +33,16 @@ class TreeTables:
     """Static trees padded to `block` nodes and stacked: [nT, ...] numpy tables."""
 
     trees: tuple[DraftTree, ...]
-    block: int            # Tv
-    width: int            # W = deepest tree + 1 (tokens one step can emit)
-    mask: np.ndarray      # [nT, Tv, Tv] ancestor mask (itself included)
-    depth: np.ndarray     # [nT, Tv]
-    parent: np.ndarray    # [nT, Tv] (root and padding: 0)
+    block: int  # Tv
+    width: int  # W = deepest tree + 1 (tokens one step can emit)
+    mask: np.ndarray  # [nT, Tv, Tv] ancestor mask (itself included)
+    depth: np.ndarray  # [nT, Tv]
+    parent: np.ndarray  # [nT, Tv] (root and padding: 0)
     children: np.ndarray  # [nT, Tv, K] child nodes in rank order, -1 padded
-    path: np.ndarray      # [nT, Tv, W] each node's ancestor at depth 0..W-1 (itself at its depth), 0 below
+    path: np.ndarray  # [nT, Tv, W] each node's ancestor at depth 0..W-1 (itself at its depth), 0 below
 
     @classmethod
-    def of(cls, trees: Sequence[DraftTree], block: int | None = None) -> "TreeTables":
+    def of(cls, trees: Sequence[DraftTree], block: int | None = None) -> TreeTables:
         trees = tuple(trees)
         Tv = max([t.size for t in trees] + [block or 0])
         W = max(t.max_depth for t in trees) + 1
@@ -77,8 +77,16 @@ class TreeTables:
 def verify(cfg, backend: Backend, base, tt: TreeTables, tree, toks, cache, pos):
     """-> (logits [B, Tv, V] f32, cache with the block's K/V at slots pos ..)."""
     depth = jnp.asarray(tt.depth)[tree]
-    return D.forward(cfg, base, toks, cache, pos, positions=pos[:, None] + depth[None],
-                     local_mask=jnp.asarray(tt.mask)[tree], backend=backend)
+    return D.forward(
+        cfg,
+        base,
+        toks,
+        cache,
+        pos,
+        positions=pos[:, None] + depth[None],
+        local_mask=jnp.asarray(tt.mask)[tree],
+        backend=backend,
+    )
 
 
 def accept_greedy(tt: TreeTables, tree, toks, target):

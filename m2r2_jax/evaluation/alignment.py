@@ -4,6 +4,7 @@ and mean KL, next to the base's plain early exit at the same depth.
 Measured teacher-forced on the base's own greedy answers (answer tokens only),
 with exactly the shared-KV attention the drafter uses at depth 1.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,13 +39,14 @@ def auc(score: np.ndarray, label: np.ndarray) -> float:
         j = i
         while j + 1 < len(s_sorted) and s_sorted[j + 1] == s_sorted[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def evaluate_alignment(cfg, base, mc: M2R2Config, m2r2, draft_ids, records, seq_len: int = 256,
-                       batch_size: int = 4) -> dict:
+def evaluate_alignment(
+    cfg, base, mc: M2R2Config, m2r2, draft_ids, records, seq_len: int = 256, batch_size: int = 4
+) -> dict:
     """records: [{prompt_ids, answer_ids}] -> per-layer agreement table."""
     from m2r2_jax.data.batches import pack_examples
 
@@ -59,25 +61,45 @@ def evaluate_alignment(cfg, base, mc: M2R2Config, m2r2, draft_ids, records, seq_
     count = 0.0
     sig = []  # (router logit, confidence, hit) per answer token and layer
     for i in range(0, len(tokens), batch_size):
-        s, c, (r, cf, h) = _eval_batch(base, m2r2, jnp.asarray(tokens[i:i + batch_size]),
-                                       jnp.asarray(mask[i:i + batch_size]), jnp.asarray(draft_ids), cfg, mc)
+        s, c, (r, cf, h) = _eval_batch(
+            base,
+            m2r2,
+            jnp.asarray(tokens[i : i + batch_size]),
+            jnp.asarray(mask[i : i + batch_size]),
+            jnp.asarray(draft_ids),
+            cfg,
+            mc,
+        )
         tot += np.asarray(s)
         count += float(c)
-        sel = mask[i:i + batch_size] > 0
+        sel = mask[i : i + batch_size] > 0
         sig.append(np.stack([np.asarray(r)[sel], np.asarray(cf)[sel], np.asarray(h)[sel]], -1))  # [n, L, 3]
     sig = np.concatenate(sig, 0) if sig else np.zeros((0, mc.n_fast(cfg.num_layers), 3))
     targets = mc.targets_of(cfg.num_layers)
     layers = []
     for l in range(L):
         a = tot[l] / max(count, 1.0)
-        layers.append({
-            "fast_layer": l + 1, "target_layer": targets[l], "agreement": a[0], "draft_vocab_agreement": a[1],
-            "baseline_agreement": a[2], "baseline_layer": l + 1 + mc.branch, "kl": a[3], "baseline_kl": a[4],
-            "target_layer_exit_agreement": a[5],
-            "router_auc": auc(sig[:, l, 0], sig[:, l, 2]), "confidence_auc": auc(sig[:, l, 1], sig[:, l, 2]),
-        })
-    return {"layers": layers, "final_agreement": layers[-1]["agreement"],
-            "final_draft_vocab_agreement": layers[-1]["draft_vocab_agreement"], "tokens": count}
+        layers.append(
+            {
+                "fast_layer": l + 1,
+                "target_layer": targets[l],
+                "agreement": a[0],
+                "draft_vocab_agreement": a[1],
+                "baseline_agreement": a[2],
+                "baseline_layer": l + 1 + mc.branch,
+                "kl": a[3],
+                "baseline_kl": a[4],
+                "target_layer_exit_agreement": a[5],
+                "router_auc": auc(sig[:, l, 0], sig[:, l, 2]),
+                "confidence_auc": auc(sig[:, l, 1], sig[:, l, 2]),
+            }
+        )
+    return {
+        "layers": layers,
+        "final_agreement": layers[-1]["agreement"],
+        "final_draft_vocab_agreement": layers[-1]["draft_vocab_agreement"],
+        "tokens": count,
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mc"))
@@ -91,17 +113,21 @@ def _eval_batch(base, m2r2, tokens, mask, draft_ids, cfg, mc: M2R2Config):
         fl = D.logits_from_hidden(cfg, base, h)
         dl = S.draft_logits(cfg, base, h, draft_ids)
         el = D.logits_from_hidden(cfg, base, slow.hiddens[mc.branch + l + 1])  # base exit at the same depth
-        tl = D.logits_from_hidden(cfg, base, slow.hiddens[targets[l]])         # base exit at the target layer
-        rows.append(jnp.stack([
-            jnp.sum((jnp.argmax(fl, -1) == top) * mask),
-            jnp.sum((jnp.take(draft_ids, jnp.argmax(dl, -1)) == top) * mask),
-            jnp.sum((jnp.argmax(el, -1) == top) * mask),
-            jnp.sum(_kl(slow.logits, fl) * mask),
-            jnp.sum(_kl(slow.logits, el) * mask),
-            jnp.sum((jnp.argmax(tl, -1) == top) * mask),
-        ]))
+        tl = D.logits_from_hidden(cfg, base, slow.hiddens[targets[l]])  # base exit at the target layer
+        rows.append(
+            jnp.stack(
+                [
+                    jnp.sum((jnp.argmax(fl, -1) == top) * mask),
+                    jnp.sum((jnp.take(draft_ids, jnp.argmax(dl, -1)) == top) * mask),
+                    jnp.sum((jnp.argmax(el, -1) == top) * mask),
+                    jnp.sum(_kl(slow.logits, fl) * mask),
+                    jnp.sum(_kl(slow.logits, el) * mask),
+                    jnp.sum((jnp.argmax(tl, -1) == top) * mask),
+                ]
+            )
+        )
     # exit signals for fast layer l: ARLA router logit vs the draft head's max probability
-    router = S.arla_router(cfg, mc, m2r2["router"], hs, slow.hiddens[mc.branch])            # [B, T, L]
+    router = S.arla_router(cfg, mc, m2r2["router"], hs, slow.hiddens[mc.branch])  # [B, T, L]
     conf, hit = [], []
     for h in hs:
         dl = S.draft_logits(cfg, base, h, draft_ids)

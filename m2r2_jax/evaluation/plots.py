@@ -1,5 +1,6 @@
 """One PNG for a `run_spec_eval` result: (a) speed-up and tau per category (bars),
 (b) acceptance rate by draft-tree depth (line). Matplotlib's Agg canvas, no pyplot state."""
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,13 @@ def render_png(result: dict, title: str | None = None) -> bytes:
     b2 = ax1.bar([i + w / 2 for i in x], tau, w, label="tau (tokens / step)", color="#ef8636")
     for bars in (b1, b2):
         for r in bars:
-            ax1.annotate(f"{r.get_height():.2f}", (r.get_x() + r.get_width() / 2, r.get_height()),
-                         ha="center", va="bottom", fontsize=7)
+            ax1.annotate(
+                f"{r.get_height():.2f}",
+                (r.get_x() + r.get_width() / 2, r.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax1.set_xticks(x)
     ax1.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
@@ -49,8 +55,11 @@ def render_png(result: dict, title: str | None = None) -> bytes:
     ax2.grid(alpha=0.3)
 
     c = result.get("config", {})
-    fig.suptitle(title or f"M2R2 self-speculative decoding: tree {c.get('tree')}, T={c.get('temperature')}, "
-                 f"B={c.get('batch_size')}", fontsize=10)
+    fig.suptitle(
+        title
+        or f"M2R2 self-speculative decoding: tree {c.get('tree')}, T={c.get('temperature')}, B={c.get('batch_size')}",
+        fontsize=10,
+    )
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -75,7 +84,7 @@ def render_train_curves(rows: list[dict], title: str | None = None, smooth: int 
     def ma(key):
         v = np.array([float(r.get(key, np.nan)) for r in rows])
         k = max(1, min(smooth, len(v)))
-        return np.convolve(v, np.ones(k) / k, mode="valid"), steps[k - 1:]
+        return np.convolve(v, np.ones(k) / k, mode="valid"), steps[k - 1 :]
 
     fig = Figure(figsize=(12, 3.8), dpi=110)
     FigureCanvasAgg(fig)

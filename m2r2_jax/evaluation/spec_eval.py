@@ -18,6 +18,7 @@ Speed-up (overall and per category) = (spec tokens / spec seconds) /
 (AR tokens / AR seconds); when both sides produce the same tokens (greedy,
 lossless) this is exactly total AR time / total spec time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,9 @@ import os
 import platform
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,19 +42,21 @@ from m2r2_jax.decoding.speculative import SpecConfig, SpeculativeDecoder
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.loading.tokenizer import encode_chat
 
-SPEEDUP_DEFINITION = ("(spec tokens / spec seconds) / (AR tokens / AR seconds) summed over all timed runs; "
-                      "equals total AR time / total spec time when both emit the same tokens (greedy)")
+SPEEDUP_DEFINITION = (
+    "(spec tokens / spec seconds) / (AR tokens / AR seconds) summed over all timed runs; "
+    "equals total AR time / total spec time when both emit the same tokens (greedy)"
+)
 
 
 @dataclasses.dataclass
 class M2R2Bundle:
-    mc: Any            # M2R2Config
-    params: Any        # trained M2R2 tree
-    draft_ids: Any     # draft vocabulary ids
+    mc: Any  # M2R2Config
+    params: Any  # trained M2R2 tree
+    draft_ids: Any  # draft vocabulary ids
     meta: dict | None = None
 
     @classmethod
-    def of(cls, x) -> "M2R2Bundle":
+    def of(cls, x) -> M2R2Bundle:
         """A bundle, or `load_m2r2`'s (mc, params, draft_ids[, meta]) tuple."""
         if isinstance(x, cls):
             return x
@@ -66,8 +70,12 @@ def _kind_counts(sp) -> dict:
     k = sp.kinds
     z = {"steps": [0], "accepted": [0]}
     lk, ex = k.get("lookup", z), k.get("m2r2+lookup", z)
-    return dict(lookup_steps=int(sum(lk["steps"])), lookup_accepted=int(sum(lk["accepted"])),
-                ext_steps=int(sum(ex["steps"])), ext_accepted=int(sum(ex["accepted"])))
+    return dict(
+        lookup_steps=int(sum(lk["steps"])),
+        lookup_accepted=int(sum(lk["accepted"])),
+        ext_steps=int(sum(ex["steps"])),
+        ext_accepted=int(sum(ex["accepted"])),
+    )
 
 
 def _batches(items: Sequence[EvalItem], batch_size: int) -> list[list[EvalItem]]:
@@ -77,7 +85,7 @@ def _batches(items: Sequence[EvalItem], batch_size: int) -> list[list[EvalItem]]
     by_cat: OrderedDict[str, list[EvalItem]] = OrderedDict()
     for it in items:
         by_cat.setdefault(it.category, []).append(it)
-    return [g[i:i + batch_size] for g in by_cat.values() for i in range(0, len(g), batch_size)]
+    return [g[i : i + batch_size] for g in by_cat.values() for i in range(0, len(g), batch_size)]
 
 
 def _timed(fn):
@@ -106,10 +114,22 @@ def _agg(units: list[dict]) -> dict:
     e_steps = sum(u.get("ext_steps", 0) for u in units)
     e_acc = sum(u.get("ext_accepted", 0) for u in units)
     ar_tps, sp_tps = _ratio(ar_n, ar_s), _ratio(sp_n, sp_s)
-    return dict(ar_seconds=ar_s, spec_seconds=sp_s, ar_tokens=ar_n, spec_tokens=sp_n, ar_tps=ar_tps,
-                spec_tps=sp_tps, speedup=sp_tps / ar_tps if ar_tps and sp_tps else None,
-                tau=_ratio(acc + steps, steps), steps=steps, accepted=acc, lookup_steps=l_steps,
-                lookup_accepted=l_acc, ext_steps=e_steps, ext_accepted=e_acc)
+    return dict(
+        ar_seconds=ar_s,
+        spec_seconds=sp_s,
+        ar_tokens=ar_n,
+        spec_tokens=sp_n,
+        ar_tps=ar_tps,
+        spec_tps=sp_tps,
+        speedup=sp_tps / ar_tps if ar_tps and sp_tps else None,
+        tau=_ratio(acc + steps, steps),
+        steps=steps,
+        accepted=acc,
+        lookup_steps=l_steps,
+        lookup_accepted=l_acc,
+        ext_steps=e_steps,
+        ext_accepted=e_acc,
+    )
 
 
 HF_OPTIONS = {
@@ -139,10 +159,17 @@ class HFBaselines:
         x = torch.tensor([ids])
         with torch.inference_mode():
             t0 = time.perf_counter()
-            out = self.ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=self.max_new,
-                                    do_sample=False, eos_token_id=self.eos, pad_token_id=self.eos[0], **kw)
+            out = self.ref.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=self.max_new,
+                do_sample=False,
+                eos_token_id=self.eos,
+                pad_token_id=self.eos[0],
+                **kw,
+            )
             dt = time.perf_counter() - t0
-        return out[0, x.shape[1]:].tolist(), dt  # like ours: the answer including its EOS token
+        return out[0, x.shape[1] :].tolist(), dt  # like ours: the answer including its EOS token
 
     def run(self, ids: list[int]) -> dict:
         if not self.warm:  # first-call overheads out of the timings
@@ -169,7 +196,7 @@ class Journal:
         self.path, self.header = Path(path), json.loads(json.dumps(header))
         self.done: list[dict] = []
 
-    def load(self) -> "Journal":
+    def load(self) -> Journal:
         """Read finished batches from an existing journal; error if it was written by another run."""
         try:
             lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
@@ -181,8 +208,10 @@ class Journal:
         diff = sorted(k for k in set(old) | set(self.header) if old.get(k) != self.header.get(k))
         if diff:
             k = diff[0]
-            raise M2R2Error(f"journal {self.path} was written by a different run ({k}: {old.get(k)!r} there, "
-                            f"{self.header.get(k)!r} now); delete it to start over")
+            raise M2R2Error(
+                f"journal {self.path} was written by a different run ({k}: {old.get(k)!r} there, "
+                f"{self.header.get(k)!r} now); delete it to start over"
+            )
         for i, rec in enumerate(lines[1:]):
             if rec.get("batch") != i:
                 raise M2R2Error(f"journal {self.path}: line {i + 2} holds batch {rec.get('batch')}, expected {i}")
@@ -223,9 +252,21 @@ class SpecEvalConfig:
         return self.temperature <= 0.0
 
 
-def run_spec_eval(model, m2r2, items: Sequence[EvalItem], ec: SpecEvalConfig = SpecEvalConfig(), *,
-                  backend: Backend = XLA, decode_params=None, ref_ar_params=None, hf_ref=None, journal=None,
-                  resume: bool = False, journal_key: dict | None = None, progress: bool = True) -> dict:
+def run_spec_eval(
+    model,
+    m2r2,
+    items: Sequence[EvalItem],
+    ec: SpecEvalConfig = SpecEvalConfig(),
+    *,
+    backend: Backend = XLA,
+    decode_params=None,
+    ref_ar_params=None,
+    hf_ref=None,
+    journal=None,
+    resume: bool = False,
+    journal_key: dict | None = None,
+    progress: bool = True,
+) -> dict:
     """AR vs speculative on every turn of every item; see the module doc. `model` has `.cfg`, `.params`,
     `.tokenizer` (a `LoadedModel`); `m2r2` is an `M2R2Bundle` or `load_m2r2`'s tuple.
 
@@ -270,12 +311,23 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], ec: SpecEvalConfig = S
     lookup = opts.lookup
     extend = "m2r2+lookup" in drafter.kinds
     if journal is not None:
-        header = dict(tree_paths=[list(p) for p in tree.paths], max_new_tokens=ec.max_new_tokens,
-                      temperature=ec.temperature, top_p=ec.top_p, seed=ec.seed, batch_size=ec.batch_size,
-                      draft_layers=m2r2_drafter.depth, ar_block=ec.ar_block, hf=hf is not None,
-                      lookup=[lookup, opts.lookup_ngram, opts.lookup_min_ngram], lookup_extend=extend,
-                      backend=backend.name, ref_ar=ref_ar_params is not None,
-                      items=[[it.id, it.category, len(it.turns)] for it in items], **(journal_key or {}))
+        header = dict(
+            tree_paths=[list(p) for p in tree.paths],
+            max_new_tokens=ec.max_new_tokens,
+            temperature=ec.temperature,
+            top_p=ec.top_p,
+            seed=ec.seed,
+            batch_size=ec.batch_size,
+            draft_layers=m2r2_drafter.depth,
+            ar_block=ec.ar_block,
+            hf=hf is not None,
+            lookup=[lookup, opts.lookup_ngram, opts.lookup_min_ngram],
+            lookup_extend=extend,
+            backend=backend.name,
+            ref_ar=ref_ar_params is not None,
+            items=[[it.id, it.category, len(it.turns)] for it in items],
+            **(journal_key or {}),
+        )
         jr = Journal(journal, header)
         if resume and jr.path.exists():
             jr.load()
@@ -288,14 +340,25 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], ec: SpecEvalConfig = S
             for k in compile_s:
                 compile_s[k] += rec["compile_seconds"][k]
     n_resumed = len(jr.done) if jr else 0
-    bar = tqdm(total=sum(len(it.turns) for it in items), initial=len(per_prompt), disable=not progress,
-               desc="spec eval", unit="prompt")
+    bar = tqdm(
+        total=sum(len(it.turns) for it in items),
+        initial=len(per_prompt),
+        disable=not progress,
+        desc="spec eval",
+        unit="prompt",
+    )
     try:
         for bi, batch in enumerate(_batches(items, ec.batch_size)):
             if bi < n_resumed:
                 continue
-            snap = (len(units), len(per_prompt), depth_hits.copy(), node_tries.copy(), node_hits.copy(),
-                    dict(compile_s))
+            snap = (
+                len(units),
+                len(per_prompt),
+                depth_hits.copy(),
+                node_tries.copy(),
+                node_hits.copy(),
+                dict(compile_s),
+            )
             history: list[list[dict]] = [[] for _ in batch]
             for t in range(max(len(it.turns) for it in batch)):
                 rows = [i for i, it in enumerate(batch) if t < len(it.turns)]
@@ -312,34 +375,59 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], ec: SpecEvalConfig = S
                 if ref_ar_params is not None:
                     ref, c_ref = _timed(lambda: ref_gen.generate(ref_ar_params, ids, g1))
                     compile_s["ar"] += c_ref
-                sp, c_sp = _timed(lambda: spec.generate(base, dparams, ids,
-                                                        SpecConfig(max_new_tokens=ec.max_new_tokens, sampling=s)))
+                sp, c_sp = _timed(
+                    lambda: spec.generate(base, dparams, ids, SpecConfig(max_new_tokens=ec.max_new_tokens, sampling=s))
+                )
                 compile_s["ar"] += c_ar
                 compile_s["spec"] += c_sp
                 depth_hits += sp.depth_hits.sum(0)
                 node_tries += sp.node_tries.sum(0)
                 node_hits += sp.node_hits.sum(0)
-                unit = dict(category=batch[0].category, rows=len(rows), ar_seconds=ar.decode_seconds,
-                            spec_seconds=sp.decode_seconds, ar_tokens=sum(len(x) for x in ar.new_ids),
-                            spec_tokens=sum(len(x) for x in sp.new_ids), steps=int(sum(sp.steps)),
-                            accepted=int(sum(sp.accepted)), **_kind_counts(sp))
+                unit = dict(
+                    category=batch[0].category,
+                    rows=len(rows),
+                    ar_seconds=ar.decode_seconds,
+                    spec_seconds=sp.decode_seconds,
+                    ar_tokens=sum(len(x) for x in ar.new_ids),
+                    spec_tokens=sum(len(x) for x in sp.new_ids),
+                    steps=int(sum(sp.steps)),
+                    accepted=int(sum(sp.accepted)),
+                    **_kind_counts(sp),
+                )
                 if ar1 is not None:
                     unit.update(ar1_seconds=ar1.decode_seconds, ar1_tokens=sum(len(x) for x in ar1.new_ids))
                 if ref is not None:
-                    unit.update(ref_ar_seconds=ref.decode_seconds, ref_ar_tokens=sum(len(x) for x in ref.new_ids),
-                                ref_ar_equal=(ref.new_ids == ar.new_ids) if greedy else None)
+                    unit.update(
+                        ref_ar_seconds=ref.decode_seconds,
+                        ref_ar_tokens=sum(len(x) for x in ref.new_ids),
+                        ref_ar_equal=(ref.new_ids == ar.new_ids) if greedy else None,
+                    )
                 u = _agg([unit])
                 for r, i in enumerate(rows):
                     it = batch[i]
                     steps, acc = int(sp.steps[r]), int(sp.accepted[r])
-                    per_prompt.append(dict(
-                        id=it.id, category=it.category, raw_category=it.raw_category, turn=t + 1, batch=bi,
-                        batch_rows=len(rows), prompt_tokens=len(ids[r]), ar_tokens=len(ar.new_ids[r]),
-                        spec_tokens=len(sp.new_ids[r]), steps=steps, accepted=acc,
-                        tau=_ratio(acc + steps, steps),
-                        equal=(sp.new_ids[r] == ar.new_ids[r]) if greedy else None,
-                        ar_seconds=u["ar_seconds"], spec_seconds=u["spec_seconds"], ar_tps=u["ar_tps"],
-                        spec_tps=u["spec_tps"], speedup=u["speedup"]))
+                    per_prompt.append(
+                        dict(
+                            id=it.id,
+                            category=it.category,
+                            raw_category=it.raw_category,
+                            turn=t + 1,
+                            batch=bi,
+                            batch_rows=len(rows),
+                            prompt_tokens=len(ids[r]),
+                            ar_tokens=len(ar.new_ids[r]),
+                            spec_tokens=len(sp.new_ids[r]),
+                            steps=steps,
+                            accepted=acc,
+                            tau=_ratio(acc + steps, steps),
+                            equal=(sp.new_ids[r] == ar.new_ids[r]) if greedy else None,
+                            ar_seconds=u["ar_seconds"],
+                            spec_seconds=u["spec_seconds"],
+                            ar_tps=u["ar_tps"],
+                            spec_tps=u["spec_tps"],
+                            speedup=u["speedup"],
+                        )
+                    )
                     answer = tok.decode(ar.new_ids[r], skip_special_tokens=True)
                     history[i] = msgs[r] + [{"role": "assistant", "content": answer}]
                 if hf is not None:  # batch 1: this unit is one prompt
@@ -353,10 +441,17 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], ec: SpecEvalConfig = S
                 bar.set_postfix(speedup=f"{tot['speedup'] or 0:.2f}", tau=f"{tot['tau'] or 0:.2f}")
             if jr is not None:
                 nu, npp, dh, nt, nh, cs = snap
-                jr.append(dict(batch=bi, units=units[nu:], per_prompt=per_prompt[npp:],
-                               depth_hits=(depth_hits - dh).tolist(), node_tries=(node_tries - nt).tolist(),
-                               node_hits=(node_hits - nh).tolist(),
-                               compile_seconds={k: compile_s[k] - cs[k] for k in compile_s}))
+                jr.append(
+                    dict(
+                        batch=bi,
+                        units=units[nu:],
+                        per_prompt=per_prompt[npp:],
+                        depth_hits=(depth_hits - dh).tolist(),
+                        node_tries=(node_tries - nt).tolist(),
+                        node_hits=(node_hits - nh).tolist(),
+                        compile_seconds={k: compile_s[k] - cs[k] for k in compile_s},
+                    )
+                )
     finally:
         bar.close()
 
@@ -364,64 +459,123 @@ def run_spec_eval(model, m2r2, items: Sequence[EvalItem], ec: SpecEvalConfig = S
     for cat in OrderedDict.fromkeys(u["category"] for u in units):
         a = _agg([u for u in units if u["category"] == cat])
         rows = [r for r in per_prompt if r["category"] == cat]
-        per_category[cat] = dict(prompts=len(rows), speedup=a["speedup"], tau=a["tau"], ar_tps=a["ar_tps"],
-                                 spec_tps=a["spec_tps"], lossless=_lossless(rows), ar_seconds=a["ar_seconds"],
-                                 spec_seconds=a["spec_seconds"], tokens=a["spec_tokens"])
+        per_category[cat] = dict(
+            prompts=len(rows),
+            speedup=a["speedup"],
+            tau=a["tau"],
+            ar_tps=a["ar_tps"],
+            spec_tps=a["spec_tps"],
+            lossless=_lossless(rows),
+            ar_seconds=a["ar_seconds"],
+            spec_seconds=a["spec_seconds"],
+            tokens=a["spec_tokens"],
+        )
     tot = _agg(units)
     steps = tot["steps"]
     l_steps, l_acc = tot["lookup_steps"], tot["lookup_accepted"]
     e_steps, e_acc = tot["ext_steps"], tot["ext_accepted"]
     depth_acc = [dict(depth=d, rate=_ratio(float(depth_hits[d]), steps)) for d in range(1, D + 1)]
-    node_acc = [dict(node=i, path=list(tree.paths[i - 1]), depth=int(tree.depth[i]), rank=int(tree.rank[i]),
-                     tries=int(node_tries[i]), hits=int(node_hits[i]),
-                     rate=_ratio(float(node_hits[i]), float(node_tries[i]))) for i in range(1, tree.size)]
+    node_acc = [
+        dict(
+            node=i,
+            path=list(tree.paths[i - 1]),
+            depth=int(tree.depth[i]),
+            rank=int(tree.rank[i]),
+            tries=int(node_tries[i]),
+            hits=int(node_hits[i]),
+            rate=_ratio(float(node_hits[i]), float(node_tries[i])),
+        )
+        for i in range(1, tree.size)
+    ]
     ar_ms_tok = _ratio(1e3 * tot["ar_seconds"], tot["ar_tokens"])
     sp_ms_step = _ratio(1e3 * tot["spec_seconds"], steps)
     parts = spec.cost_breakdown(base, dparams, batch=ec.batch_size)
     step_cost = _ratio(sp_ms_step, ar_ms_tok) if sp_ms_step and ar_ms_tok else None
     return {
-        "config": dict(tree=tree.name, tree_size=tree.size, tree_depth=D, tree_paths=[list(p) for p in tree.paths],
-                       draft_layers=m2r2_drafter.depth, max_new_tokens=ec.max_new_tokens, temperature=ec.temperature,
-                       top_p=ec.top_p, seed=ec.seed, batch_size=ec.batch_size, greedy=greedy, items=len(items),
-                       drafters="M2R2 + prompt lookup" if lookup else "M2R2", backend=backend.name),
+        "config": dict(
+            tree=tree.name,
+            tree_size=tree.size,
+            tree_depth=D,
+            tree_paths=[list(p) for p in tree.paths],
+            draft_layers=m2r2_drafter.depth,
+            max_new_tokens=ec.max_new_tokens,
+            temperature=ec.temperature,
+            top_p=ec.top_p,
+            seed=ec.seed,
+            batch_size=ec.batch_size,
+            greedy=greedy,
+            items=len(items),
+            drafters="M2R2 + prompt lookup" if lookup else "M2R2",
+            backend=backend.name,
+        ),
         "overall_speedup": tot["speedup"],
         "speedup_definition": SPEEDUP_DEFINITION,
         "tau": tot["tau"],
         "lossless": _lossless(per_prompt),
         "prompts": len(per_prompt),
-        "totals": {k: tot[k] for k in ("ar_seconds", "spec_seconds", "ar_tokens", "spec_tokens", "ar_tps",
-                                       "spec_tps", "steps", "accepted")},
+        "totals": {
+            k: tot[k]
+            for k in (
+                "ar_seconds",
+                "spec_seconds",
+                "ar_tokens",
+                "spec_tokens",
+                "ar_tps",
+                "spec_tps",
+                "steps",
+                "accepted",
+            )
+        },
         "per_category": per_category,
         "depth_acceptance": depth_acc,
         "node_acceptance": node_acc if greedy else [],
         "cost": {
-            "ar_ms_per_token": ar_ms_tok, "spec_ms_per_step": sp_ms_step,
+            "ar_ms_per_token": ar_ms_tok,
+            "spec_ms_per_step": sp_ms_step,
             "step_cost_in_ar_tokens": step_cost,
-            "draft_ms": parts["draft_ms"], "verify_ms": parts["verify_ms"],
+            "draft_ms": parts["draft_ms"],
+            "verify_ms": parts["verify_ms"],
             # (with prompt lookup, steps mix two kinds: the M2R2 draft + verify split does not apply)
             "other_ms": sp_ms_step - parts["draft_ms"] - parts["verify_ms"] if sp_ms_step and not lookup else None,
             "breakdown_setup": {k: parts[k] for k in ("cache_len", "fill", "block", "draft_layers", "batch")},
             "predicted_speedup": _ratio(tot["tau"], step_cost) if step_cost and tot["tau"] else None,
             "note": "one speculative step (draft + verify + accept, prefill amortised) in units of one AR "
-                    "token; speed-up ~= tau / step_cost"},
-        "lookup": dict(tokens=lookup, ngram=opts.lookup_ngram, min_ngram=opts.lookup_min_ngram, steps=l_steps,
-                       share_of_steps=_ratio(l_steps, steps), tau=_ratio(l_acc + l_steps, l_steps),
-                       tau_m2r2=_ratio(tot["accepted"] - l_acc + steps - l_steps, steps - l_steps),
-                       extend=extend, ext_steps=e_steps, ext_share_of_steps=_ratio(e_steps, steps),
-                       tau_ext=_ratio(e_acc + e_steps, e_steps),
-                       tau_m2r2_plain=_ratio(tot["accepted"] - l_acc - e_acc + steps - l_steps - e_steps,
-                                             steps - l_steps - e_steps))
-        if lookup else None,
+            "token; speed-up ~= tau / step_cost",
+        },
+        "lookup": dict(
+            tokens=lookup,
+            ngram=opts.lookup_ngram,
+            min_ngram=opts.lookup_min_ngram,
+            steps=l_steps,
+            share_of_steps=_ratio(l_steps, steps),
+            tau=_ratio(l_acc + l_steps, l_steps),
+            tau_m2r2=_ratio(tot["accepted"] - l_acc + steps - l_steps, steps - l_steps),
+            extend=extend,
+            ext_steps=e_steps,
+            ext_share_of_steps=_ratio(e_steps, steps),
+            tau_ext=_ratio(e_acc + e_steps, e_steps),
+            tau_m2r2_plain=_ratio(
+                tot["accepted"] - l_acc - e_acc + steps - l_steps - e_steps, steps - l_steps - e_steps
+            ),
+        )
+        if lookup
+        else None,
         "ar_block": ec.ar_block,
-        "speedup_vs_block1_ar": _ratio(tot["spec_tps"], _ratio(sum(u["ar1_tokens"] for u in units),
-                                                               sum(u["ar1_seconds"] for u in units)))
-        if ec.ar_block > 1 and tot["spec_tps"] else None,
-        "speedup_vs_ref_ar": _ratio(tot["spec_tps"], _ratio(sum(u["ref_ar_tokens"] for u in units),
-                                                            sum(u["ref_ar_seconds"] for u in units)))
-        if ref_ar_params is not None and tot["spec_tps"] else None,
-        "ref_ar_speedup": _ratio(tot["ar_tps"], _ratio(sum(u["ref_ar_tokens"] for u in units),
-                                                       sum(u["ref_ar_seconds"] for u in units)))
-        if ref_ar_params is not None and tot["ar_tps"] else None,
+        "speedup_vs_block1_ar": _ratio(
+            tot["spec_tps"], _ratio(sum(u["ar1_tokens"] for u in units), sum(u["ar1_seconds"] for u in units))
+        )
+        if ec.ar_block > 1 and tot["spec_tps"]
+        else None,
+        "speedup_vs_ref_ar": _ratio(
+            tot["spec_tps"], _ratio(sum(u["ref_ar_tokens"] for u in units), sum(u["ref_ar_seconds"] for u in units))
+        )
+        if ref_ar_params is not None and tot["spec_tps"]
+        else None,
+        "ref_ar_speedup": _ratio(
+            tot["ar_tps"], _ratio(sum(u["ref_ar_tokens"] for u in units), sum(u["ref_ar_seconds"] for u in units))
+        )
+        if ref_ar_params is not None and tot["ar_tps"]
+        else None,
         "ref_ar_equal": all(u["ref_ar_equal"] for u in units) if ref_ar_params is not None and greedy else None,
         "compile_seconds": dict(compile_s, ar_executables=gen.compiles, spec_executables=spec.compiles),
         "wall_seconds": time.perf_counter() - t_start,
@@ -437,16 +591,25 @@ def _hf_summary(units: list[dict], names: list[str]) -> dict:
     tps["ours_ar"] = _ratio(sum(u["ar_tokens"] for u in units), sum(u["ar_seconds"] for u in units))
     tps["ours_m2r2_spec"] = _ratio(sum(u["spec_tokens"] for u in units), sum(u["spec_seconds"] for u in units))
     g = tps["hf_greedy"]
-    return {"tokens_per_second": tps,
-            "speedup_vs_hf_greedy": {k: _ratio(v, g) if v and g else None for k, v in tps.items()},
-            "hf_greedy_equals_ours": all(u["hf_equal"] for u in units),
-            "prompts": len(units)}
+    return {
+        "tokens_per_second": tps,
+        "speedup_vs_hf_greedy": {k: _ratio(v, g) if v and g else None for k, v in tps.items()},
+        "hf_greedy_equals_ours": all(u["hf_equal"] for u in units),
+        "prompts": len(units),
+    }
 
 
 def machine_info() -> dict:
     import jax
 
     d = jax.devices()
-    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                python=platform.python_version(), cpu_count=os.cpu_count(), jax=jax.__version__,
-                backend=jax.default_backend(), devices=len(d), device_kind=d[0].device_kind if d else None)
+    return dict(
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        python=platform.python_version(),
+        cpu_count=os.cpu_count(),
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        devices=len(d),
+        device_kind=d[0].device_kind if d else None,
+    )

@@ -13,6 +13,7 @@ The kernel is compiled with the system C++ compiler on first use (cached under
 built, or off the CPU backend, nothing is packed and XLA's dot is used.
 `M2R2_CPU_KERNEL=0` turns it off.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -72,7 +73,7 @@ def pack_rows(w: jax.Array) -> PackedWeight:
 
 def unpack(pw: PackedWeight) -> jax.Array:
     P, D, _ = pw.data.shape
-    return pw.data.transpose(1, 0, 2).reshape(D, P * PANEL)[:, :pw.n]
+    return pw.data.transpose(1, 0, 2).reshape(D, P * PANEL)[:, : pw.n]
 
 
 def add_dense(pw: PackedWeight, delta: jax.Array) -> PackedWeight:
@@ -95,15 +96,21 @@ def packed_matmul(x: jax.Array, pw: PackedWeight) -> jax.Array:
     _require()
     x2 = x.reshape(-1, D).astype(jnp.float32)
     P = pw.data.shape[0]
-    y = jax.ffi.ffi_call("m2r2_packed_matmul", jax.ShapeDtypeStruct((x2.shape[0], P * PANEL), jnp.float32))(
-        x2, pw.data)
+    y = jax.ffi.ffi_call("m2r2_packed_matmul", jax.ShapeDtypeStruct((x2.shape[0], P * PANEL), jnp.float32))(x2, pw.data)
     if P * PANEL != pw.n:
-        y = y[:, :pw.n]
+        y = y[:, : pw.n]
     return y.reshape(lead + (pw.n,))
 
 
-def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, prefix_len: jax.Array,
-                    k_local: jax.Array, v_local: jax.Array, local_mask: jax.Array) -> jax.Array:
+def block_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    prefix_len: jax.Array,
+    k_local: jax.Array,
+    v_local: jax.Array,
+    local_mask: jax.Array,
+) -> jax.Array:
     """Attention of T queries per row over the first prefix_len[b] cache slots and a local K/V set.
 
     q [B, T, H, hd]; k_cache, v_cache [B, KV, S, hd]; prefix_len [B]; k_local, v_local [B, KV, L, hd];
@@ -114,8 +121,14 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, prefix
     B, T, H, hd = q.shape
     f32 = jnp.float32
     out = jax.ffi.ffi_call("m2r2_block_attention", jax.ShapeDtypeStruct((B, T, H, hd), f32))(
-        q.astype(f32), k_cache.astype(f32), v_cache.astype(f32), prefix_len.astype(jnp.int32),
-        k_local.astype(f32), v_local.astype(f32), jnp.asarray(local_mask).astype(jnp.int8))
+        q.astype(f32),
+        k_cache.astype(f32),
+        v_cache.astype(f32),
+        prefix_len.astype(jnp.int32),
+        k_local.astype(f32),
+        v_local.astype(f32),
+        jnp.asarray(local_mask).astype(jnp.int8),
+    )
     return out.reshape(B, T, H * hd)
 
 
@@ -128,8 +141,11 @@ def _build() -> Path:
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX)")
     inc = jax.ffi.include_dir()
-    key = hashlib.sha256(b"\0".join([_SRC.read_bytes(), " ".join(_FLAGS).encode(), cxx.encode(),
-                                     jax.__version__.encode(), _cpu_id().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join(
+            [_SRC.read_bytes(), " ".join(_FLAGS).encode(), cxx.encode(), jax.__version__.encode(), _cpu_id().encode()]
+        )
+    ).hexdigest()[:16]
     out = _cache_dir() / f"cpu_matmul-{key}.so"
     if out.exists():
         return out
@@ -151,6 +167,7 @@ def _cpu_id() -> str:
         return "\n".join(lines)
     except OSError:
         import platform
+
         return platform.processor() or platform.machine()
 
 
@@ -165,7 +182,7 @@ def available() -> bool:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         return True
     except Exception as e:  # noqa: BLE001 - any failure means "use XLA's dot"
-        warnings.warn(f"m2r2_jax CPU matmul kernel unavailable, using XLA's dot: {e}")
+        warnings.warn(f"m2r2_jax CPU matmul kernel unavailable, using XLA's dot: {e}", stacklevel=2)
         return False
 
 
@@ -221,4 +238,3 @@ def pack_decode_params(cfg, params: dict) -> dict:
 
 def is_packed(params: dict) -> bool:
     return isinstance(params.get("lm_head"), PackedWeight)
-

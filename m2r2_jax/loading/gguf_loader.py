@@ -20,6 +20,7 @@ Layout notes (the reference is transformers' own GGUF loader,
     (transformers silently ignores that tensor, i.e. it runs such files without
     RoPE scaling.)
 """
+
 from __future__ import annotations
 
 import functools
@@ -100,8 +101,11 @@ def _config_from_metadata(md: dict, tensor_names: set[str], path) -> ModelConfig
     hidden = int(get("embedding_length", required=True))
     heads = int(get("attention.head_count", required=True))
     kv_heads = int(get("attention.head_count_kv", heads))
-    key_len, val_len, rope_dim = (get("attention.key_length"), get("attention.value_length"),
-                                  get("rope.dimension_count"))
+    key_len, val_len, rope_dim = (
+        get("attention.key_length"),
+        get("attention.value_length"),
+        get("rope.dimension_count"),
+    )
     # transformers takes head_dim from rope.dimension_count for llama; key_length wins when present.
     head_dim = int(key_len or rope_dim or hidden // heads)
     if val_len is not None and int(val_len) != head_dim:
@@ -121,14 +125,20 @@ def _config_from_metadata(md: dict, tensor_names: set[str], path) -> ModelConfig
     eos = md.get("tokenizer.ggml.eos_token_id")
     sliding = get("attention.sliding_window")
     return ModelConfig(
-        arch=arch, vocab_size=int(vocab), hidden_size=hidden,
+        arch=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length", required=True)),
-        num_layers=int(get("block_count", required=True)), num_heads=heads, num_kv_heads=kv_heads,
-        head_dim=head_dim, rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        num_layers=int(get("block_count", required=True)),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=_f32(get("rope.freq_base", 10000.0)),
         max_position_embeddings=int(get("context_length", 4096)),
         tie_word_embeddings="output.weight" not in tensor_names,
-        qkv_bias=arch == "qwen2", sliding_window=int(sliding) if sliding else None,
+        qkv_bias=arch == "qwen2",
+        sliding_window=int(sliding) if sliding else None,
         bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=(int(eos),) if eos is not None else (),
     )
@@ -153,12 +163,15 @@ def _rope_scaling_from_freqs(freqs: np.ndarray, cfg: ModelConfig, md: dict, path
         return None
     orig = int(md.get(f"{cfg.arch}.rope.scaling.original_context_length") or 8192)
     # Llama 3.1 / 3.2 / 3.3 all use low=1, high=4; factor is the largest divisor.
-    cand = RopeScaling(factor=float(freqs.max()), low_freq_factor=1.0, high_freq_factor=4.0,
-                       original_max_position_embeddings=orig)
+    cand = RopeScaling(
+        factor=float(freqs.max()), low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=orig
+    )
     plain = rope_inv_freq(cfg).astype(np.float64)
     scaled = rope_inv_freq(replace(cfg, rope_scaling=cand)).astype(np.float64)
     if not np.allclose(plain / scaled, freqs, rtol=1e-4, atol=0):
-        raise M2R2Error(f"tensor {_ROPE_FREQS!r} in {path} holds RoPE factors that are not Llama-3 scaling; unsupported")
+        raise M2R2Error(
+            f"tensor {_ROPE_FREQS!r} in {path} holds RoPE factors that are not Llama-3 scaling; unsupported"
+        )
     return cand
 
 
@@ -170,8 +183,9 @@ def _dequantize(t, path) -> np.ndarray:
         # GGUF shape is fastest-dim first; numpy wants it reversed. Copy off the mmap.
         return np.array(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
     except NotImplementedError:
-        raise M2R2Error(f"tensor {t.name!r} in {path}: quantization type "
-                        f"{t.tensor_type.name} is not supported by gguf-py") from None
+        raise M2R2Error(
+            f"tensor {t.name!r} in {path}: quantization type {t.tensor_type.name} is not supported by gguf-py"
+        ) from None
     except Exception as e:
         raise M2R2Error(f"cannot read GGUF file {path}: tensor {t.name!r}: {_one_line(e)}") from None
 
@@ -207,15 +221,16 @@ def read_gguf(path, **cfg_overrides) -> tuple[ModelConfig, dict, dict[str, Any]]
     for name, t in tensors.items():
         m = _gguf_to_path(name)
         if m is None or m[0] not in wanted:
-            raise M2R2Error(f"unexpected tensor {name!r} in {path} (not part of a {cfg.arch} model"
-                            f" with this config)")
+            raise M2R2Error(f"unexpected tensor {name!r} in {path} (not part of a {cfg.arch} model with this config)")
         ours, transpose = m
         want = wanted[ours].shape
         # Check the (cheap) header shape before dequantizing.
         np_shape = tuple(int(d) for d in reversed(t.shape))
         if (np_shape[::-1] if transpose else np_shape) != tuple(want):
-            raise M2R2Error(f"shape mismatch for tensor {name!r} in {path}: file {np_shape}, config expects "
-                            f"{tuple(want[::-1]) if transpose else tuple(want)}")
+            raise M2R2Error(
+                f"shape mismatch for tensor {name!r} in {path}: file {np_shape}, config expects "
+                f"{tuple(want[::-1]) if transpose else tuple(want)}"
+            )
         w = _dequantize(t, path)
         if cfg.arch == "llama" and ours.endswith(("attn.wq", "attn.wk")):
             w = _unpermute(w, cfg.num_heads if ours.endswith("wq") else cfg.num_kv_heads)

@@ -3,6 +3,7 @@
 One regex table maps HF tensor names to our tree paths; every tensor is
 checked against the spec (missing / extra / mis-shaped -> one clear error).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,11 +58,16 @@ def resolve_hf_dir(name_or_path: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name_or_path, allow_patterns=[
-            "*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]))
+        return Path(
+            snapshot_download(
+                name_or_path, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]
+            )
+        )
     except Exception as e:  # offline, unknown repo, auth...
-        raise M2R2Error(f"cannot fetch {name_or_path!r} from the hub: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise M2R2Error(
+            f"cannot fetch {name_or_path!r} from the hub: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
 
 
 def read_hf_config(d: Path) -> dict:
@@ -103,8 +109,9 @@ def _read_tensors(files: list[Path]):
         except M2R2Error:
             raise
         except Exception as e:
-            raise M2R2Error(f"cannot read safetensors file {f}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+            raise M2R2Error(
+                f"cannot read safetensors file {f}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
 
 
 def load_hf_checkpoint(name_or_path: str, **cfg_overrides) -> tuple[ModelConfig, dict, Path]:
@@ -129,8 +136,10 @@ def load_hf_checkpoint(name_or_path: str, **cfg_overrides) -> tuple[ModelConfig,
             arr = arr.T
         want = wanted[path]
         if tuple(arr.shape) != tuple(want.shape):
-            raise M2R2Error(f"shape mismatch for {name!r}: checkpoint {tuple(arr.shape[::-1] if transpose else arr.shape)}"
-                            f", config expects {tuple(want.shape[::-1] if transpose else want.shape)}")
+            raise M2R2Error(
+                f"shape mismatch for {name!r}: checkpoint {tuple(arr.shape[::-1] if transpose else arr.shape)}"
+                f", config expects {tuple(want.shape[::-1] if transpose else want.shape)}"
+            )
         got[path] = np.ascontiguousarray(arr.astype(want.dtype))
     missing = [k for k in wanted if k not in got]
     if missing:

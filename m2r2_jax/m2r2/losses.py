@@ -6,6 +6,7 @@ Every term is averaged over the loss mask (answer tokens). Metrics include the
 top-1 agreement of each fast layer with the full model (draft vocabulary) and
 of the final fast layer over the full vocabulary.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,9 @@ def kd_kl(teacher_logits, student_logits, tau):
     return jnp.sum(jnp.exp(pt) * (pt - ps), -1) * tau * tau
 
 
-def m2r2_loss(m2r2: dict, base: dict, tokens: jax.Array, mask: jax.Array, draft_ids: jax.Array,
-              cfg: ModelConfig, mc: M2R2Config):
+def m2r2_loss(
+    m2r2: dict, base: dict, tokens: jax.Array, mask: jax.Array, draft_ids: jax.Array, cfg: ModelConfig, mc: M2R2Config
+):
     """tokens [B, T] int32, mask [B, T] float (1 on answer tokens). Returns (loss, metrics).
 
     With `mc.train_positions` = M > 0 the fast stream, heads and losses run on the first M
@@ -55,8 +57,17 @@ def m2r2_loss(m2r2: dict, base: dict, tokens: jax.Array, mask: jax.Array, draft_
     return loss_from_slow(m2r2, base, tokens, mask, draft_ids, slow, select, cfg, mc)
 
 
-def m2r2_loss_cached(m2r2: dict, base: dict, tokens: jax.Array, mask: jax.Array, draft_ids: jax.Array,
-                     hid: jax.Array, final: jax.Array, cfg: ModelConfig, mc: M2R2Config):
+def m2r2_loss_cached(
+    m2r2: dict,
+    base: dict,
+    tokens: jax.Array,
+    mask: jax.Array,
+    draft_ids: jax.Array,
+    hid: jax.Array,
+    final: jax.Array,
+    cfg: ModelConfig,
+    mc: M2R2Config,
+):
     """The same objective with the slow pass read from a teacher cache (training/teacher_cache.py):
     hid [B, n, T, D] = the slow states `mc.cached_layers` at every position, final [B, M, D] = h_s^N
     at the M loss positions. The fast layers' slow K/V are re-projected from the cached states
@@ -108,8 +119,12 @@ def loss_from_slow(m2r2, base, tokens, mask, draft_ids, slow, select, cfg: Model
     agree_full = masked_mean((final_top == teacher_top).astype(jnp.float32), mask)
     router_acc = masked_mean(jnp.mean(((r_logits > 0) == (hits > 0.5)).astype(jnp.float32), -1), mask)
     metrics = {
-        "loss": loss, "align": align_loss, "kd": kd_loss, "router_bce": router_loss,
-        "agreement": agree_full, "router_acc": router_acc,
+        "loss": loss,
+        "align": align_loss,
+        "kd": kd_loss,
+        "router_bce": router_loss,
+        "agreement": agree_full,
+        "router_acc": router_acc,
         "agreement_per_layer": jnp.stack([masked_mean(hits[..., i], mask) for i in range(n)]),
         "tokens": jnp.sum(mask),
     }

@@ -17,7 +17,7 @@ With `merged=True` the stream has no params of its own: its layers' params alrea
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -81,8 +81,10 @@ class FastLayer(nn.Module):
                 i, o, ia, oa = TARGET_DIMS[t]
                 adapters[t] = LowRank(size[i], size[o], mc.rank, (ia, oa), name=t)
             if mc.gain:
-                gains = (ones(self, "gain_attn", (c.hidden_size,), ("norm",)),
-                         ones(self, "gain_mlp", (c.hidden_size,), ("norm",)))
+                gains = (
+                    ones(self, "gain_attn", (c.hidden_size,), ("norm",)),
+                    ones(self, "gain_mlp", (c.hidden_size,), ("norm",)),
+                )
             if base_layer is None:  # init: create the adapters' params
                 for t, ad in adapters.items():
                     ad(jnp.zeros((1, size[TARGET_DIMS[t][0]]), jnp.float32))
@@ -97,8 +99,15 @@ class FastStream(nn.Module):
     merged: bool = False
 
     @nn.compact
-    def __call__(self, base_layers: Sequence[dict] | None, h=None, cos=None, sin=None,
-                 attention_for: Callable[[int], Callable] | None = None, depth: int | None = None):
+    def __call__(
+        self,
+        base_layers: Sequence[dict] | None,
+        h=None,
+        cos=None,
+        sin=None,
+        attention_for: Callable[[int], Callable] | None = None,
+        depth: int | None = None,
+    ):
         """Fast layers 0 .. depth-1 over a block; fast layer l runs `base_layers[l]` (the frozen base
         layer it accelerates, or merged params) with attention context `attention_for(l)`.
         -> ([h_f^1, ..., h_f^depth], [attention state per layer])."""
@@ -109,8 +118,9 @@ class FastStream(nn.Module):
             return None
         hs, states = [], []
         for l in range(n):
-            h, st = FastLayer(self.cfg, self.mc, self.merged, name=str(l))(base_layers[l], h, cos, sin,
-                                                                              attention_for(l))
+            h, st = FastLayer(self.cfg, self.mc, self.merged, name=str(l))(
+                base_layers[l], h, cos, sin, attention_for(l)
+            )
             hs.append(h)
             states.append(st)
         return hs, states

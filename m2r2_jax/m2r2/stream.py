@@ -7,6 +7,7 @@ token attends to the slow stream's layer-j K/V of the tokens before it, and to
 the fast stream's own K/V only for the tokens being processed now (a small
 local buffer, never a second full-length cache).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -28,9 +29,9 @@ from m2r2_jax.model.params import module_tree
 
 
 class SlowPass(NamedTuple):
-    hiddens: list          # h_s^0 .. h_s^N, each [B, T, D]
-    cache: D.KVCache       # per-layer K/V of every token (length T)
-    logits: jax.Array      # [B, T, V] full model
+    hiddens: list  # h_s^0 .. h_s^N, each [B, T, D]
+    cache: D.KVCache  # per-layer K/V of every token (length T)
+    logits: jax.Array  # [B, T, V] full model
 
 
 def slow_pass(cfg: ModelConfig, base: dict, tokens: jax.Array, select: jax.Array | None = None) -> SlowPass:
@@ -49,8 +50,9 @@ def slow_pass(cfg: ModelConfig, base: dict, tokens: jax.Array, select: jax.Array
     return SlowPass(hiddens, cache, D.logits_from_hidden(cfg, base, h))
 
 
-def slow_from_cache(cfg: ModelConfig, mc: M2R2Config, base: dict, tokens: jax.Array, hid: jax.Array,
-                    final: jax.Array, select: jax.Array) -> SlowPass:
+def slow_from_cache(
+    cfg: ModelConfig, mc: M2R2Config, base: dict, tokens: jax.Array, hid: jax.Array, final: jax.Array, select: jax.Array
+) -> SlowPass:
     """The SlowPass that `slow_pass(cfg, base, tokens, select)` would return, rebuilt from cached
     slow states (hid [B, n, T, D]: layers `mc.cached_layers`; final [B, M, D]: h_s^N at `select`).
     Only what the fast stream and the losses read is filled in: the K/V of the fast layers' base
@@ -86,9 +88,18 @@ def loss_positions(mask: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
     return select, jnp.take_along_axis(mask, select, axis=1)
 
 
-def fast_stream(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, h_branch: jax.Array,
-                slow_cache: D.KVCache, m_slow: jax.Array, m_local: jax.Array, positions: jax.Array,
-                depth: int | None = None) -> list:
+def fast_stream(
+    cfg: ModelConfig,
+    mc: M2R2Config,
+    base: dict,
+    m2r2: dict,
+    h_branch: jax.Array,
+    slow_cache: D.KVCache,
+    m_slow: jax.Array,
+    m_local: jax.Array,
+    positions: jax.Array,
+    depth: int | None = None,
+) -> list:
     """Run the first `depth` (default all L_f) fast layers; returns [h_f^1, ..., h_f^depth]. A token reads
     the slow K/V visible under `m_slow` [B, T, S] and the block's own fast K/V under `m_local` [B, T, T]."""
     cos, sin = L.rope_cos_sin(cfg, positions)
@@ -98,8 +109,15 @@ def fast_stream(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, h_bran
         j = layers[l]
         return SetsAttention(cfg, XLA, sets=[(slow_cache.k[j], slow_cache.v[j], m_slow)], self_mask=m_local)
 
-    hs, _ = FastStream(cfg, mc).apply({"params": module_tree(m2r2["fast"])}, [base["layers"][j] for j in layers],
-                                      h_branch, cos, sin, attention_for, len(layers))
+    hs, _ = FastStream(cfg, mc).apply(
+        {"params": module_tree(m2r2["fast"])},
+        [base["layers"][j] for j in layers],
+        h_branch,
+        cos,
+        sin,
+        attention_for,
+        len(layers),
+    )
     return hs
 
 
@@ -111,8 +129,16 @@ def teacher_forced_masks(B: int, T: int):
     return m_slow, m_local
 
 
-def fast_train_pass(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, tokens: jax.Array,
-                    slow: SlowPass, depth: int | None = None, select: jax.Array | None = None) -> list:
+def fast_train_pass(
+    cfg: ModelConfig,
+    mc: M2R2Config,
+    base: dict,
+    m2r2: dict,
+    tokens: jax.Array,
+    slow: SlowPass,
+    depth: int | None = None,
+    select: jax.Array | None = None,
+) -> list:
     """Teacher-forced fast stream. With `select` [B, M] (and a `slow` pass made with the same
     `select`) it runs on those M positions only: a fast token reads the slow K/V of the tokens
     before it and its own fast K/V, never another position's fast state, so this equals the
@@ -131,8 +157,15 @@ def fast_train_pass(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, to
     return fast_stream(cfg, mc, base, m2r2, h_b, cache, m_slow, m_local, positions, depth)
 
 
-_TARGET_WEIGHT = {"q": ("attn", "wq"), "k": ("attn", "wk"), "v": ("attn", "wv"), "o": ("attn", "wo"),
-                  "gate": ("mlp", "gate"), "up": ("mlp", "up"), "down": ("mlp", "down")}
+_TARGET_WEIGHT = {
+    "q": ("attn", "wq"),
+    "k": ("attn", "wk"),
+    "v": ("attn", "wv"),
+    "o": ("attn", "wo"),
+    "gate": ("mlp", "gate"),
+    "up": ("mlp", "up"),
+    "down": ("mlp", "down"),
+}
 
 
 def merge_fast_layer(lp: dict, ad: dict) -> dict:
@@ -152,8 +185,15 @@ def merge_fast_layer(lp: dict, ad: dict) -> dict:
     return out
 
 
-def draft_params(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, draft_ids: jax.Array | None,
-                 depth: int | None = None, backend: Backend = XLA) -> dict:
+def draft_params(
+    cfg: ModelConfig,
+    mc: M2R2Config,
+    base: dict,
+    m2r2: dict,
+    draft_ids: jax.Array | None,
+    depth: int | None = None,
+    backend: Backend = XLA,
+) -> dict:
     """What drafting reads, built once per checkpoint: the first `depth` fast layers with their
     adapters merged, the final norm, and the LM head rows of the draft vocabulary ([Vd, D]; packed
     for the CPU kernels on that backend)."""
@@ -161,8 +201,11 @@ def draft_params(cfg: ModelConfig, mc: M2R2Config, base: dict, m2r2: dict, draft
         raise M2R2Error(f"merging adapters into a {cfg.mlp_type} MLP is not implemented")
     layers = mc.base_layers(cfg.num_layers)[: depth or None]
     head = draft_head(cfg, base, draft_ids)
-    return {"layers": [merge_fast_layer(base["layers"][j], m2r2["fast"][l]) for l, j in enumerate(layers)],
-            "final_norm": base["final_norm"], "head": K.pack_rows(head) if backend.kernels else head}
+    return {
+        "layers": [merge_fast_layer(base["layers"][j], m2r2["fast"][l]) for l, j in enumerate(layers)],
+        "final_norm": base["final_norm"],
+        "head": K.pack_rows(head) if backend.kernels else head,
+    }
 
 
 def draft_head(cfg: ModelConfig, base: dict, draft_ids: jax.Array | None) -> jax.Array:

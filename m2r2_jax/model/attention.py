@@ -18,7 +18,8 @@ the same attention (the kernel's rows are bit-identical whatever the block size)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,16 +80,20 @@ class SetsAttention:
     def __call__(self, q, k, v):
         if self.backend.kernels:
             kc, vc, plen = self.prefix
-            lk, lv = (k, v) if self.local is None else (
-                jnp.concatenate([self.local[0], k], 2), jnp.concatenate([self.local[1], v], 2))
+            lk, lv = (
+                (k, v)
+                if self.local is None
+                else (jnp.concatenate([self.local[0], k], 2), jnp.concatenate([self.local[1], v], 2))
+            )
             a = K.block_attention(q, kc, vc, plen, lk, lv, self.kernel_mask)
         else:
             a = L.attend_multi(self.cfg, q, list(self.sets) + [(k, v, self.self_mask)])
         return a.astype(q.dtype), (k, v)
 
 
-def tree_draft_attention(cfg: ModelConfig, backend: Backend, k_cache, v_cache, pos, anc_k, anc_v,
-                         anc: np.ndarray) -> SetsAttention:
+def tree_draft_attention(
+    cfg: ModelConfig, backend: Backend, k_cache, v_cache, pos, anc_k, anc_v, anc: np.ndarray
+) -> SetsAttention:
     """A draft tree depth's n nodes at fast layer l: the slow cache's first pos[b] slots, the tree's
     ancestor buffer (anc_k / anc_v [B, KV, T, hd]; `anc` [n, T] which ancestors each node sees; its own
     entry excluded) and the node itself."""

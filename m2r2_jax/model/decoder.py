@@ -91,16 +91,27 @@ def forward_hidden(
 
     tokens [B, T] int32; start [B] int32 slot of the block's first token; positions [B, T] RoPE
     positions (default start + arange(T)). With an `exit_policy`, see `forward_exit`."""
-    h, cache, hiddens, _ = _run(cfg, params, tokens, cache, start, positions, local_mask, layer_range, h, collect,
-                                backend, exit_policy)
+    h, cache, hiddens, _ = _run(
+        cfg, params, tokens, cache, start, positions, local_mask, layer_range, h, collect, backend, exit_policy
+    )
     return h, cache, hiddens
 
 
-def forward_exit(cfg: ModelConfig, params: dict, tokens, cache: KVCache, start, exit_policy: ExitPolicy,
-                 backend: Backend = XLA, positions=None, local_mask=None):
+def forward_exit(
+    cfg: ModelConfig,
+    params: dict,
+    tokens,
+    cache: KVCache,
+    start,
+    exit_policy: ExitPolicy,
+    backend: Backend = XLA,
+    positions=None,
+    local_mask=None,
+):
     """A forward under an exit policy: -> (h at each token's exit, cache, exit_at [B, T] layers run)."""
-    h, cache, _, exit_at = _run(cfg, params, tokens, cache, start, positions, local_mask, None, None, False,
-                                backend, exit_policy)
+    h, cache, _, exit_at = _run(
+        cfg, params, tokens, cache, start, positions, local_mask, None, None, False, backend, exit_policy
+    )
     return h, cache, exit_at
 
 

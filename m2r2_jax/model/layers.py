@@ -1,6 +1,7 @@
 """Functional building blocks the Flax modules are made of: RMSNorm, RoPE, the matmul helpers
 (the only place that dispatches on the weight type: `kernels.PackedWeight` goes to the CPU kernel),
 GQA attention over a preallocated KV cache with per-row write positions, and block masks."""
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,9 @@ def rows_logits(x: jax.Array, w, mm=None) -> jax.Array:
         return packed_matmul(x, w)
     if mm is None:
         return jnp.einsum("btd,vd->btv", x, w.astype(x.dtype)).astype(jnp.float32)
-    return _on_min_rows(x, lambda x2: jnp.einsum("nd,vd->nv", x2.astype(mm), w.astype(mm),
-                                                 preferred_element_type=jnp.float32))
+    return _on_min_rows(
+        x, lambda x2: jnp.einsum("nd,vd->nv", x2.astype(mm), w.astype(mm), preferred_element_type=jnp.float32)
+    )
 
 
 def dense(w) -> jax.Array:
@@ -124,15 +126,15 @@ def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     return jax.vmap(lambda c, n, s: lax.dynamic_update_slice(c, n, (0, s, 0)))(cache, new, start)
 
 
-def attend(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-           mask: jax.Array) -> jax.Array:
+def attend(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array) -> jax.Array:
     """q [B,T,H,hd] over the cache [B,KV,S,hd]; mask [B,T,S] bool -> [B,T,H*hd]."""
     B, T, H, hd = q.shape
     KV = cfg.num_kv_heads
     G = H // KV
     qg = q.reshape(B, T, KV, G, hd)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32) * (
+        hd**-0.5
+    )
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache.astype(q.dtype))
@@ -146,14 +148,19 @@ def attend_multi(cfg: ModelConfig, q: jax.Array, sets) -> jax.Array:
     KV = cfg.num_kv_heads
     qg = q.reshape(B, T, KV, H // KV, hd)
     neg = jnp.finfo(jnp.float32).min
-    scores = [jnp.where(m[:, None, None], jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(q.dtype),
-                                                     preferred_element_type=jnp.float32) * (hd ** -0.5), neg)
-              for k, _, m in sets]
+    scores = [
+        jnp.where(
+            m[:, None, None],
+            jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * (hd**-0.5),
+            neg,
+        )
+        for k, _, m in sets
+    ]
     probs = jax.nn.softmax(jnp.concatenate(scores, -1), axis=-1).astype(q.dtype)
     out, off = 0.0, 0
     for (_, v, _), sc in zip(sets, scores):
         n = sc.shape[-1]
-        out = out + jnp.einsum("bkgts,bksd->btkgd", probs[..., off:off + n], v.astype(q.dtype))
+        out = out + jnp.einsum("bkgts,bksd->btkgd", probs[..., off : off + n], v.astype(q.dtype))
         off += n
     return out.reshape(B, T, H * hd)
 

@@ -19,7 +19,7 @@ both, the base model neither.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -61,7 +61,11 @@ def _project(c: ModelConfig, w: dict, x, cos, sin, ad: Adapters):
     """q [B,T,H,hd] (rotated), k / v [B,KV,T,hd] (k rotated)."""
     B, T, _ = x.shape
     mm = c.mm_dtype
-    q, k, v = L.linear(x, w["wq"], ad.get("q"), mm), L.linear(x, w["wk"], ad.get("k"), mm), L.linear(x, w["wv"], ad.get("v"), mm)
+    q, k, v = (
+        L.linear(x, w["wq"], ad.get("q"), mm),
+        L.linear(x, w["wk"], ad.get("k"), mm),
+        L.linear(x, w["wv"], ad.get("v"), mm),
+    )
     if c.qkv_bias:
         q, k, v = q + w["bq"].astype(x.dtype), k + w["bk"].astype(x.dtype), v + w["bv"].astype(x.dtype)
     q = L.apply_rope(q.reshape(B, T, c.num_heads, c.head_dim), cos, sin)
@@ -78,12 +82,17 @@ class Attention(nn.Module):
         """x [B, T, D] -> (out [B, T, D], the attention context's state)."""
         c = self.cfg
         D, dt = c.hidden_size, c.jnp_param_dtype
-        w = {"wq": declare(self, "wq", (D, c.q_dim), ("embed", "heads"), dt),
-             "wk": declare(self, "wk", (D, c.kv_dim), ("embed", "kv_heads"), dt),
-             "wv": declare(self, "wv", (D, c.kv_dim), ("embed", "kv_heads"), dt)}
+        w = {
+            "wq": declare(self, "wq", (D, c.q_dim), ("embed", "heads"), dt),
+            "wk": declare(self, "wk", (D, c.kv_dim), ("embed", "kv_heads"), dt),
+            "wv": declare(self, "wv", (D, c.kv_dim), ("embed", "kv_heads"), dt),
+        }
         if c.qkv_bias:
-            w.update(bq=zeros(self, "bq", (c.q_dim,), ("heads",), dt), bk=zeros(self, "bk", (c.kv_dim,), ("kv_heads",), dt),
-                     bv=zeros(self, "bv", (c.kv_dim,), ("kv_heads",), dt))
+            w.update(
+                bq=zeros(self, "bq", (c.q_dim,), ("heads",), dt),
+                bk=zeros(self, "bk", (c.kv_dim,), ("kv_heads",), dt),
+                bv=zeros(self, "bv", (c.kv_dim,), ("kv_heads",), dt),
+            )
         q, k, v = _project(c, w, x, cos, sin, adapters or {})
         a, state = attend(q, k, v)
         wo = declare(self, "wo", (c.q_dim, D), ("heads", "embed"), dt)
@@ -152,8 +161,17 @@ class LayerStack(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h, cos, sin, attention_for: Callable[[int], Callable], lo: int = 0, hi: int | None = None,
-                 collect: bool = False, exit_policy: ExitPolicy | None = None):
+    def __call__(
+        self,
+        h,
+        cos,
+        sin,
+        attention_for: Callable[[int], Callable],
+        lo: int = 0,
+        hi: int | None = None,
+        collect: bool = False,
+        exit_policy: ExitPolicy | None = None,
+    ):
         """-> (h, states {layer: attention state}, hiddens [h after each layer] or None, exit_at [B, T] or
         None: the number of layers each token ran, with an exit policy)."""
         hi = self.cfg.num_layers if hi is None else hi
@@ -203,8 +221,18 @@ class Transformer(nn.Module):
             return L.rows_logits(x, self.embedding, c.mm_dtype)
         return L.matmul(x, self.head, c.mm_dtype).astype(jnp.float32)
 
-    def __call__(self, tokens, cos, sin, attention_for, lo: int = 0, hi: int | None = None, h=None,
-                 collect: bool = False, exit_policy: ExitPolicy | None = None):
+    def __call__(
+        self,
+        tokens,
+        cos,
+        sin,
+        attention_for,
+        lo: int = 0,
+        hi: int | None = None,
+        h=None,
+        collect: bool = False,
+        exit_policy: ExitPolicy | None = None,
+    ):
         if h is None:
             h = self.embed_tokens(tokens)
         return self.layers(h, cos, sin, attention_for, lo, hi, collect, exit_policy)
@@ -226,4 +254,3 @@ class DraftHead(nn.Module):
         x = L.rms_norm(h, ones(self, "final_norm", (c.hidden_size,), ("norm",), c.jnp_param_dtype), c.rms_norm_eps)
         head = self.get_variable("params", "head")  # [Vd, D], or packed (kernels.pack_rows)
         return L.rows_logits(x, head, c.mm_dtype)
-

@@ -6,6 +6,7 @@ identity). Restores go into an abstract tree carrying the target shardings, so
 a checkpoint written on 8 devices restores on 1 and vice versa; a checkpoint
 for another base model or M2R2 config is refused.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,9 @@ class Checkpointer:
     def __init__(self, directory: str | Path, save_every: int = 50, keep: int = 2, async_save: bool = True):
         ocp = _ocp()
         self.dir = Path(directory).absolute()
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                            enable_async_checkpointing=async_save, create=True)
+        opts = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save, create=True
+        )
         self.mngr = ocp.CheckpointManager(self.dir, options=opts)
 
     def latest_step(self) -> int | None:
@@ -51,20 +53,29 @@ class Checkpointer:
 
     def save(self, step: int, params, opt_state, extra: dict, meta: dict, force: bool = False) -> bool:
         ocp = _ocp()
-        args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-                                  extra=ocp.args.StandardSave(extra), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            extra=ocp.args.StandardSave(extra),
+            meta=ocp.args.JsonSave(meta),
+        )
         return self.mngr.save(step, args=args, force=force)
 
     def restore(self, step: int, abstract_params, abstract_opt, abstract_extra) -> tuple[Any, Any, dict, dict]:
         ocp = _ocp()
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params),
-                                  opt_state=ocp.args.StandardRestore(abstract_opt),
-                                  extra=ocp.args.StandardRestore(abstract_extra), meta=ocp.args.JsonRestore())
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt_state=ocp.args.StandardRestore(abstract_opt),
+            extra=ocp.args.StandardRestore(abstract_extra),
+            meta=ocp.args.JsonRestore(),
+        )
         try:
             r = self.mngr.restore(step, args=args)
         except Exception as e:
-            raise M2R2Error(f"cannot restore checkpoint step {step} from {self.dir}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+            raise M2R2Error(
+                f"cannot restore checkpoint step {step} from {self.dir}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
         return r.params, r.opt_state, r.extra, dict(r.meta)
 
     def read_meta(self, step: int) -> dict:
@@ -92,9 +103,11 @@ def check_compatible(meta: dict, base_id: dict, m2r2_cfg: dict | None, where: st
     """Refuse a checkpoint made for another base model or another M2R2 architecture."""
     b = meta.get("base", {})
     if b.get("config") != base_id["config"] or b.get("fingerprint") != base_id["fingerprint"]:
-        raise M2R2Error(f"checkpoint {where} was made for base model {b.get('model')!r} "
-                        f"(fingerprint {b.get('fingerprint')}), not {base_id['model']!r} "
-                        f"(fingerprint {base_id['fingerprint']})")
+        raise M2R2Error(
+            f"checkpoint {where} was made for base model {b.get('model')!r} "
+            f"(fingerprint {b.get('fingerprint')}), not {base_id['model']!r} "
+            f"(fingerprint {base_id['fingerprint']})"
+        )
     if m2r2_cfg is not None and meta.get("config", {}).get("m2r2") != m2r2_cfg:
         old = meta.get("config", {}).get("m2r2", {})
         diff = sorted(k for k in set(old) | set(m2r2_cfg) if old.get(k) != m2r2_cfg.get(k))
@@ -138,9 +151,15 @@ def load_m2r2(path: str | Path, cfg, base_params, model_name: str, mesh=None, ba
     extra_abs = {"draft_ids": jax.ShapeDtypeStruct((n_draft,), np.int32)}
     try:
         with ocp.CheckpointManager(step_dir.parent) as mngr:
-            r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract),
-                                                           extra=ocp.args.StandardRestore(extra_abs)))
+            r = mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract), extra=ocp.args.StandardRestore(extra_abs)
+                ),
+            )
     except Exception as e:
-        raise M2R2Error(f"cannot restore M2R2 params from {step_dir}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise M2R2Error(
+            f"cannot restore M2R2 params from {step_dir}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     return mc, r.params, r.extra["draft_ids"], meta

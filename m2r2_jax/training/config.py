@@ -1,5 +1,6 @@
 """Training config: a frozen dataclass read from YAML (configs/*.yaml) with
 `key=value` overrides (`m2r2.rank=16`, `lr=3e-4`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,17 +21,17 @@ def _at_least(cfg, names, lo: int, prefix: str = "") -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    sources: tuple[str, ...] = ()        # empty -> the default training prompt sources
-    num_prompts: int = 2000               # prompts to self-distill (deterministic shuffle, then limit)
+    sources: tuple[str, ...] = ()  # empty -> the default training prompt sources
+    num_prompts: int = 2000  # prompts to self-distill (deterministic shuffle, then limit)
     seed: int = 0
     distill_dir: str = "runs/distill/smollm2-135m"
     max_prompt_tokens: int = 192
     max_new_tokens: int = 192
     distill_batch_size: int = 16
-    heldout_prompts: int = 64             # the last N prompts are kept out of training (alignment eval)
-    loss_on_prompt: bool = False          # also train on prompt positions (the teacher is defined there too)
-    teacher_cache_dir: str = ""           # non-empty: cache the frozen base's slow states per example there
-                                          # (built once, resumable) and skip the slow forward in every step
+    heldout_prompts: int = 64  # the last N prompts are kept out of training (alignment eval)
+    loss_on_prompt: bool = False  # also train on prompt positions (the teacher is defined there too)
+    teacher_cache_dir: str = ""  # non-empty: cache the frozen base's slow states per example there
+    # (built once, resumable) and skip the slow forward in every step
     teacher_cache_dtype: str = "bfloat16"  # bfloat16 | float32 (storage of the cached intermediate states)
 
     def __post_init__(self):

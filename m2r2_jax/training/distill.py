@@ -14,17 +14,16 @@ resumes where it stopped: prompts already in finished shards are not redone
 (the done set is keyed by prompt text, so a rerun with more prompts extends the
 cache). A cache made with another model or other settings is refused.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import jax
-import numpy as np
+from typing import Any
 
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.model.params import params_fingerprint
@@ -38,6 +37,7 @@ PROBE = "Hello! Please answer briefly: what is 2 + 2?"
 class DistillModel:
     """What the cache needs from a model: `encode` maps prompt text to the full
     model input (chat template applied)."""
+
     cfg: Any
     params: Any
     encode: Callable[[str], Sequence[int]]
@@ -57,25 +57,35 @@ def as_distill_model(model) -> DistillModel:
             raise M2R2Error("the distillation cache needs the model's tokenizer (load it with tokenizer=True)")
         from m2r2_jax.loading.tokenizer import encode_prompt
 
-        return DistillModel(model.cfg, model.params, lambda t: encode_prompt(tok, t, chat=True),
-                            str(getattr(model, "source", "")))
-    raise M2R2Error(f"cannot build a distillation cache from a {type(model).__name__}: "
-                    "expected a LoadedModel or (cfg, params, encode_fn)")
+        return DistillModel(
+            model.cfg, model.params, lambda t: encode_prompt(tok, t, chat=True), str(getattr(model, "source", ""))
+        )
+    raise M2R2Error(
+        f"cannot build a distillation cache from a {type(model).__name__}: "
+        "expected a LoadedModel or (cfg, params, encode_fn)"
+    )
 
 
 def _identity(m: DistillModel) -> dict:
     config = json.loads(m.cfg.to_json())
     if not config.get("matmul_dtype"):  # the default (no matmul cast) leaves manifests as they were
         config.pop("matmul_dtype", None)
-    return {"source": m.source, "config": config,
-            "params_fingerprint": params_fingerprint(m.params),
-            "probe_ids": [int(i) for i in m.encode(PROBE)]}
+    return {
+        "source": m.source,
+        "config": config,
+        "params_fingerprint": params_fingerprint(m.params),
+        "probe_ids": [int(i) for i in m.encode(PROBE)],
+    }
 
 
 def _settings(m: DistillModel, max_prompt_tokens: int, max_new_tokens: int) -> dict:
-    return {"max_prompt_tokens": int(max_prompt_tokens), "max_new_tokens": int(max_new_tokens),
-            "chat_template": True, "decoding": "greedy",
-            "stop_ids": [int(i) for i in m.cfg.eos_token_ids]}
+    return {
+        "max_prompt_tokens": int(max_prompt_tokens),
+        "max_new_tokens": int(max_new_tokens),
+        "chat_template": True,
+        "decoding": "greedy",
+        "stop_ids": [int(i) for i in m.cfg.eos_token_ids],
+    }
 
 
 def _differences(a: dict, b: dict, prefix: str) -> list[str]:
@@ -83,6 +93,7 @@ def _differences(a: dict, b: dict, prefix: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- manifest
+
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -129,9 +140,13 @@ def load_distill_cache(out_dir: str | Path):
         raise M2R2Error(f"no distill cache at {out} (missing {MANIFEST})")
     files = _shard_files(out, man)
     if not files:
-        feats = datasets.Features({"prompt_ids": datasets.List(datasets.Value("int64")),
-                                   "answer_ids": datasets.List(datasets.Value("int64")),
-                                   "prompt": datasets.Value("string")})
+        feats = datasets.Features(
+            {
+                "prompt_ids": datasets.List(datasets.Value("int64")),
+                "answer_ids": datasets.List(datasets.Value("int64")),
+                "prompt": datasets.Value("string"),
+            }
+        )
         return datasets.Dataset.from_dict({"prompt_ids": [], "answer_ids": [], "prompt": []}, features=feats)
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
@@ -139,6 +154,7 @@ def load_distill_cache(out_dir: str | Path):
 
 
 # ----------------------------------------------------------------------------- build
+
 
 def _cache_len(cfg, prompt_len: int, max_new: int) -> int | None:
     """The batch's cache: the prompt bucket + max_new, rounded like every decode cache."""
@@ -148,9 +164,19 @@ def _cache_len(cfg, prompt_len: int, max_new: int) -> int | None:
     return s if s <= cfg.max_position_embeddings else None
 
 
-def build_distill_cache(model, prompts: Sequence[str], out_dir: str | Path, *, max_prompt_tokens: int = 256,
-                        max_new_tokens: int = 256, batch_size: int = 16, shard_size: int = 256,
-                        progress: bool = True, max_shards: int | None = None, mesh=None):
+def build_distill_cache(
+    model,
+    prompts: Sequence[str],
+    out_dir: str | Path,
+    *,
+    max_prompt_tokens: int = 256,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    shard_size: int = 256,
+    progress: bool = True,
+    max_shards: int | None = None,
+    mesh=None,
+):
     """Generate (or resume) the cache in `out_dir` and return it as a `datasets.Dataset`.
 
     `max_shards` stops after writing that many new shards (a deliberate partial
@@ -164,8 +190,10 @@ def build_distill_cache(model, prompts: Sequence[str], out_dir: str | Path, *, m
         raise M2R2Error("batch_size, shard_size, max_new_tokens and max_prompt_tokens must be >= 1")
     m = as_distill_model(model)
     if max_prompt_tokens + max_new_tokens > m.cfg.max_position_embeddings:
-        raise M2R2Error(f"max_prompt_tokens {max_prompt_tokens} + max_new_tokens {max_new_tokens} exceeds the "
-                        f"model's context of {m.cfg.max_position_embeddings} positions")
+        raise M2R2Error(
+            f"max_prompt_tokens {max_prompt_tokens} + max_new_tokens {max_new_tokens} exceeds the "
+            f"model's context of {m.cfg.max_position_embeddings} positions"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ident, settings = _identity(m), _settings(m, max_prompt_tokens, max_new_tokens)
@@ -175,11 +203,14 @@ def build_distill_cache(model, prompts: Sequence[str], out_dir: str | Path, *, m
             raise M2R2Error(f"{out} holds shard files but no {MANIFEST}: not resuming an unknown cache")
         man = {"format": FORMAT, "model": ident, "settings": settings, "shards": []}
     else:
-        diff = _differences(man.get("model", {}), ident, "model") + \
-            _differences(man.get("settings", {}), settings, "settings")
+        diff = _differences(man.get("model", {}), ident, "model") + _differences(
+            man.get("settings", {}), settings, "settings"
+        )
         if diff:
-            raise M2R2Error(f"distill cache {out} was made with another model or settings "
-                            f"(differs: {', '.join(diff)}); use a new out_dir")
+            raise M2R2Error(
+                f"distill cache {out} was made with another model or settings "
+                f"(differs: {', '.join(diff)}); use a new out_dir"
+            )
     done = _done_prompts(_shard_files(out, man))
 
     # encode the prompts still to do; skip the too long ones
@@ -195,25 +226,32 @@ def build_distill_cache(model, prompts: Sequence[str], out_dir: str | Path, *, m
             continue
         todo.append((len(ids), i, ids, text))
     todo.sort(key=lambda x: (x[0], x[1]))
-    chunks = [todo[k:k + shard_size] for k in range(0, len(todo), shard_size)]
+    chunks = [todo[k : k + shard_size] for k in range(0, len(todo), shard_size)]
     if max_shards is not None:
-        chunks = chunks[:max(0, int(max_shards))]
+        chunks = chunks[: max(0, int(max_shards))]
 
     gen = Generator(m.cfg, mesh)
     B = max(1, min(batch_size, len(todo)))
-    run = {"prompts_given": len(prompts), "already_done": n_done, "skipped_too_long": too_long,
-           "generated": 0, "new_tokens": 0, "seconds": 0.0}
+    run = {
+        "prompts_given": len(prompts),
+        "already_done": n_done,
+        "skipped_too_long": too_long,
+        "generated": 0,
+        "new_tokens": 0,
+        "seconds": 0.0,
+    }
     bar = tqdm(total=sum(map(len, chunks)), unit="prompt", disable=not progress, desc="distill")
     t_gen, n_tok = 0.0, 0
     try:
         for chunk in chunks:
             rows = []
             for b in range(0, len(chunk), B):
-                batch = chunk[b:b + B]
+                batch = chunk[b : b + B]
                 ids = [x[2] for x in batch]
                 ids += [ids[-1]] * (B - len(ids))  # static batch shape: pad with copies
-                g = GenerateConfig(max_new_tokens=max_new_tokens,
-                                   cache_len=_cache_len(m.cfg, batch[-1][0], max_new_tokens))
+                g = GenerateConfig(
+                    max_new_tokens=max_new_tokens, cache_len=_cache_len(m.cfg, batch[-1][0], max_new_tokens)
+                )
                 res = gen.generate(m.params, ids, g)
                 t_gen += res.decode_seconds  # compile time excluded: steady-state tokens/s
                 for (_, _, p_ids, text), ans in zip(batch, res.new_ids):
@@ -223,10 +261,12 @@ def build_distill_cache(model, prompts: Sequence[str], out_dir: str | Path, *, m
                 bar.set_postfix(tok_s=f"{n_tok / max(t_gen, 1e-9):.0f}", refresh=False)
             name = f"shard_{len(man['shards']):05d}.jsonl"
             _write_atomic(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            man["shards"].append({"file": name, "rows": len(rows),
-                                  "new_tokens": sum(len(r["answer_ids"]) for r in rows)})
-            run.update(generated=run["generated"] + len(rows), new_tokens=n_tok,
-                       seconds=round(time.perf_counter() - t0, 3))
+            man["shards"].append(
+                {"file": name, "rows": len(rows), "new_tokens": sum(len(r["answer_ids"]) for r in rows)}
+            )
+            run.update(
+                generated=run["generated"] + len(rows), new_tokens=n_tok, seconds=round(time.perf_counter() - t0, 3)
+            )
             man["complete"] = False
             man["last_run"] = run
             _write_atomic(out / MANIFEST, json.dumps(man, indent=1))

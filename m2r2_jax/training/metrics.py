@@ -1,4 +1,5 @@
 """One small metrics tracker: TensorBoard (tensorboardX) + JSONL, process 0 only."""
+
 from __future__ import annotations
 
 import json

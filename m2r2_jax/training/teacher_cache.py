@@ -13,6 +13,7 @@ Files: manifest.json (identity + progress), hid.npy, final.npy (NumPy memmaps). 
 build is resumable (progress is committed after each flushed chunk) and refuses a
 directory made for another base, data or layer set instead of overwriting it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,10 +50,14 @@ def make_teacher_fn(cfg: ModelConfig, mc: M2R2Config, m: int, dtype: str):
     def f(base, tokens, mask):
         B, T = tokens.shape
         select, _ = S.loss_positions(mask, m)
-        _, _, hs = D.forward_hidden(cfg, base, tokens, D.init_cache(cfg, B, T), jnp.zeros((B,), jnp.int32),
-                                    collect=True)
-        hid = jnp.stack([hs[j - 1] for j in layers], 1).astype(store) if layers else \
-            jnp.zeros((B, 0, T, cfg.hidden_size), store)
+        _, _, hs = D.forward_hidden(
+            cfg, base, tokens, D.init_cache(cfg, B, T), jnp.zeros((B,), jnp.int32), collect=True
+        )
+        hid = (
+            jnp.stack([hs[j - 1] for j in layers], 1).astype(store)
+            if layers
+            else jnp.zeros((B, 0, T, cfg.hidden_size), store)
+        )
         return hid, S.gather_positions(hs[-1], select).astype(jnp.float32)
 
     return jax.jit(f)
@@ -70,25 +75,44 @@ class TeacherCache:
         want_h = (n, len(manifest["layers"]), T, D)
         want_f = (n, manifest["loss_width"], D)
         if self.hid.shape != want_h or self.hid.dtype != disk or self.final.shape != want_f:
-            raise M2R2Error(f"teacher cache {path} is corrupt: hid {self.hid.shape} {self.hid.dtype}, "
-                            f"final {self.final.shape}; expected {want_h} {np.dtype(disk)}, {want_f}")
+            raise M2R2Error(
+                f"teacher cache {path} is corrupt: hid {self.hid.shape} {self.hid.dtype}, "
+                f"final {self.final.shape}; expected {want_h} {np.dtype(disk)}, {want_f}"
+            )
 
     def batch(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.hid[idx]).view(self.view), np.asarray(self.final[idx])
 
 
-def open_or_build(path: str | Path, cfg: ModelConfig, mc: M2R2Config, base: dict, base_id: dict,
-                  tokens: np.ndarray, mask: np.ndarray, dtype: str = "bfloat16", batch_size: int = 8,
-                  progress: bool = True) -> TeacherCache:
+def open_or_build(
+    path: str | Path,
+    cfg: ModelConfig,
+    mc: M2R2Config,
+    base: dict,
+    base_id: dict,
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    dtype: str = "bfloat16",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> TeacherCache:
     """Open the cache at `path`, building (or finishing) it first when needed."""
     if dtype not in _STORE:
         raise M2R2Error(f"data.teacher_cache_dtype={dtype!r}: expected one of {sorted(_STORE)}")
     path = Path(path)
     N, T = tokens.shape
     m = mc.loss_width(T)
-    ident = {"format": FORMAT, "base": base_id, "data": data_digest(tokens, mask), "num_examples": int(N),
-             "seq_len": int(T), "loss_width": int(m), "hidden_size": int(cfg.hidden_size),
-             "layers": mc.cached_layers(cfg.num_layers), "dtype": dtype}
+    ident = {
+        "format": FORMAT,
+        "base": base_id,
+        "data": data_digest(tokens, mask),
+        "num_examples": int(N),
+        "seq_len": int(T),
+        "loss_width": int(m),
+        "hidden_size": int(cfg.hidden_size),
+        "layers": mc.cached_layers(cfg.num_layers),
+        "dtype": dtype,
+    }
     man_path = path / "manifest.json"
     if man_path.is_file():
         try:
@@ -97,19 +121,24 @@ def open_or_build(path: str | Path, cfg: ModelConfig, mc: M2R2Config, base: dict
             raise M2R2Error(f"teacher cache manifest {man_path} is corrupt: {e}") from None
         diff = [k for k in ident if man.get(k) != ident[k]]
         if diff:
-            raise M2R2Error(f"teacher cache {path} was built for another {'/'.join(diff)}; "
-                            "point data.teacher_cache_dir elsewhere or delete it")
+            raise M2R2Error(
+                f"teacher cache {path} was built for another {'/'.join(diff)}; "
+                "point data.teacher_cache_dir elsewhere or delete it"
+            )
         done = int(man.get("done", 0))
     elif path.exists() and any(path.iterdir()):
-        raise M2R2Error(f"teacher cache directory {path} is not empty and has no manifest.json; refusing to "
-                        "overwrite it")
+        raise M2R2Error(
+            f"teacher cache directory {path} is not empty and has no manifest.json; refusing to overwrite it"
+        )
     else:
         path.mkdir(parents=True, exist_ok=True)
         disk = _STORE[dtype][0]
-        np.lib.format.open_memmap(path / "hid.npy", mode="w+", dtype=disk,
-                                  shape=(N, len(ident["layers"]), T, cfg.hidden_size)).flush()
-        np.lib.format.open_memmap(path / "final.npy", mode="w+", dtype=np.float32,
-                                  shape=(N, m, cfg.hidden_size)).flush()
+        np.lib.format.open_memmap(
+            path / "hid.npy", mode="w+", dtype=disk, shape=(N, len(ident["layers"]), T, cfg.hidden_size)
+        ).flush()
+        np.lib.format.open_memmap(
+            path / "final.npy", mode="w+", dtype=np.float32, shape=(N, m, cfg.hidden_size)
+        ).flush()
         done = 0
         _write_json(man_path, dict(ident, done=0))
     if done < N:

@@ -1,22 +1,23 @@
 """The training loop: data (self-distilled), sharded state, resumable Orbax
 checkpoints, tqdm progress, TensorBoard + JSONL metrics."""
+
 from __future__ import annotations
 
 import collections
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2r2_jax.data.batches import BatchStream, pack_examples
 from m2r2_jax.m2r2.params import init_m2r2
 from m2r2_jax.model.params import count_params
 from m2r2_jax.sharding import make_mesh, maybe_initialize_distributed
 from m2r2_jax.training import checkpoint as C
-from m2r2_jax.data.batches import BatchStream, pack_examples
 from m2r2_jax.training.config import TrainConfig, config_to_dict
 from m2r2_jax.training.metrics import Tracker
 from m2r2_jax.training.step import init_opt_state, lr_schedule, make_optimizer, make_train_step, train_shardings
@@ -40,15 +41,21 @@ def rank_draft_vocab(records: Sequence[dict], vocab_size: int, n: int, always: S
 
 
 def distilled_records(tc: TrainConfig, model) -> list[dict]:
-    from m2r2_jax.training.distill import build_distill_cache
     from m2r2_jax.data.prompts import default_train_sources, load_prompts
+    from m2r2_jax.training.distill import build_distill_cache
 
     d = tc.data
     sources = list(d.sources) or default_train_sources()
     prompts = load_prompts(sources, limit=d.num_prompts + d.heldout_prompts, seed=d.seed)
     train_prompts = prompts[: len(prompts) - d.heldout_prompts] if d.heldout_prompts else prompts
-    ds = build_distill_cache(model, train_prompts, d.distill_dir, max_prompt_tokens=d.max_prompt_tokens,
-                             max_new_tokens=d.max_new_tokens, batch_size=d.distill_batch_size)
+    ds = build_distill_cache(
+        model,
+        train_prompts,
+        d.distill_dir,
+        max_prompt_tokens=d.max_prompt_tokens,
+        max_new_tokens=d.max_new_tokens,
+        batch_size=d.distill_batch_size,
+    )
     return [dict(r) for r in ds]
 
 
@@ -56,12 +63,18 @@ def distilled_records(tc: TrainConfig, model) -> list[dict]:
 class TrainResult:
     step: int
     m2r2: dict
-    history: list   # metrics dicts of the steps run in this call
+    history: list  # metrics dicts of the steps run in this call
     draft_ids: np.ndarray
 
 
-def train(tc: TrainConfig, *, model=None, records: Sequence[dict] | None = None, progress: bool = True,
-          stop_at: int | None = None) -> TrainResult:
+def train(
+    tc: TrainConfig,
+    *,
+    model=None,
+    records: Sequence[dict] | None = None,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> TrainResult:
     """Train (or resume) until tc.steps (or `stop_at`, for tests). `model` is a LoadedModel."""
     maybe_initialize_distributed(tc.mesh)
     mesh = make_mesh(tc.mesh)
@@ -84,8 +97,9 @@ def train(tc: TrainConfig, *, model=None, records: Sequence[dict] | None = None,
     stream = BatchStream(tokens, mask, tc.batch_size, tc.seed)
     draft_ids = rank_draft_vocab(records, cfg.vocab_size, mc.draft_vocab, cfg.eos_token_ids)
 
-    sh = train_shardings(mesh, cfg, mc, base, jax.eval_shape(lambda: init_m2r2(cfg, mc, jax.random.key(0))),
-                         (tc.batch_size, tc.seq_len))
+    sh = train_shardings(
+        mesh, cfg, mc, base, jax.eval_shape(lambda: init_m2r2(cfg, mc, jax.random.key(0))), (tc.batch_size, tc.seq_len)
+    )
     m2r2 = jax.jit(lambda k: init_m2r2(cfg, mc, k), out_shardings=sh["m2r2"])(jax.random.key(tc.seed))
     opt, sched = make_optimizer(tc), lr_schedule(tc)
     opt_state, opt_sh = init_opt_state(opt, m2r2, mesh)
@@ -101,17 +115,33 @@ def train(tc: TrainConfig, *, model=None, records: Sequence[dict] | None = None,
     if tc.data.teacher_cache_dir:
         from m2r2_jax.training.teacher_cache import open_or_build
 
-        teacher = open_or_build(tc.data.teacher_cache_dir, cfg, mc, base, base_id, tokens, mask,
-                                tc.data.teacher_cache_dtype, tc.batch_size,
-                                progress=progress and jax.process_index() == 0)
+        teacher = open_or_build(
+            tc.data.teacher_cache_dir,
+            cfg,
+            mc,
+            base,
+            base_id,
+            tokens,
+            mask,
+            tc.data.teacher_cache_dtype,
+            tc.batch_size,
+            progress=progress and jax.process_index() == 0,
+        )
     step_fn = make_train_step(cfg, mc, opt, sh, opt_sh, cached=teacher is not None)
     base_sh = sh["base"]
     base = jax.tree.map(lambda a, s: a if a.sharding == s else jax.device_put(a, s), base, base_sh)
 
     def meta_now():
-        return {"step": step, "data_position": pos, "seed": tc.seed, "config": config_to_dict(tc),
-                "base": base_id, "draft_vocab_size": int(len(draft_ids)),
-                "trainable_params": count_params(m2r2), "base_params": count_params(base)}
+        return {
+            "step": step,
+            "data_position": pos,
+            "seed": tc.seed,
+            "config": config_to_dict(tc),
+            "base": base_id,
+            "draft_vocab_size": int(len(draft_ids)),
+            "trainable_params": count_params(m2r2),
+            "base_params": count_params(base),
+        }
 
     tracker = Tracker(out)
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
@@ -142,10 +172,12 @@ def train(tc: TrainConfig, *, model=None, records: Sequence[dict] | None = None,
                 tracker.log(step, met)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(met['loss']):.3f}", agree=f"{float(met['agreement']):.3f}",
-                                tok_s=f"{met['tokens_per_second']:.0f}")
-            ckpt.save(step, m2r2, opt_state, {"draft_ids": draft_ids}, meta_now(),
-                      force=(step == tc.steps))
+                bar.set_postfix(
+                    loss=f"{float(met['loss']):.3f}",
+                    agree=f"{float(met['agreement']):.3f}",
+                    tok_s=f"{met['tokens_per_second']:.0f}",
+                )
+            ckpt.save(step, m2r2, opt_state, {"draft_ids": draft_ids}, meta_now(), force=(step == tc.steps))
     finally:
         if bar is not None:
             bar.close()
