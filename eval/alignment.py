@@ -33,6 +33,15 @@ def main(argv=None):
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     quiet_env()
+    from m2r2_jax.errors import M2R2Error
+
+    for flag, v, lo in (
+        ("--limit", a.limit, 1),
+        ("--max-new-tokens", a.max_new_tokens, 1),
+        ("--seq-len", a.seq_len, 2),
+    ):
+        if v < lo:
+            raise M2R2Error(f"{flag} must be >= {lo}, got {v}")
 
     from pathlib import Path
 
@@ -40,6 +49,7 @@ def main(argv=None):
     from m2r2_jax.data.prompts import load_prompts
     from m2r2_jax.decoding.generate import GenerateConfig, Generator
     from m2r2_jax.evaluation.alignment import draft_weight_fraction, evaluate_alignment
+    from m2r2_jax.evaluation.spec_eval import machine_info
     from m2r2_jax.loading.registry import load_model
     from m2r2_jax.loading.tokenizer import encode_prompt
     from m2r2_jax.training.checkpoint import load_m2r2
@@ -71,6 +81,7 @@ def main(argv=None):
             "train_step": meta.get("step"),
         }
     )
+    out["machine"] = machine_info()
     if a.json:
         print(json.dumps(out))
     else:

@@ -94,6 +94,7 @@ def main(argv=None):
     from m2r2_jax.decoding.generate import Generator
     from m2r2_jax.errors import M2R2Error
     from m2r2_jax.evaluation.hf_reference import hf_reference_model
+    from m2r2_jax.evaluation.spec_eval import machine_info
     from m2r2_jax.loading.registry import load_model
     from m2r2_jax.loading.tokenizer import encode_prompt
 
@@ -133,6 +134,7 @@ def main(argv=None):
             }
         )
     res["verify_cost"] = verify_cost_curve(m.cfg, params, backend)
+    res["machine"] = machine_info()
     if a.json:
         print(json.dumps(res))
     else:

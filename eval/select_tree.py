@@ -28,24 +28,28 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
 
+    from m2r2_jax.cli import check_number, read_json
     from m2r2_jax.decoding.tree_select import acceptance_from_nodes, select_tree
     from m2r2_jax.errors import M2R2Error
 
-    def read(path):
-        try:
-            return json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise M2R2Error(f"file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise M2R2Error(f"corrupt JSON {path}: {e}") from None
-
-    spec, bench = read(a.spec), read(a.bench)
-    if not spec.get("node_acceptance"):
+    check_number("--draft-cost", a.draft_cost, lo=0)
+    check_number("--node-cost", a.node_cost, lo=0)
+    check_number("--max-nodes", a.max_nodes, lo=1, integer=True)
+    if a.out and not Path(a.out).parent.is_dir():
+        raise M2R2Error(f"--out: directory {Path(a.out).parent} does not exist")
+    spec, bench = read_json(a.spec), read_json(a.bench)
+    if not isinstance(spec, dict) or not spec.get("node_acceptance"):
         raise M2R2Error(f"{a.spec} has no node_acceptance (run eval.speculative greedy over an exploratory tree)")
-    if "verify_cost" not in bench:
+    if not isinstance(bench, dict) or not isinstance(bench.get("verify_cost"), dict):
         raise M2R2Error(f"{a.bench} has no verify_cost (run eval.bench_decode --json)")
-    curve = {int(k): v["relative"] for k, v in bench["verify_cost"].items()}
-    choice = select_tree(acceptance_from_nodes(spec["node_acceptance"]), curve, a.draft_cost, a.node_cost, a.max_nodes)
+    try:
+        curve = {int(k): float(v["relative"]) for k, v in bench["verify_cost"].items()}
+        acc = acceptance_from_nodes(spec["node_acceptance"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise M2R2Error(f"malformed node_acceptance or verify_cost ({type(e).__name__}: {e})") from None
+    if 1 not in curve:
+        raise M2R2Error(f"{a.bench}: verify_cost has no entry for T = 1")
+    choice = select_tree(acc, curve, a.draft_cost, a.node_cost, a.max_nodes)
     for T, d, tau, cost, sp in choice.table:
         print(f"T={T:3d} depth={d} tau={tau:.2f} cost={cost:.2f} speedup={sp:.3f}")
     print(f"best: {choice.tree.size} nodes, depth {choice.tree.max_depth}, expected speed-up {choice.speedup:.3f}")

@@ -11,13 +11,33 @@ from m2r2_jax.errors import M2R2Error
 
 
 def run_main(main: Callable[[list[str] | None], int | None], argv=None) -> None:
-    """Run a CLI entry point; a bad input exits 2 with one `error: ...` line."""
+    """Run a CLI entry point; a bad input exits 2 with one `error: ...` line.
+
+    As a real process (argv None), the interpreter's teardown after that line is silenced: background
+    threads of the checkpoint library may otherwise print tracebacks about their closed event loop."""
     try:
         rc = main(argv)
     except M2R2Error as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        if argv is None:
+            _silence_teardown()
         sys.exit(2)
     sys.exit(rc or 0)
+
+
+def _silence_teardown() -> None:
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    sys.unraisablehook = lambda *_: None
+    try:
+        sys.stdout.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives until exit
+    except OSError:
+        pass
 
 
 def add_model_args(p: argparse.ArgumentParser, decode: bool = True) -> None:
@@ -68,3 +88,46 @@ def parse_mesh(spec: str | None):
 def quiet_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def read_json(path, jsonl: bool = False):
+    """A JSON (or JSONL: a list of objects) file's data, with one clear error for a missing, unreadable,
+    non-UTF-8 or malformed file (naming the line of a bad JSONL record)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise M2R2Error(f"file not found: {p}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise M2R2Error(f"{p} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise M2R2Error(f"cannot read {p}: {e.strerror}") from None
+    if not jsonl:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise M2R2Error(f"corrupt JSON {p}: {e}") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise M2R2Error(f"corrupt JSONL {p}, line {n}: {e.msg} (column {e.colno})") from None
+            if not isinstance(rows[-1], dict):
+                raise M2R2Error(f"corrupt JSONL {p}, line {n}: expected a JSON object")
+    return rows
+
+
+def check_number(flag: str, v, lo=None, hi=None, integer: bool = False) -> None:
+    """One-line error unless v is a finite number (an integer when asked) in [lo, hi]."""
+    import math
+
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    ok = ok and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
+        raise M2R2Error(f"{flag} must be a finite {'integer' if integer else 'number'}{rng}, got {v!r}")

@@ -122,7 +122,19 @@ _HF_ARCH = {
 
 def model_config_from_hf(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
     """Build a ModelConfig from an HF config.json dict (strict about what we can't do)."""
+    if not isinstance(cfg, Mapping):
+        raise M2R2Error(f"HF config.json must be a JSON object, got {type(cfg).__name__}")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        v = cfg.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise M2R2Error(f"HF config.json: {key!r} must be a positive integer, got {v!r}")
+    for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise M2R2Error(f"HF config.json: {key!r} must be a positive integer, got {v!r}")
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, (list, tuple)):
+        archs = [archs]
     model_type = cfg.get("model_type", "")
     arch = None
     for a in archs:

@@ -30,7 +30,7 @@ def main(argv=None):
     if a.distill_only:
         from m2r2_jax.loading.registry import load_model
 
-        recs = distilled_records(tc, load_model(tc.model))
+        recs = distilled_records(tc, load_model(tc.model), progress=not a.no_progress)
         print(
             f"distill cache {tc.data.distill_dir}: {len(recs)} records, "
             f"{sum(len(r['answer_ids']) for r in recs)} answer tokens"

@@ -149,11 +149,23 @@ def _format(keys: set[str]) -> str:
     )
 
 
+def _turns(rec: dict, row: int, label: str) -> list[str]:
+    """A record's `turns`: a list of strings (a bare string or a number is an error, not a guess)."""
+    t = rec.get("turns")
+    if t is None:
+        return []
+    if not isinstance(t, (list, tuple)) or not all(isinstance(x, str) or x is None for x in t):
+        raise M2R2Error(
+            f"{label}: record {row + 1}: 'turns' must be a list of strings, got {type(t).__name__} {str(t)[:40]!r}"
+        )
+    return [_s(x) for x in t if _s(x)]
+
+
 def _item(rec: dict, fmt: str, row: int, default_cat: str, label: str) -> EvalItem | None:
     rid = next((rec[k] for k in ("question_id", "id", "idx") if rec.get(k) is not None), row)
     raw = None
     if fmt == "turns":
-        turns = [_s(t) for t in (rec.get("turns") or []) if _s(t)]
+        turns = _turns(rec, row, label)
         raw = _s(rec.get("category")) or None
     elif fmt == "self_instruct":
         inst = rec.get("instances") or []
@@ -213,7 +225,7 @@ def balanced_limit(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
 
 def resolve_eval_source(name_or_path: str) -> tuple[str, str]:
     """-> (kind, location): ('local', path) or ('hub', name)."""
-    from m2r2_jax.data.prompts import data_root
+    from m2r2_jax.data import data_root
 
     s = str(name_or_path)
     if s == "builtin":  # the project's own small prompt set, shipped in the package

@@ -85,14 +85,25 @@ def _local_files(src: str) -> list[Path]:
 
 
 def _read_plain_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".jsonl":
-            obj = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise M2R2Error(f"cannot read {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise M2R2Error(f"cannot read {path}: {e.strerror}") from None
+    if path.suffix == ".jsonl":
+        obj = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    obj.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise M2R2Error(f"cannot parse {path}, line {n}: {e.msg} (column {e.colno})") from None
+    else:
+        try:
             obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise M2R2Error(f"cannot parse {path}: {e}") from None
+        except json.JSONDecodeError as e:
+            raise M2R2Error(f"cannot parse {path}: {e}") from None
     if isinstance(obj, dict):  # {"data": [...]}: the one list of records inside
         lists = [v for v in obj.values() if isinstance(v, list)]
         obj = lists[0] if len(lists) == 1 else [obj]
@@ -182,6 +193,8 @@ def _extract(rec: dict, fmt: str) -> str | None:
         return _s(rec.get("text"))
     if fmt == "turns":
         t = rec.get("turns") or []
+        if not isinstance(t, (list, tuple)):
+            raise M2R2Error(f"a record's 'turns' must be a list of strings, got {type(t).__name__} {str(t)[:40]!r}")
         return _s(t[0]) if t else ""
     if fmt == "question":
         return _s(rec.get("question"))
@@ -246,7 +259,8 @@ def find_eval_root(paths: Iterable[str | Path]) -> Path | None:
 
 
 def _eval_texts(rec: dict) -> Iterable[str]:
-    for t in rec.get("turns") or ():
+    turns = rec.get("turns")
+    for t in turns if isinstance(turns, (list, tuple)) else [turns]:
         yield _s(t)
     for k in ("question", "prompt", "Instruction", "instruction"):
         yield _s(rec.get(k))

@@ -102,6 +102,11 @@ class M2R2Drafter(Drafter):
     def prepare(self, base, m2r2, draft_ids):
         """{"dp": `stream.draft_params` (merged adapters, the draft head), "draft_ids"}."""
         ids = jnp.asarray(draft_ids, jnp.int32)
+        if self.tree.topk > ids.shape[0]:
+            raise M2R2Error(
+                f"draft tree {self.tree.name!r} ranks up to {self.tree.topk} candidates per node, more than "
+                f"the draft vocabulary's {ids.shape[0]} tokens"
+            )
         dp = jax.jit(lambda b, m, d: S.draft_params(self.cfg, self.mc, b, m, d, self.depth, self.backend))(
             base, m2r2, ids
         )

@@ -46,14 +46,28 @@ class DraftTree:
         return isinstance(other, DraftTree) and (self.name, self.paths) == (other.name, other.paths)
 
 
+MAX_RANK = 64  # candidates per expanded node (a top-k over the draft vocabulary)
+MAX_NODES = 256
+
+
+def _path(p) -> tuple[int, ...]:
+    if not isinstance(p, (list, tuple)) or not all(isinstance(r, int) and not isinstance(r, bool) for r in p):
+        raise M2R2Error(f"draft tree path {p!r} must be a list of integer ranks")
+    return tuple(p)
+
+
 def build_tree(paths: Sequence[Sequence[int]], name: str = "custom") -> DraftTree:
-    ps = sorted({tuple(int(r) for r in p) for p in paths if len(p)}, key=lambda p: (len(p), p))
+    if not isinstance(paths, (list, tuple)):
+        raise M2R2Error(f"draft tree paths must be a list of paths, got {type(paths).__name__}")
+    ps = sorted({_path(p) for p in paths if _path(p)}, key=lambda p: (len(p), p))
+    if len(ps) + 1 > MAX_NODES:
+        raise M2R2Error(f"draft tree has {len(ps) + 1} nodes; at most {MAX_NODES} are supported")
     if not ps:
         raise M2R2Error("a draft tree needs at least one path")
     known = {(): 0}
     for p in ps:
-        if any(r < 0 for r in p):
-            raise M2R2Error(f"draft tree path {list(p)} has a negative rank")
+        if any(r < 0 or r >= MAX_RANK for r in p):
+            raise M2R2Error(f"draft tree path {list(p)} has a rank outside [0, {MAX_RANK})")
         if p[:-1] not in known:
             raise M2R2Error(f"draft tree path {list(p)} has no parent path {list(p[:-1])}")
         known[p] = len(known)
@@ -141,9 +155,13 @@ def get_tree(name_or_paths) -> DraftTree:
         if not f.is_file():
             raise M2R2Error(f"draft tree file not found: {f}")
         try:
-            return build_tree(json.loads(f.read_text())["paths"], f.stem)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            data = json.loads(f.read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise M2R2Error(f"corrupt draft tree file {f}: {e}") from None
+        paths = data.get("paths") if isinstance(data, dict) else data
+        if paths is None:
+            raise M2R2Error(f'draft tree file {f}: expected {{"paths": [[rank, ...], ...]}} or a list of paths')
+        return build_tree(paths, f.stem)
     if isinstance(name_or_paths, str):
         if name_or_paths not in PRESETS:
             raise M2R2Error(f"unknown draft tree {name_or_paths!r}; presets: {', '.join(PRESETS)}")

@@ -600,16 +600,51 @@ def _hf_summary(units: list[dict], names: list[str]) -> dict:
 
 
 def machine_info() -> dict:
+    """Where and when a result was measured: CPU model, JAX backend, date and the repository's commit."""
+    import datetime
+    import subprocess
+
     import jax
 
     d = jax.devices()
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    try:
+        root = Path(__file__).resolve().parents[2]
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
     return dict(
         platform=platform.platform(),
-        processor=platform.processor() or platform.machine(),
+        processor=cpu,
         python=platform.python_version(),
         cpu_count=os.cpu_count(),
         jax=jax.__version__,
         backend=jax.default_backend(),
         devices=len(d),
         device_kind=d[0].device_kind if d else None,
+        commit=commit,
+        uncommitted_changes=dirty,
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )

@@ -11,6 +11,11 @@ def encode_chat(tokenizer, messages: Sequence[dict]) -> list[int]:
     """Exactly `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`, as a list of ints."""
     if not hasattr(tokenizer, "apply_chat_template"):
         raise M2R2Error("this model's tokenizer has no chat template (a chat model is needed)")
+    for m in messages:
+        try:
+            str(m.get("content", "")).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise M2R2Error(f"a {m.get('role', 'chat')} turn is not valid UTF-8 text (character {e.start})") from None
     try:
         ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
     except (ValueError, TypeError) as e:
@@ -26,6 +31,10 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     """One user turn: chat-templated (`encode_chat`) or plain text."""
     if not isinstance(text, str):
         raise M2R2Error(f"a prompt must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise M2R2Error(f"the prompt is not valid UTF-8 text (character {e.start})") from None
     if chat:
         return encode_chat(tokenizer, [{"role": "user", "content": text}])
     return [int(i) for i in tokenizer(text)["input_ids"]]

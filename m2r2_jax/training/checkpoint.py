@@ -72,10 +72,7 @@ class Checkpointer:
         try:
             r = self.mngr.restore(step, args=args)
         except Exception as e:
-            raise M2R2Error(
-                f"cannot restore checkpoint step {step} from {self.dir}: {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}"
-            ) from None
+            raise M2R2Error(f"cannot restore checkpoint step {step} from {self.dir}: {_restore_error(e)}") from None
         return r.params, r.opt_state, r.extra, dict(r.meta)
 
     def read_meta(self, step: int) -> dict:
@@ -89,24 +86,55 @@ class Checkpointer:
         self.mngr.close()
 
 
+def latest_step(directory: str | Path) -> int | None:
+    """The newest finished step in a checkpoint directory (None when there is none), creating nothing."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    steps = [int(c.name) for c in d.iterdir() if c.is_dir() and c.name.isdigit() and (c / "meta").is_dir()]
+    return max(steps) if steps else None
+
+
 def read_meta(step_dir: Path) -> dict:
+    """A step's metadata, checked for the fields every reader needs (step, config, base)."""
     f = Path(step_dir) / "meta" / "metadata"
     if not f.is_file():
         raise M2R2Error(f"not an M2R2 checkpoint (no meta): {step_dir}")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise M2R2Error(f"corrupt checkpoint metadata {f}: {e}") from None
+    if not isinstance(meta, dict):
+        raise M2R2Error(f"corrupt checkpoint metadata {f}: expected a JSON object")
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise M2R2Error(f"corrupt checkpoint metadata {f}: no valid 'step' (got {step!r})")
+    for k in ("config", "base"):
+        if not isinstance(meta.get(k), dict):
+            raise M2R2Error(f"corrupt checkpoint metadata {f}: no {k!r} object")
+    return meta
+
+
+def _restore_error(e: Exception) -> str:
+    """The checkpoint library's error: its first line, without the TensorStore spec it may dump."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return msg.split(" See full TensorStore details")[0]
 
 
 def check_compatible(meta: dict, base_id: dict, m2r2_cfg: dict | None, where: str) -> None:
-    """Refuse a checkpoint made for another base model or another M2R2 architecture."""
-    b = meta.get("base", {})
-    if b.get("config") != base_id["config"] or b.get("fingerprint") != base_id["fingerprint"]:
+    """Refuse a checkpoint made for another base model or another M2R2 architecture, naming what differs."""
+    b = meta.get("base")
+    if not isinstance(b, dict):
+        raise M2R2Error(f"checkpoint {where}: its metadata has no base model identity")
+    old_cfg, new_cfg = b.get("config") or {}, base_id["config"]
+    diff = [k for k in sorted(set(old_cfg) | set(new_cfg)) if old_cfg.get(k) != new_cfg.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {old_cfg.get(k)!r} there, {new_cfg.get(k)!r} here" for k in diff[:4])
+        raise M2R2Error(f"checkpoint {where} was made for another base model config ({shown})")
+    if b.get("fingerprint") != base_id["fingerprint"]:
         raise M2R2Error(
-            f"checkpoint {where} was made for base model {b.get('model')!r} "
-            f"(fingerprint {b.get('fingerprint')}), not {base_id['model']!r} "
-            f"(fingerprint {base_id['fingerprint']})"
+            f"checkpoint {where} was made for base model {b.get('model')!r} with other weights (weight "
+            f"fingerprint {b.get('fingerprint')} there, {base_id['fingerprint']} for {base_id['model']!r} here)"
         )
     if m2r2_cfg is not None and meta.get("config", {}).get("m2r2") != m2r2_cfg:
         old = meta.get("config", {}).get("m2r2", {})
@@ -119,6 +147,8 @@ def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, int]:
     p = Path(path).expanduser().absolute()
     if not p.exists():
         raise M2R2Error(f"checkpoint not found: {p}")
+    if not p.is_dir():
+        raise M2R2Error(f"checkpoint {p} is a file: expected a checkpoint directory (a run dir or a step dir)")
     if (p / "meta").is_dir():
         return p, int(read_meta(p)["step"])
     steps = sorted((int(c.name), c) for c in p.iterdir() if c.is_dir() and c.name.isdigit() and (c / "meta").is_dir())
@@ -158,8 +188,5 @@ def load_m2r2(path: str | Path, cfg, base_params, model_name: str, mesh=None, ba
                 ),
             )
     except Exception as e:
-        raise M2R2Error(
-            f"cannot restore M2R2 params from {step_dir}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}"
-        ) from None
+        raise M2R2Error(f"cannot restore M2R2 params from {step_dir}: {_restore_error(e)}") from None
     return mc, r.params, r.extra["draft_ids"], meta

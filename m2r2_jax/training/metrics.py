@@ -11,14 +11,25 @@ import numpy as np
 
 
 class Tracker:
-    def __init__(self, out_dir: str | Path, enabled: bool | None = None):
+    """`resume_step`: a run resumed from that step drops the JSONL records of later steps (logged before
+    the interruption, after the last checkpoint), so every step appears once."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool | None = None, resume_step: int = 0):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.dir = Path(out_dir)
         self._tb = None
         self._f = None
         if self.enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.dir / "metrics.jsonl", "a")
+            path = self.dir / "metrics.jsonl"
+            if path.exists():
+                keep = [
+                    line
+                    for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                ]
+                path.write_text("".join(line + "\n" for line in keep))
+            self._f = open(path, "a")
             try:
                 from tensorboardX import SummaryWriter
 

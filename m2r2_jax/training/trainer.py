@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2r2_jax.data.batches import BatchStream, pack_examples
+from m2r2_jax.errors import M2R2Error
 from m2r2_jax.m2r2.params import init_m2r2
 from m2r2_jax.model.params import count_params
 from m2r2_jax.sharding import make_mesh, maybe_initialize_distributed
@@ -40,7 +41,7 @@ def rank_draft_vocab(records: Sequence[dict], vocab_size: int, n: int, always: S
     return np.asarray(sorted(ids), np.int32)
 
 
-def distilled_records(tc: TrainConfig, model) -> list[dict]:
+def distilled_records(tc: TrainConfig, model, progress: bool = True) -> list[dict]:
     from m2r2_jax.data.prompts import default_train_sources, load_prompts
     from m2r2_jax.training.distill import build_distill_cache
 
@@ -55,6 +56,7 @@ def distilled_records(tc: TrainConfig, model) -> list[dict]:
         max_prompt_tokens=d.max_prompt_tokens,
         max_new_tokens=d.max_new_tokens,
         batch_size=d.distill_batch_size,
+        progress=progress,
     )
     return [dict(r) for r in ds]
 
@@ -86,13 +88,14 @@ def train(
     mc = tc.m2r2.validate(cfg.num_layers)
     out = Path(tc.out_dir)
     base_id = C.base_identity(tc.model, cfg, base, getattr(model, "fingerprint", None))
-    ckpt = C.Checkpointer(out / "checkpoints", tc.save_every, tc.keep, tc.async_save)
-    latest = ckpt.latest_step()
+    latest = C.latest_step(out / "checkpoints")  # nothing is created before the inputs are known good
     if latest is not None:  # refuse before any expensive work
-        C.check_compatible(ckpt.read_meta(latest), base_id, config_to_dict(tc)["m2r2"], str(out))
+        C.check_compatible(
+            C.read_meta(out / "checkpoints" / str(latest)), base_id, config_to_dict(tc)["m2r2"], str(out)
+        )
 
     if records is None:
-        records = distilled_records(tc, model)
+        records = distilled_records(tc, model, progress=progress and jax.process_index() == 0)
     tokens, mask = pack_examples(records, tc.seq_len, loss_on_prompt=tc.data.loss_on_prompt)
     stream = BatchStream(tokens, mask, tc.batch_size, tc.seed)
     draft_ids = rank_draft_vocab(records, cfg.vocab_size, mc.draft_vocab, cfg.eos_token_ids)
@@ -104,6 +107,7 @@ def train(
     opt, sched = make_optimizer(tc), lr_schedule(tc)
     opt_state, opt_sh = init_opt_state(opt, m2r2, mesh)
     step, pos = 0, 0
+    ckpt = C.Checkpointer(out / "checkpoints", tc.save_every, tc.keep, tc.async_save)
     if latest is not None:
         abs_of = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
         extra_abs = {"draft_ids": jax.ShapeDtypeStruct(draft_ids.shape, np.int32)}
@@ -143,7 +147,7 @@ def train(
             "base_params": count_params(base),
         }
 
-    tracker = Tracker(out)
+    tracker = Tracker(out, resume_step=step)
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
     history = []
     bar = None
@@ -163,6 +167,12 @@ def train(
                 extra = (jax.device_put(th, sh["teacher_hid"]), jax.device_put(tf, sh["teacher_final"]))
             m2r2, opt_state, met = step_fn(m2r2, opt_state, base, bt, bm, draft_dev, *extra)
             met = jax.tree.map(np.asarray, met)
+            if not (np.isfinite(met["loss"]) and np.isfinite(met["grad_norm"])):
+                raise M2R2Error(
+                    f"training diverged: non-finite loss or gradient at step {step + 1} (loss "
+                    f"{float(met['loss'])}); nothing was saved for it, the last checkpoint is step "
+                    f"{ckpt.latest_step()} in {ckpt.dir} (lower lr or clip_norm)"
+                )
             dt = time.perf_counter() - t0
             step, pos = step + 1, pos + 1
             met["tokens_per_second"] = float(met["tokens"]) / dt
