@@ -64,13 +64,17 @@ class MeshConfig:
 
 
 def maybe_initialize_distributed(cfg: MeshConfig) -> None:
-    """Multi-host start (TPU pods pick the addresses up from the environment)."""
+    """Multi-host start: from the mesh config's coordinator fields (local multi-process runs), or with
+    M2R2_DISTRIBUTED=1 from the environment (TPU VMs and SLURM set what `jax.distributed.initialize` reads).
+    Runs before anything touches a JAX backend."""
     if cfg.coordinator_address or os.environ.get("M2R2_DISTRIBUTED") == "1":
         kw = {}
         if cfg.coordinator_address:
             kw = dict(
                 coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id
             )
+        # CPU devices of different processes talk over gloo (no effect on TPU/GPU collectives)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(**kw)
 
 

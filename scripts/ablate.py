@@ -27,9 +27,9 @@ ABLATIONS = {
     "skip_prompt": ["m2r2.layer_map=skip", "data.loss_on_prompt=true"],
     "prefix_prompt": ["m2r2.layer_map=prefix", "data.loss_on_prompt=true"],
     "r2_L15": ["m2r2.rate=2"],  # rate 2: 15 fast layers
-    "L8": ["m2r2.num_fast_layers=8"],  # with the config's map (skip since session 2)
+    "L8": ["m2r2.num_fast_layers=8"],  # with the config's map
     "L5": ["m2r2.num_fast_layers=5"],
-    "prefix_L8": ["m2r2.layer_map=prefix", "m2r2.num_fast_layers=8"],  # session 1's L8 / L5 rows
+    "prefix_L8": ["m2r2.layer_map=prefix", "m2r2.num_fast_layers=8"],  # the prefix map at L8 / L5
     "prefix_L5": ["m2r2.layer_map=prefix", "m2r2.num_fast_layers=5"],
     "kd_only": ["m2r2.align_weight=0.0", "m2r2.align_final_weight=0.0"],
 }

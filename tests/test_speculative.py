@@ -279,9 +279,10 @@ def test_tree_selection_trades_acceptance_for_cost():
     assert acceptance_from_nodes(rows) == [[0.6, 0.2], [0.5]]
 
 
-def test_merged_draft_params_equal_adapters(tiny):
-    """Drafting folds the adapters (W + A B) and gains into the layer weights: the same fast stream
-    (`FastStream(merged=True)` over the merged params) and draft head up to float rounding."""
+@pytest.mark.parametrize("adapter", ["lowrank", "full"])
+def test_merged_draft_params_equal_adapters(tiny, adapter):
+    """Drafting folds the adapters (W + A B, or W + D at full rank) and gains into the layer weights: the
+    same fast stream (`FastStream(merged=True)` over the merged params) and draft head up to float rounding."""
     from m2r2_jax.m2r2 import stream as S
     from m2r2_jax.m2r2.modules import FastStream
     from m2r2_jax.model import layers as L
@@ -289,8 +290,18 @@ def test_merged_draft_params_equal_adapters(tiny):
     from m2r2_jax.model.params import module_tree
 
     cfg, base = tiny
-    mc, m2r2 = _m2r2(cfg, gain=True)
+    mc, m2r2 = _m2r2(cfg, gain=True, adapter=adapter)
     m2r2["fast"] = [dict(ad, gain_attn=ad["gain_attn"] * 1.5, gain_mlp=ad["gain_mlp"] * 0.5) for ad in m2r2["fast"]]
+    if adapter == "full":  # a trainable [in, out] delta per projection (zero at init: perturbed here)
+        assert set(m2r2["fast"][0]["q"]) == {"d"} and m2r2["fast"][0]["q"]["d"].shape == (cfg.hidden_size, cfg.q_dim)
+        m2r2 = jax.tree_util.tree_map_with_path(
+            lambda p, x: (
+                x + 0.05 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+                if getattr(p[-1], "key", "") == "d"
+                else x
+            ),
+            m2r2,
+        )
     draft_ids = jnp.asarray([7, 3, 100, 42, 5], jnp.int32)
     dp = S.draft_params(cfg, mc, base, m2r2, draft_ids)
     B, T = 2, 5

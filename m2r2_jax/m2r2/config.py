@@ -18,7 +18,8 @@ class M2R2Config:
     num_fast_layers: int = 0  # L_f; 0 -> ceil((N - b) / r)
     layer_map: str = "prefix"  # which base weights fast layer l runs: prefix (b+l-1) |
     # strided (t(l)-1, last of its group) | skip (t(l-1), first of its group)
-    rank: int = 32  # accelerator adapter rank
+    rank: int = 32  # accelerator adapter rank (adapter=lowrank)
+    adapter: str = "lowrank"  # lowrank: W + A B (rank `rank`) | full: W + D, D a full trainable [in, out] delta
     targets: tuple[str, ...] = ALL_TARGETS
     gain: bool = True  # per-layer, per-channel gain on each residual update
     router_dim: int = 64  # ARLA width

@@ -3,13 +3,15 @@
     M2R2                the trainable tree: fast (FastStream), router (ARLARouter)
       FastStream        fast layers "0" .. "L_f-1" (FastLayer)
         FastLayer       accelerator adapters q, k, v, o, gate, up, down (LowRank: a [in, rank],
-                        b [rank, out]) and gains gain_attn / gain_mlp [embed] around one frozen base layer
+                        b [rank, out]; or FullDelta: d [in, out]) and gains gain_attn / gain_mlp [embed]
+                        around one frozen base layer
       ARLARouter        norm, wq / wk / wv [embed, router], w_out [router, 1], layer_bias [L_f]
 
 A fast layer is a base `DecoderLayer` (model/modules.py) applied to the frozen base layer's params,
 which arrive as an argument (`base_layers`), with this module's adapters and gains plugged into the
 layer's hooks: base and trainable params stay separate pytrees and separate jit arguments. `b` is
-zero-initialised and the gains start at 1, so an untrained fast stream is exactly its base layers.
+zero-initialised (as is `d`) and the gains start at 1, so an untrained fast stream is exactly its base
+layers.
 
 With `merged=True` the stream has no params of its own: its layers' params already carry the adapters
 (W + A B) and gains (`stream.merge_fast_layer`), as drafting uses them, and it runs the same loop.
@@ -64,6 +66,19 @@ class LowRank(nn.Module):
         return L.matmul(L.matmul(x, a, mm), b, mm)
 
 
+class FullDelta(nn.Module):
+    """A full-rank accelerator: delta(x) = x d, d [in, out] (starts at zero): the fast layer's weights
+    become trainable copies of its base layer's, initialised from them."""
+
+    features_in: int
+    features_out: int
+    axes: tuple[str, str]
+
+    @nn.compact
+    def __call__(self, x, mm=None):
+        return L.matmul(x, zeros(self, "d", (self.features_in, self.features_out), self.axes), mm)
+
+
 class FastLayer(nn.Module):
     cfg: ModelConfig
     mc: M2R2Config
@@ -79,7 +94,10 @@ class FastLayer(nn.Module):
             adapters = {}
             for t in mc.targets:
                 i, o, ia, oa = TARGET_DIMS[t]
-                adapters[t] = LowRank(size[i], size[o], mc.rank, (ia, oa), name=t)
+                if mc.adapter == "full":
+                    adapters[t] = FullDelta(size[i], size[o], (ia, oa), name=t)
+                else:
+                    adapters[t] = LowRank(size[i], size[o], mc.rank, (ia, oa), name=t)
             if mc.gain:
                 gains = (
                     ones(self, "gain_attn", (c.hidden_size,), ("norm",)),

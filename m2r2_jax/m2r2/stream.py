@@ -177,7 +177,11 @@ def merge_fast_layer(lp: dict, ad: dict) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in lp.items()}
     for t, (blk, name) in _TARGET_WEIGHT.items():
         if t in ad:
-            ab = ad[t]["a"].astype(jnp.float32) @ ad[t]["b"].astype(jnp.float32)
+            ab = (
+                ad[t]["d"].astype(jnp.float32)
+                if "d" in ad[t]
+                else ad[t]["a"].astype(jnp.float32) @ ad[t]["b"].astype(jnp.float32)
+            )
             out[blk][name] = L.add_to_weight(out[blk][name], ab)
     for g, (blk, name) in (("gain_attn", ("attn", "wo")), ("gain_mlp", ("mlp", "down"))):
         if g in ad:

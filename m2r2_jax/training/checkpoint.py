@@ -136,8 +136,12 @@ def check_compatible(meta: dict, base_id: dict, m2r2_cfg: dict | None, where: st
             f"checkpoint {where} was made for base model {b.get('model')!r} with other weights (weight "
             f"fingerprint {b.get('fingerprint')} there, {base_id['fingerprint']} for {base_id['model']!r} here)"
         )
-    if m2r2_cfg is not None and meta.get("config", {}).get("m2r2") != m2r2_cfg:
-        old = meta.get("config", {}).get("m2r2", {})
+    if m2r2_cfg is not None:
+        from m2r2_jax.config import from_dict, to_dict
+        from m2r2_jax.m2r2.config import M2R2Config
+
+        old = to_dict(from_dict(M2R2Config, meta["config"].get("m2r2") or {}))  # keys added since: defaults
+    if m2r2_cfg is not None and old != m2r2_cfg:
         diff = sorted(k for k in set(old) | set(m2r2_cfg) if old.get(k) != m2r2_cfg.get(k))
         raise M2R2Error(f"checkpoint {where} has a different M2R2 config (differs in: {', '.join(diff)})")
 

@@ -61,6 +61,26 @@ def distilled_records(tc: TrainConfig, model, progress: bool = True) -> list[dic
     return [dict(r) for r in ds]
 
 
+def global_batch(data: np.ndarray, idx, sharding) -> jax.Array:
+    """Rows `idx` of host data as one global array laid out by `sharding`: each process transfers only
+    the shards of its own devices (every process computes the same `idx`; one process: a device_put)."""
+    rows = data if idx is None else data[idx]
+    return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
+
+
+def finished_records(tc: TrainConfig) -> list[dict]:
+    """The distillation cache as it is on disk (multi-process runs): refused unless it is complete."""
+    from m2r2_jax.training.distill import load_distill_cache, read_manifest
+
+    man = read_manifest(tc.data.distill_dir)
+    if man is None or not man.get("complete"):
+        raise M2R2Error(
+            f"the distillation cache {tc.data.distill_dir} is missing or incomplete: build it first with "
+            "`python -m train.train --distill-only` in one process"
+        )
+    return [dict(r) for r in load_distill_cache(tc.data.distill_dir)]
+
+
 @dataclasses.dataclass
 class TrainResult:
     step: int
@@ -95,7 +115,10 @@ def train(
         )
 
     if records is None:
-        records = distilled_records(tc, model, progress=progress and jax.process_index() == 0)
+        if jax.process_count() > 1:  # one process distils (`--distill-only`), every process then reads it
+            records = finished_records(tc)
+        else:
+            records = distilled_records(tc, model, progress=progress)
     tokens, mask = pack_examples(records, tc.seq_len, loss_on_prompt=tc.data.loss_on_prompt)
     stream = BatchStream(tokens, mask, tc.batch_size, tc.seed)
     draft_ids = rank_draft_vocab(records, cfg.vocab_size, mc.draft_vocab, cfg.eos_token_ids)
@@ -159,12 +182,11 @@ def train(
         while step < end:
             t0 = time.perf_counter()
             idx = stream.indices_at(pos)
-            bt = jax.device_put(tokens[idx], sh["batch"])
-            bm = jax.device_put(mask[idx], sh["batch"])
+            bt, bm = global_batch(tokens, idx, sh["batch"]), global_batch(mask, idx, sh["batch"])
             extra = ()
             if teacher is not None:
                 th, tf = teacher.batch(idx)
-                extra = (jax.device_put(th, sh["teacher_hid"]), jax.device_put(tf, sh["teacher_final"]))
+                extra = (global_batch(th, None, sh["teacher_hid"]), global_batch(tf, None, sh["teacher_final"]))
             m2r2, opt_state, met = step_fn(m2r2, opt_state, base, bt, bm, draft_dev, *extra)
             met = jax.tree.map(np.asarray, met)
             if not (np.isfinite(met["loss"]) and np.isfinite(met["grad_norm"])):
