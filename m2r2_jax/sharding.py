@@ -67,6 +67,8 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> None:
     """Multi-host start: from the mesh config's coordinator fields (local multi-process runs), or with
     M2R2_DISTRIBUTED=1 from the environment (TPU VMs and SLURM set what `jax.distributed.initialize` reads).
     Runs before anything touches a JAX backend."""
+    if jax.distributed.is_initialized():  # the caller started it already (e.g. before building its mesh)
+        return
     if cfg.coordinator_address or os.environ.get("M2R2_DISTRIBUTED") == "1":
         kw = {}
         if cfg.coordinator_address:

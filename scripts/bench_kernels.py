@@ -35,36 +35,39 @@ def main():
     from jax import lax
 
     from m2r2_jax import kernels as K
+    from m2r2_jax.backend import CPU_KERNELS, XLA
     from m2r2_jax.loading.registry import load_model
     from m2r2_jax.model import decoder as D
 
     m = load_model(a.model, tokenizer=False)
     cfg = m.cfg
-    variants = {"xla": m.params}
+    variants = {"xla": (XLA, m.params)}
     if K.wanted(cfg):
-        variants["kernels"] = K.pack_decode_params(cfg, m.params)
+        variants["kernels"] = (CPU_KERNELS, CPU_KERNELS.prepare(cfg, m.params))
     Ts = [int(t) for t in a.ts.split(",")]
 
-    def make(T):
+    def make(T, backend):
         def f(params):
             def body(i, carry):
                 cache, prev = carry
                 toks = jnp.full((1, T), 3, jnp.int32) + i % 7 + prev  # depends on the last step's argmax
-                logits, cache = D.forward(cfg, params, toks, cache, jnp.full((1,), a.fill, jnp.int32) + i)
+                logits, cache = D.forward(
+                    cfg, params, toks, cache, jnp.full((1,), a.fill, jnp.int32) + i, backend=backend
+                )
                 return cache, jnp.argmax(logits[0, -1]).astype(jnp.int32) % 2
 
             return lax.fori_loop(0, a.steps, body, (D.init_cache(cfg, 1, a.cache_len), jnp.int32(0)))[1]
 
         return jax.jit(f)
 
-    fns = {(v, T): make(T) for v in variants for T in Ts}
+    fns = {(v, T): make(T, variants[v][0]) for v in variants for T in Ts}
     for (v, _), f in fns.items():
-        jax.block_until_ready(f(variants[v]))  # compile
+        jax.block_until_ready(f(variants[v][1]))  # compile
     ts = {k: [] for k in fns}
     for _ in range(a.reps):
         for (v, T), f in fns.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(f(variants[v]))
+            jax.block_until_ready(f(variants[v][1]))
             ts[(v, T)].append((time.perf_counter() - t0) * 1e3 / a.steps)
     res = {}
     for v in variants:

@@ -29,19 +29,22 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    from m2r2_jax import kernels as K
+    from m2r2_jax.backend import resolve
     from m2r2_jax.decoding import generate as G
     from m2r2_jax.loading.registry import load_model
     from m2r2_jax.model import decoder as D
 
     m = load_model(a.model, tokenizer=False)
     cfg = m.cfg
-    params = K.pack_decode_params(cfg, m.params) if K.wanted(cfg) else m.params
+    backend = resolve(cfg, "auto")
+    params = backend.prepare(cfg, m.params)
     toks = jnp.asarray(np.random.RandomState(0).randint(3, 4000, (1, a.bucket)), jnp.int32)
     lens = jnp.asarray([a.length], jnp.int32)
     res, fns = {}, {}
     for c in (int(x) for x in a.chunks.split(",")):
-        fns[c] = jax.jit(lambda p, t, l, c=c: G.prefill(cfg, p, t, l, D.init_cache(cfg, 1, a.bucket + 128), chunk=c))
+        fns[c] = jax.jit(
+            lambda p, t, l, c=c: G.prefill(cfg, p, t, l, D.init_cache(cfg, 1, a.bucket + 128), chunk=c, backend=backend)
+        )
         lg, cache = fns[c](params, toks, lens)
         res[c] = (np.asarray(lg), np.asarray(cache.k[5][0, :, : a.length]))
     ts = {c: [] for c in fns}

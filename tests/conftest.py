@@ -2,8 +2,16 @@
 before JAX initialises its backends."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# the tests run on the CPU even where libtpu is installed (the `tpu` extra: ahead-of-time compilation only)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# one persistent compilation cache for the session, shared with the CLI subprocesses: the same tiny
+# programs compile once across tests and processes
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="m2r2-jax-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

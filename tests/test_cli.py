@@ -89,5 +89,5 @@ def test_plot_train_curves(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as e:
         run_main(main, [str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "d.png")])
-    assert e.value.code == 2 and "metrics file not found" in capsys.readouterr().err
+    assert e.value.code == 2 and "file not found" in capsys.readouterr().err
     assert not (tmp_path / "d.png").exists()

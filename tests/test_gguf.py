@@ -5,6 +5,7 @@ factors, the Q/K permutation and the strictness errors."""
 from __future__ import annotations
 
 import gguf
+import jax
 import numpy as np
 import pytest
 
@@ -125,6 +126,41 @@ def test_tokenizer_cached(smol_path):
     assert gguf_tokenizer(str(smol_path)) is tok
     assert tok.convert_ids_to_tokens(2) == "<|im_end|>"
     assert tok.decode(tok("Hello world")["input_ids"]) == "Hello world"
+
+
+@pytest.mark.slow
+def test_disk_cache_round_trip(smol_path, ours, tmp_path, monkeypatch):
+    """The GGUF disk cache returns what the GGUF file gives (config, params, tokenizer), and a damaged
+    entry is a miss, not an error."""
+    from transformers import AutoTokenizer
+
+    from m2r2_jax.loading import cache
+
+    monkeypatch.setenv("M2R2_CACHE_DIR", str(tmp_path / "c"))
+    cfg, params, _ = ours
+    e = cache.entry(smol_path, "params")
+    assert e is not None and str(tmp_path) in str(e) and cache.load_params(e) is None
+    cache.save_params(e, cfg, params)
+    cfg2, params2 = cache.load_params(e)
+    assert cfg2 == cfg
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), b)
+    (e / "params.safetensors").write_bytes(b"not safetensors")
+    assert cache.load_params(e) is None
+
+    ref = AutoTokenizer.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name)
+    t = cache.entry(smol_path, "tokenizer")
+    cache.save_tokenizer(t, ref)
+    tok = cache.load_tokenizer(t)
+    texts = ["Hello world", "  déjà vu\n\ttabs 123456 <|im_end|>", "def f(x):\n    return x**2  # ok"]
+    for s in texts:
+        assert tok(s)["input_ids"] == ref(s)["input_ids"]
+    chat = [{"role": "user", "content": "Name three rivers."}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == ref.apply_chat_template(
+        chat, add_generation_prompt=True
+    )
+    monkeypatch.setenv("M2R2_CACHE_DIR", "off")
+    assert cache.entry(smol_path, "params") is None
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ RANK = {
     "training": 5,
     "evaluation": 5,
     "cli": 6,
+    "aot": 6,
+    "roofline": 0,
 }
 
 

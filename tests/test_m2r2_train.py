@@ -326,22 +326,22 @@ def test_train_positions_equal_full_pass(tiny_model):
         mask[b, s:e] = 1.0
     mask = jnp.asarray(mask)
     draft_ids = jnp.arange(0, 256, 2, dtype=jnp.int32)
+    grad = jax.jit(jax.value_and_grad(m2r2_loss, has_aux=True), static_argnums=(5, 6))
+    loss = jax.jit(m2r2_loss, static_argnums=(5, 6))
     for kd_vocab in ("full", "draft"):
         mc = M2R2Config(rate=2, layer_map="skip", rank=4, router_dim=8, draft_vocab=128, kd_vocab=kd_vocab)
         m2r2 = jax.tree.map(
             lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), init_m2r2(cfg, mc, jax.random.key(2))
         )
-        full = jax.value_and_grad(m2r2_loss, has_aux=True)(m2r2, base, toks, mask, draft_ids, cfg, mc)
-        sub = jax.value_and_grad(m2r2_loss, has_aux=True)(
-            m2r2, base, toks, mask, draft_ids, cfg, dataclasses.replace(mc, train_positions=16)
-        )
+        full = grad(m2r2, base, toks, mask, draft_ids, cfg, mc)
+        sub = grad(m2r2, base, toks, mask, draft_ids, cfg, dataclasses.replace(mc, train_positions=16))
         np.testing.assert_allclose(float(sub[0][0]), float(full[0][0]), rtol=1e-5)
         for k in ("agreement", "kd", "align", "router_bce", "tokens"):
             np.testing.assert_allclose(np.asarray(sub[0][1][k]), np.asarray(full[0][1][k]), rtol=1e-5, atol=1e-6)
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), sub[1], full[1]
         )
-        short = m2r2_loss(m2r2, base, toks, mask, draft_ids, cfg, dataclasses.replace(mc, train_positions=8))
+        short = loss(m2r2, base, toks, mask, draft_ids, cfg, dataclasses.replace(mc, train_positions=8))
         assert float(short[1]["tokens"]) == 8 * 2 + 8  # rows of 15, 15 and 9 loss positions, capped at 8
         assert abs(float(short[0]) - float(full[0][0])) > 1e-6
     with pytest.raises(M2R2Error, match="kd_vocab"):
@@ -372,15 +372,14 @@ def test_teacher_cache_loss_equals_slow_pass(tiny_model, tmp_path, layer_map, br
     )
     idx = np.array([0, 2, 3])
     ref = jax.value_and_grad(m2r2_loss, has_aux=True)(m2r2, base, toks[idx], mask[idx], draft_ids, cfg, mc)
+    cached = jax.value_and_grad(m2r2_loss_cached, has_aux=True)
     for dtype, tol in (("float32", 1e-5), ("bfloat16", 2e-2)):
         tc = open_or_build(
             tmp_path / dtype, cfg, mc, base, {"id": "tiny"}, toks, mask, dtype, batch_size=2, progress=False
         )
         hid, fin = tc.batch(idx)
         assert hid.shape == (3, len(mc.cached_layers(cfg.num_layers)), T, cfg.hidden_size)
-        got = jax.value_and_grad(m2r2_loss_cached, has_aux=True)(
-            m2r2, base, toks[idx], mask[idx], draft_ids, jnp.asarray(hid), jnp.asarray(fin), cfg, mc
-        )
+        got = cached(m2r2, base, toks[idx], mask[idx], draft_ids, jnp.asarray(hid), jnp.asarray(fin), cfg, mc)
         np.testing.assert_allclose(float(got[0][0]), float(ref[0][0]), rtol=tol)
         for k in ("kd", "align", "router_bce", "tokens"):
             np.testing.assert_allclose(np.asarray(got[0][1][k]), np.asarray(ref[0][1][k]), rtol=tol, atol=tol / 10)
@@ -501,7 +500,7 @@ def test_train_matmul_dtype_bf16(tiny_model, tmp_path):
     m2r2 = jax.tree.map(
         lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), init_m2r2(cfg, mc, jax.random.key(2))
     )
-    vg = jax.value_and_grad(m2r2_loss, has_aux=True)
+    vg = jax.jit(jax.value_and_grad(m2r2_loss, has_aux=True), static_argnums=(5, 6))
     (l32, m32), g32 = vg(m2r2, base, toks, mask, draft_ids, cfg, mc)
     (l16, m16), g16 = vg(m2r2, base, toks, mask, draft_ids, cfg, dataclasses.replace(mc, train_matmul_dtype="bfloat16"))
     assert 0 < abs(float(l16) - float(l32)) < 2e-2 * abs(float(l32))

@@ -127,7 +127,7 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache, chunk: int = PREFI
     return D.logits_from_hidden(cfg, params, last)[:, 0], cache
 
 
-def _generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int, block: int = 1, backend: Backend = XLA):
+def generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int, block: int = 1, backend: Backend = XLA):
     def run(params, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
         B = tokens.shape[0]
         cache = D.init_cache(cfg, B, cache_len)
@@ -257,5 +257,5 @@ class Generator:
                 out_shardings=(named_sharding(self.mesh, ("batch", None), (B, gen.max_new_tokens)), rep),
             )
         return self.cache.get(
-            key, lambda: _generate_fn(self.cfg, greedy, gen.max_new_tokens, S, gen.block, self.backend), args, **jit_kw
+            key, lambda: generate_fn(self.cfg, greedy, gen.max_new_tokens, S, gen.block, self.backend), args, **jit_kw
         )

@@ -39,33 +39,48 @@ namespace {
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned 16-float vector
 constexpr int kPanel = 64;
-constexpr int kMaxRows = 6;  // accumulators: kMaxRows * 4 vectors + 4 weight vectors < 32 registers
-constexpr int kPrefetchRows = 32;  // software prefetch: all 4 lines of the row 32 rows (8 KB) ahead
+constexpr int kPrefetchRows = 32;  // software prefetch of the panel row 32 rows (8 KB) ahead
+
+// The matmul's register blocking follows the vector width: with AVX-512 a 64-column panel row is 4
+// registers and 6 rows of accumulators fit the 32 registers; with 256-bit vectors (AVX2: 16 registers)
+// the panel is taken in two passes of 32 columns (4 registers a row) and 3 rows at a time, so nothing
+// spills. Either way each output element is the same FMA chain over d.
+#if defined(__AVX512F__)
+constexpr int kW = 16;
+constexpr int kMaxRows = 6;
+#else
+constexpr int kW = 8;
+constexpr int kMaxRows = 3;
+#endif
+typedef float vreg __attribute__((vector_size(kW * 4), aligned(4)));  // one unaligned SIMD register
+constexpr int kCols = 4 * kW;  // columns per pass
 
 template <int R>
 inline void panel_rows(const float* __restrict x, int64_t D, const float* __restrict w,
                        float* __restrict y, int64_t ldy) {
-  v16 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = v16{};
-  for (int64_t d = 0; d < D; ++d) {
-    const float* wd = w + d * kPanel;
-    for (int i = 0; i < 4; ++i) __builtin_prefetch(wd + kPrefetchRows * kPanel + 16 * i, 0, 3);
-    v16 w0, w1, w2, w3;
-    std::memcpy(&w0, wd, 64);
-    std::memcpy(&w1, wd + 16, 64);
-    std::memcpy(&w2, wd + 32, 64);
-    std::memcpy(&w3, wd + 48, 64);
-    for (int r = 0; r < R; ++r) {
-      const float xv = x[r * D + d];
-      acc[r][0] += w0 * xv;
-      acc[r][1] += w1 * xv;
-      acc[r][2] += w2 * xv;
-      acc[r][3] += w3 * xv;
+  for (int c0 = 0; c0 < kPanel; c0 += kCols) {
+    vreg acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) acc[r][c] = vreg{};
+    for (int64_t d = 0; d < D; ++d) {
+      const float* wd = w + d * kPanel + c0;
+      for (int i = 0; i < kCols / 16; ++i) __builtin_prefetch(wd + kPrefetchRows * kPanel + 16 * i, 0, 3);
+      vreg w0, w1, w2, w3;
+      std::memcpy(&w0, wd, kW * 4);
+      std::memcpy(&w1, wd + kW, kW * 4);
+      std::memcpy(&w2, wd + 2 * kW, kW * 4);
+      std::memcpy(&w3, wd + 3 * kW, kW * 4);
+      for (int r = 0; r < R; ++r) {
+        const float xv = x[r * D + d];
+        acc[r][0] += w0 * xv;
+        acc[r][1] += w1 * xv;
+        acc[r][2] += w2 * xv;
+        acc[r][3] += w3 * xv;
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) std::memcpy(y + r * ldy + c0 + c * kW, &acc[r][c], kW * 4);
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) std::memcpy(y + r * ldy + c * 16, &acc[r][c], 64);
 }
 
 void panel(const float* x, int64_t M, int64_t D, const float* w, float* y, int64_t ldy) {
@@ -76,9 +91,13 @@ void panel(const float* x, int64_t M, int64_t D, const float* w, float* y, int64
       case 1: panel_rows<1>(xr, D, w, yr, ldy); break;
       case 2: panel_rows<2>(xr, D, w, yr, ldy); break;
       case 3: panel_rows<3>(xr, D, w, yr, ldy); break;
+#if defined(__AVX512F__)
       case 4: panel_rows<4>(xr, D, w, yr, ldy); break;
       case 5: panel_rows<5>(xr, D, w, yr, ldy); break;
       default: panel_rows<6>(xr, D, w, yr, ldy); break;
+#else
+      default: panel_rows<3>(xr, D, w, yr, ldy); break;
+#endif
     }
   }
 }

@@ -250,11 +250,19 @@ def read_gguf(path, **cfg_overrides) -> tuple[ModelConfig, dict, dict[str, Any]]
 def _tokenizer_cached(resolved: str):
     from transformers import AutoTokenizer
 
+    from m2r2_jax.loading import cache
+
     p = Path(resolved)
+    e = cache.entry(p, "tokenizer")
+    tok = cache.load_tokenizer(e)
+    if tok is not None:
+        return tok
     try:
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     except Exception as e:
         raise M2R2Error(f"cannot build a tokenizer from GGUF file {p}: {_one_line(e)}") from None
+    cache.save_tokenizer(e, tok)
+    return tok
 
 
 def gguf_tokenizer(path):

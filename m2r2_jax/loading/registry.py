@@ -76,9 +76,15 @@ def place_params(cfg: ModelConfig, params_np, mesh=None):
 @functools.lru_cache(maxsize=8)
 def _read(kind: str, path: str):
     if kind == "gguf":
+        from m2r2_jax.loading import cache
         from m2r2_jax.loading.gguf_loader import read_gguf
 
+        e = cache.entry(path, "params")
+        hit = cache.load_params(e)
+        if hit is not None:
+            return hit
         cfg, params, _ = read_gguf(path)
+        cache.save_params(e, cfg, params)
         return cfg, params
     from m2r2_jax.loading.hf_safetensors import load_hf_checkpoint
 

@@ -1,4 +1,4 @@
-"""The two residual streams, functionally (the modules are in m2r2/modules.py).
+"""The two residual streams, as functions over the Flax modules of m2r2/modules.py.
 
 Slow stream: the unmodified base (frozen). Fast stream: from h_s^b, L_f layers,
 each a frozen base layer plus accelerator adapters and gains; fast layer l

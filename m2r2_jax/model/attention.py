@@ -11,8 +11,8 @@ everything that differs between the places a layer runs:
                   tokens before it, a draft tree's ancestor buffer) and the block's own K/V, with one
                   joint softmax; state = the block's own (k, v), for a caller's local buffer.
 
-Each has an XLA form and a CPU-kernel form, picked by the static `Backend` (backend.py); both give
-the same attention (the kernel's rows are bit-identical whatever the block size).
+Each has an XLA form and a block-attention-kernel form (the CPU kernels', or the Pallas kernel for TPU),
+picked by the static `Backend` (backend.py); they give the same attention.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2r2_jax import kernels as K
 from m2r2_jax.backend import Backend
 from m2r2_jax.config import ModelConfig
 from m2r2_jax.model import layers as L
@@ -45,9 +44,10 @@ class CacheAttention:
 
     def __call__(self, q, k, v):
         kc, vc = L.write_cache(self.k_cache, k, self.start), L.write_cache(self.v_cache, v, self.start)
-        if self.backend.kernels:
+        kernel = self.backend.block_attention
+        if kernel is not None:
             # reads the cache after the write (slots < start only), so XLA updates it in place
-            a = K.block_attention(q, kc, vc, self.start, k, v, self.mask)
+            a = kernel(q, kc, vc, self.start, k, v, self.mask)
         else:
             a = L.attend(self.cfg, q, kc, vc, self.mask)
         return a.astype(q.dtype), (kc, vc)
@@ -55,7 +55,7 @@ class CacheAttention:
 
 def cache_masks(backend: Backend, start: jax.Array, T: int, S: int, local_mask=None):
     """The mask `CacheAttention` takes for a T-token block at slot start[b] of an S-slot cache."""
-    if backend.kernels:
+    if backend.block_attention is not None:
         return jnp.tril(jnp.ones((T, T), bool)) if local_mask is None else jnp.asarray(local_mask)
     return L.block_mask(start, T, S, local_mask)
 
@@ -65,9 +65,10 @@ class SetsAttention:
     """Attention over read-only K/V `sets` [(k [B,KV,S_i,hd], v, mask [B,T,S_i])] and the block's own K/V
     (visibility `self_mask` [B, T, T]), with one joint softmax.
 
-    With the kernels, `prefix` = (k_cache, v_cache, prefix_len [B]) is the first set as a cache prefix,
-    `local` = (k [B,KV,n,hd], v) read-only local keys before the block's own, and `kernel_mask` [T, n + T]
-    says which local keys (those, then the block's) each query sees; `sets` / `self_mask` are unused."""
+    With a block-attention kernel (the CPU kernels', Pallas'), `prefix` = (k_cache, v_cache, prefix_len [B])
+    is the first set as a cache prefix, `local` = (k [B,KV,n,hd], v) read-only local keys before the
+    block's own, and `kernel_mask` [T, n + T] says which local keys (those, then the block's) each query
+    sees; `sets` / `self_mask` are unused."""
 
     cfg: ModelConfig
     backend: Backend
@@ -78,14 +79,15 @@ class SetsAttention:
     kernel_mask: Any = None
 
     def __call__(self, q, k, v):
-        if self.backend.kernels:
+        kernel = self.backend.block_attention
+        if kernel is not None and self.prefix is not None:
             kc, vc, plen = self.prefix
             lk, lv = (
                 (k, v)
                 if self.local is None
                 else (jnp.concatenate([self.local[0], k], 2), jnp.concatenate([self.local[1], v], 2))
             )
-            a = K.block_attention(q, kc, vc, plen, lk, lv, self.kernel_mask)
+            a = kernel(q, kc, vc, plen, lk, lv, self.kernel_mask)
         else:
             a = L.attend_multi(self.cfg, q, list(self.sets) + [(k, v, self.self_mask)])
         return a.astype(q.dtype), (k, v)
@@ -98,7 +100,7 @@ def tree_draft_attention(
     ancestor buffer (anc_k / anc_v [B, KV, T, hd]; `anc` [n, T] which ancestors each node sees; its own
     entry excluded) and the node itself."""
     B, n, S = pos.shape[0], anc.shape[0], k_cache.shape[2]
-    if backend.kernels:
+    if backend.block_attention is not None:
         kmask = np.concatenate([anc, np.eye(n, dtype=bool)], 1)  # [n, T + n]
         return SetsAttention(cfg, backend, prefix=(k_cache, v_cache, pos), local=(anc_k, anc_v), kernel_mask=kmask)
     m_prefix = jnp.broadcast_to((jnp.arange(S)[None, :] < pos[:, None])[:, None, :], (B, n, S))
