@@ -72,6 +72,7 @@ def main(argv=None):
         "chips": len(devices),
         "device_kind": devices[0].device_kind,
         "mesh": dict(mesh.shape),
+        "attention": a.attention,
         "model_config": a.model_config,
         "config": a.config,
         "batch": a.batch,

@@ -37,7 +37,9 @@ def tpu_devices(topology: str) -> list:
     try:
         from jax.experimental.topologies import get_topology_desc
 
-        desc = get_topology_desc(platform="tpu", topology_name=topology)
+        # v4 chips have two TensorCores; JAX uses them as one device per chip (megacore), as on a v4 VM
+        kw = {"chip_config_name": "megacore"} if topology.lower().startswith("v4") else {}
+        desc = get_topology_desc(platform="tpu", topology_name=topology, **kw)
     except Exception as e:  # noqa: BLE001 - libtpu missing, unknown topology name, ...
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise M2R2Error(
@@ -305,7 +307,7 @@ def step_programs(
         "verify": verify_block,
         "draft": draft,
         "_block": tt.block,
-        "_depth": getattr(getattr(drafter, "m2r2", drafter), "depth", None),
+        "_depth": max(t.max_depth for t in getattr(drafter, "m2r2", drafter).trees),  # fast-stream passes
     }
 
 

@@ -42,6 +42,8 @@ def main():
     p.add_argument("--b", required=True, help="checkout B (the change)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--limit", type=int, default=16, help="eval.speculative --limit")
+    p.add_argument("--dataset", default="mt_bench", help="eval.speculative --dataset")
+    p.add_argument("--skip-alignment", action="store_true", help="skip eval.alignment (about 17 min a side)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     trees = {"A": Path(a.a).resolve(), "B": Path(a.b).resolve()}
@@ -73,6 +75,8 @@ def main():
             tmp,
         )
         record(side, "hf_parity_tests", rc, out, sec, {"summary": out.strip().splitlines()[-1]})
+        if a.skip_alignment:
+            continue
         rc, out, sec = _run(t, ["-m", "eval.alignment", "--model", "smollm2-135m", "--json"], tmp)
         j = _last_json(out) if rc == 0 else {}
         record(
@@ -108,6 +112,8 @@ def main():
                     "eval.speculative",
                     "--model",
                     "smollm2-135m",
+                    "--dataset",
+                    a.dataset,
                     "--limit",
                     str(a.limit),
                     "--no-progress",

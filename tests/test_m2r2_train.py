@@ -111,9 +111,13 @@ def test_base_frozen_and_loss_falls(tiny_model, tmp_path):
 def test_resume_gives_identical_next_step(tiny_model, tmp_path):
     recs = _records(16)
     full = train(_tc(tmp_path / "a"), model=_model(tiny_model), records=recs, progress=False)
-    train(_tc(tmp_path / "b"), model=_model(tiny_model), records=recs, progress=False, stop_at=4)
+    # run b keeps its checkpoints apart from its run dir (checkpoint_dir, e.g. a gs:// bucket)
+    ck = str(tmp_path / "store" / "b")
+    train(_tc(tmp_path / "b", checkpoint_dir=ck), model=_model(tiny_model), records=recs, progress=False, stop_at=4)
+    assert sorted(p.name for p in (tmp_path / "store" / "b").iterdir()) == ["2", "4"]
+    assert not (tmp_path / "b" / "checkpoints").exists()
     # the "killed" run left checkpoints at steps 2 and 4; a fresh process resumes from 4
-    resumed = train(_tc(tmp_path / "b"), model=_model(tiny_model), records=recs, progress=False)
+    resumed = train(_tc(tmp_path / "b", checkpoint_dir=ck), model=_model(tiny_model), records=recs, progress=False)
     assert resumed.step == 6 and len(resumed.history) == 2
     for a, b in zip(full.history[4:], resumed.history):
         assert float(a["loss"]) == float(b["loss"])

@@ -33,6 +33,17 @@ def base_identity(model_name: str, cfg, params, fingerprint: str | None = None) 
     return {"model": model_name, "config": json.loads(json.dumps(c)), "fingerprint": fp}
 
 
+def ckpt_path(p):
+    """A checkpoint location: a local path (made absolute) or a remote one such as gs://bucket/run,
+    as etils.epath paths (what Orbax reads and writes through)."""
+    from etils import epath
+
+    s = str(p)
+    if "://" in s:
+        return epath.Path(s)
+    return epath.Path(Path(s).expanduser().absolute())
+
+
 def _ocp():
     import orbax.checkpoint as ocp
 
@@ -42,7 +53,7 @@ def _ocp():
 class Checkpointer:
     def __init__(self, directory: str | Path, save_every: int = 50, keep: int = 2, async_save: bool = True):
         ocp = _ocp()
-        self.dir = Path(directory).absolute()
+        self.dir = ckpt_path(directory)
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save, create=True
         )
@@ -88,7 +99,7 @@ class Checkpointer:
 
 def latest_step(directory: str | Path) -> int | None:
     """The newest finished step in a checkpoint directory (None when there is none), creating nothing."""
-    d = Path(directory)
+    d = ckpt_path(directory)
     if not d.is_dir():
         return None
     steps = [int(c.name) for c in d.iterdir() if c.is_dir() and c.name.isdigit() and (c / "meta").is_dir()]
@@ -97,7 +108,7 @@ def latest_step(directory: str | Path) -> int | None:
 
 def read_meta(step_dir: Path) -> dict:
     """A step's metadata, checked for the fields every reader needs (step, config, base)."""
-    f = Path(step_dir) / "meta" / "metadata"
+    f = ckpt_path(step_dir) / "meta" / "metadata"
     if not f.is_file():
         raise M2R2Error(f"not an M2R2 checkpoint (no meta): {step_dir}")
     try:
@@ -148,7 +159,7 @@ def check_compatible(meta: dict, base_id: dict, m2r2_cfg: dict | None, where: st
 
 def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, int]:
     """A run dir (latest step inside) or a step dir -> (step dir, step)."""
-    p = Path(path).expanduser().absolute()
+    p = ckpt_path(path)
     if not p.exists():
         raise M2R2Error(f"checkpoint not found: {p}")
     if not p.is_dir():

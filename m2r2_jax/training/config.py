@@ -57,10 +57,15 @@ class TrainConfig:
     clip_norm: float = 1.0
     seed: int = 0
     out_dir: str = "runs/train"
+    checkpoint_dir: str = ""  # "" = out_dir/checkpoints; may be a gs:// path (Orbax, through etils.epath)
     save_every: int = 50
     keep: int = 2
     log_every: int = 1
     async_save: bool = True
+
+    @property
+    def checkpoints(self) -> str:
+        return self.checkpoint_dir or str(Path(self.out_dir) / "checkpoints")
 
     def __post_init__(self):
         _at_least(self, ("batch_size", "steps", "save_every", "keep", "log_every"), 1)

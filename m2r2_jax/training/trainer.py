@@ -108,11 +108,10 @@ def train(
     mc = tc.m2r2.validate(cfg.num_layers)
     out = Path(tc.out_dir)
     base_id = C.base_identity(tc.model, cfg, base, getattr(model, "fingerprint", None))
-    latest = C.latest_step(out / "checkpoints")  # nothing is created before the inputs are known good
+    ckdir = C.ckpt_path(tc.checkpoints)
+    latest = C.latest_step(ckdir)  # nothing is created before the inputs are known good
     if latest is not None:  # refuse before any expensive work
-        C.check_compatible(
-            C.read_meta(out / "checkpoints" / str(latest)), base_id, config_to_dict(tc)["m2r2"], str(out)
-        )
+        C.check_compatible(C.read_meta(ckdir / str(latest)), base_id, config_to_dict(tc)["m2r2"], str(ckdir))
 
     if records is None:
         if jax.process_count() > 1:  # one process distils (`--distill-only`), every process then reads it
@@ -130,7 +129,7 @@ def train(
     opt, sched = make_optimizer(tc), lr_schedule(tc)
     opt_state, opt_sh = init_opt_state(opt, m2r2, mesh)
     step, pos = 0, 0
-    ckpt = C.Checkpointer(out / "checkpoints", tc.save_every, tc.keep, tc.async_save)
+    ckpt = C.Checkpointer(ckdir, tc.save_every, tc.keep, tc.async_save)
     if latest is not None:
         abs_of = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
         extra_abs = {"draft_ids": jax.ShapeDtypeStruct(draft_ids.shape, np.int32)}
