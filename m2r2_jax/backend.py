@@ -78,7 +78,8 @@ PALLAS = Backend("pallas")
 
 def resolve(cfg, mode: str = "auto", mesh=None) -> Backend:
     """`auto`: on TPU the Pallas attention; on the CPU the CPU kernels where they apply (float32, no
-    mesh, kernels built); else XLA. `on`: the CPU kernels or a one-line error saying why not; `off`: XLA."""
+    mesh, kernels built) and pay (an AVX-512 CPU: `kernels.preferred`);
+    else XLA. `on`: the CPU kernels or a one-line error saying why not; `off`: XLA."""
     if mode not in MODES:
         raise M2R2Error(f"--cpu-kernel {mode!r}: expected one of {', '.join(MODES)}")
     if mode == "off":
@@ -90,7 +91,7 @@ def resolve(cfg, mode: str = "auto", mesh=None) -> Backend:
     from m2r2_jax import kernels as K
 
     why = K.why_not(cfg, mesh)
-    if why is None:
+    if why is None and (mode == "on" or K.preferred()):
         return CPU_KERNELS
     if mode == "on":
         raise M2R2Error(f"--cpu-kernel on: {why}")

@@ -172,6 +172,14 @@ def _cpu_id() -> str:
 
 
 @functools.cache
+def preferred() -> bool:
+    """Whether `--cpu-kernel auto` should pick the kernels on this CPU: with AVX-512 they beat XLA's
+    ops (a one-token SmolLM2 forward 23.8 vs 35.3 ms on a 2-core Xeon); with AVX2 only they do not
+    (58.9 vs 49.5 ms on a 2-core EPYC; BENCHMARKS.md "Component benchmarks"). `on` forces them anywhere."""
+    return "avx512f" in _cpu_id().split()
+
+
+@functools.cache
 def available() -> bool:
     """True when the kernel is built and registered for the CPU backend (built on first call)."""
     if os.environ.get("M2R2_CPU_KERNEL", "1") == "0":

@@ -43,8 +43,9 @@ constexpr int kPrefetchRows = 32;  // software prefetch of the panel row 32 rows
 
 // The matmul's register blocking follows the vector width: with AVX-512 a 64-column panel row is 4
 // registers and 6 rows of accumulators fit the 32 registers; with 256-bit vectors (AVX2: 16 registers)
-// the panel is taken in two passes of 32 columns (4 registers a row) and 3 rows at a time, so nothing
-// spills. Either way each output element is the same FMA chain over d.
+// a single row takes the whole panel row in 8 registers, several rows take it in two passes of 32
+// columns (4 registers a row), 3 rows at a time, so nothing spills. Either way each output element is
+// the same FMA chain over d.
 #if defined(__AVX512F__)
 constexpr int kW = 16;
 constexpr int kMaxRows = 6;
@@ -53,33 +54,28 @@ constexpr int kW = 8;
 constexpr int kMaxRows = 3;
 #endif
 typedef float vreg __attribute__((vector_size(kW * 4), aligned(4)));  // one unaligned SIMD register
-constexpr int kCols = 4 * kW;  // columns per pass
 
-template <int R>
+// R rows of x against one panel, NV registers of columns per pass (kPanel / (NV * kW) passes).
+template <int R, int NV>
 inline void panel_rows(const float* __restrict x, int64_t D, const float* __restrict w,
                        float* __restrict y, int64_t ldy) {
+  constexpr int kCols = NV * kW;
   for (int c0 = 0; c0 < kPanel; c0 += kCols) {
-    vreg acc[R][4];
+    vreg acc[R][NV];
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < 4; ++c) acc[r][c] = vreg{};
+      for (int c = 0; c < NV; ++c) acc[r][c] = vreg{};
     for (int64_t d = 0; d < D; ++d) {
       const float* wd = w + d * kPanel + c0;
       for (int i = 0; i < kCols / 16; ++i) __builtin_prefetch(wd + kPrefetchRows * kPanel + 16 * i, 0, 3);
-      vreg w0, w1, w2, w3;
-      std::memcpy(&w0, wd, kW * 4);
-      std::memcpy(&w1, wd + kW, kW * 4);
-      std::memcpy(&w2, wd + 2 * kW, kW * 4);
-      std::memcpy(&w3, wd + 3 * kW, kW * 4);
+      vreg wv[NV];
+      for (int c = 0; c < NV; ++c) std::memcpy(&wv[c], wd + c * kW, kW * 4);
       for (int r = 0; r < R; ++r) {
         const float xv = x[r * D + d];
-        acc[r][0] += w0 * xv;
-        acc[r][1] += w1 * xv;
-        acc[r][2] += w2 * xv;
-        acc[r][3] += w3 * xv;
+        for (int c = 0; c < NV; ++c) acc[r][c] += wv[c] * xv;
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < 4; ++c) std::memcpy(y + r * ldy + c0 + c * kW, &acc[r][c], kW * 4);
+      for (int c = 0; c < NV; ++c) std::memcpy(y + r * ldy + c0 + c * kW, &acc[r][c], kW * 4);
   }
 }
 
@@ -88,15 +84,17 @@ void panel(const float* x, int64_t M, int64_t D, const float* w, float* y, int64
     const float* xr = x + r0 * D;
     float* yr = y + r0 * ldy;
     switch (std::min<int64_t>(M - r0, kMaxRows)) {
-      case 1: panel_rows<1>(xr, D, w, yr, ldy); break;
-      case 2: panel_rows<2>(xr, D, w, yr, ldy); break;
-      case 3: panel_rows<3>(xr, D, w, yr, ldy); break;
 #if defined(__AVX512F__)
-      case 4: panel_rows<4>(xr, D, w, yr, ldy); break;
-      case 5: panel_rows<5>(xr, D, w, yr, ldy); break;
-      default: panel_rows<6>(xr, D, w, yr, ldy); break;
+      case 1: panel_rows<1, 4>(xr, D, w, yr, ldy); break;
+      case 2: panel_rows<2, 4>(xr, D, w, yr, ldy); break;
+      case 3: panel_rows<3, 4>(xr, D, w, yr, ldy); break;
+      case 4: panel_rows<4, 4>(xr, D, w, yr, ldy); break;
+      case 5: panel_rows<5, 4>(xr, D, w, yr, ldy); break;
+      default: panel_rows<6, 4>(xr, D, w, yr, ldy); break;
 #else
-      default: panel_rows<3>(xr, D, w, yr, ldy); break;
+      case 1: panel_rows<1, 8>(xr, D, w, yr, ldy); break;  // one row: the whole 64-column row at once
+      case 2: panel_rows<2, 4>(xr, D, w, yr, ldy); break;
+      default: panel_rows<3, 4>(xr, D, w, yr, ldy); break;
 #endif
     }
   }
