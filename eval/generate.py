@@ -29,8 +29,9 @@ def main(argv=None):
     from m2r2_jax.decoding.generate import GenerateConfig, Generator
     from m2r2_jax.decoding.sampling import SamplingConfig
     from m2r2_jax.loading.registry import load_model
-    from m2r2_jax.loading.tokenizer import encode_prompt
+    from m2r2_jax.loading.tokenizer import check_prompt, encode_prompt
 
+    check_prompt(a.prompt)
     gen = GenerateConfig(
         max_new_tokens=a.max_new_tokens,
         cache_len=a.cache_len,

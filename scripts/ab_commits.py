@@ -43,6 +43,7 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--limit", type=int, default=16, help="eval.speculative --limit")
     p.add_argument("--dataset", default="mt_bench", help="eval.speculative --dataset")
+    p.add_argument("--cpu-kernel", default="auto", help="--cpu-kernel for both sides' timed commands")
     p.add_argument("--skip-alignment", action="store_true", help="skip eval.alignment (about 17 min a side)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
@@ -86,7 +87,10 @@ def main():
     for r in range(a.rounds):
         for side, t in trees.items():
             rc, out, sec = _run(
-                t, ["-m", "eval.bench_decode", "--model", "smollm2-135m", "--json", "--repeats", "1"], tmp
+                t,
+                ["-m", "eval.bench_decode", "--model", "smollm2-135m", "--json", "--repeats", "1"]
+                + ["--cpu-kernel", a.cpu_kernel],
+                tmp,
             )
             j = _last_json(out) if rc == 0 else {}
             record(
@@ -117,6 +121,8 @@ def main():
                     "--limit",
                     str(a.limit),
                     "--no-progress",
+                    "--cpu-kernel",
+                    a.cpu_kernel,
                     "--out",
                     str(o),
                 ],

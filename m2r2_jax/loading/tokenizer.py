@@ -27,14 +27,21 @@ def encode_chat(tokenizer, messages: Sequence[dict]) -> list[int]:
     return [int(i) for i in ids]
 
 
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
-    """One user turn: chat-templated (`encode_chat`) or plain text."""
+def check_prompt(text) -> str:
+    """A prompt is text that encodes as UTF-8 (command-line bytes that are not UTF-8 arrive as
+    surrogates); checked before anything loads."""
     if not isinstance(text, str):
         raise M2R2Error(f"a prompt must be text, got {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise M2R2Error(f"the prompt is not valid UTF-8 text (character {e.start})") from None
+    return text
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """One user turn: chat-templated (`encode_chat`) or plain text."""
+    check_prompt(text)
     if chat:
         return encode_chat(tokenizer, [{"role": "user", "content": text}])
     return [int(i) for i in tokenizer(text)["input_ids"]]
