@@ -57,7 +57,7 @@ def main(argv=None):
     cfg = from_dict(ModelConfig, load_yaml(a.model_config)).validate()
     mc = tc.m2r2.validate(cfg.num_layers)
     tree = acc["tree"] if isinstance(acc["tree"], str) else "star4"
-    lookup = 4 if acc["lookup_share"] else 0
+    lookup = acc["lookup_tokens"]
 
     counts, rows = {}, {}
     for name in names:

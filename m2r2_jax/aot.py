@@ -26,7 +26,6 @@ from m2r2_jax.config import ModelConfig
 from m2r2_jax.errors import M2R2Error
 
 # HBM per chip, bytes (public specs)
-HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 PROGRAMS = ("train", "prefill", "decode", "speculative")
 
@@ -49,10 +48,15 @@ def tpu_devices(topology: str) -> list:
 
 
 def hbm_bytes(topology: str) -> int:
+    """HBM per chip of a topology's TPU generation (the roofline's chip table)."""
+    from m2r2_jax.roofline import ALIASES, CHIPS
+
     kind = topology.split(":")[0].lower()
-    if kind not in HBM_BYTES:
-        raise M2R2Error(f"unknown TPU generation {kind!r} in {topology!r}; known: {', '.join(HBM_BYTES)}")
-    return HBM_BYTES[kind]
+    kind = ALIASES.get(kind, kind)
+    if kind not in CHIPS or CHIPS[kind].topology is None:
+        known = ", ".join(k for k, c in CHIPS.items() if c.topology)
+        raise M2R2Error(f"unknown TPU generation {kind!r} in {topology!r}; known: {known}")
+    return CHIPS[kind].hbm_bytes
 
 
 def _abstract(tree, shardings):

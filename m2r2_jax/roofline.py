@@ -26,8 +26,12 @@ CHIPS = {
     "v5e": Chip("TPU v5e", 197e12, 819e9, 16 << 30, "v5e:2x2"),
     "v4": Chip("TPU v4", 275e12, 1228e9, 32 << 30, "v4:2x2x1"),
     "v5p": Chip("TPU v5p", 459e12, 2765e9, 95 << 30, "v5p:2x2x1"),
+    "v6e": Chip("TPU v6e", 918e12, 1640e9, 32 << 30, "v6e:2x2"),
     "h100": Chip("NVIDIA H100 SXM", 989e12, 3350e9, 80 * 10**9, None),
 }
+
+
+ALIASES = {"v5litepod": "v5e"}  # topology names that use another name for the same chip
 
 
 def chips(names: str) -> list[str]:
@@ -80,6 +84,7 @@ def acceptance(result: dict) -> dict:
                 "tau_lookup": 0.0,
                 "tau": float(result["tau"]),
             }
+        out["lookup_tokens"] = int(lk.get("tokens") or 0)  # the drafter's lookup setting (0: M2R2 alone)
         out["tree"] = result["config"]["tree"]
         out["dataset"] = result["config"].get("dataset")
         out["measured_speedup_cpu"] = float(result["overall_speedup"])

@@ -39,7 +39,6 @@ def _kernel(
     acc_sc,
     *,
     block_s: int,
-    groups: int,
     scale: float,
 ):
     b, s = pl.program_id(0), pl.program_id(2)
@@ -78,8 +77,6 @@ def _kernel(
     @pl.when(s == pl.num_programs(2) - 1)
     def _done():
         o_ref[0, 0] = (acc_sc[...] / l_sc[...]).astype(o_ref.dtype)
-
-    del groups
 
 
 def _last_block(s, plen, bs: int):
@@ -125,7 +122,7 @@ def tree_attention(
         ],
     )
     out = pl.pallas_call(
-        functools.partial(_kernel, block_s=bs, groups=G, scale=hd**-0.5),
+        functools.partial(_kernel, block_s=bs, scale=hd**-0.5),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((B, KV, T * G, hd), jnp.float32),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
