@@ -87,7 +87,12 @@ CASES = [
     ("spec-tree-not-ints", SPEC + ["--tree", "{tmp}/t.json"], {"t.json": '[["a"]]'}, "integer ranks"),
     ("spec-tree-rank-huge", SPEC + ["--tree", "{tmp}/t.json"], {"t.json": '{"paths": [[100000]]}'}, "rank outside"),
     ("spec-tree-not-utf8", SPEC + ["--tree", "{tmp}/t.json"], {"t.json": b"\xff\xfe"}, "corrupt draft tree"),
-    ("spec-checkpoint-is-file", SPEC + ["--checkpoint", "{tmp}/f.bin"], {"f.bin": "x"}, "is a file"),
+    (
+        "spec-checkpoint-is-file",
+        SPEC + ["--dataset", "builtin", "--checkpoint", "{tmp}/f.bin"],
+        {"f.bin": "x"},
+        "is a file",
+    ),
     (
         "spec-checkpoint-no-step",
         SPEC + ["--dataset", "builtin", "--checkpoint", "{tmp}/ck"],
