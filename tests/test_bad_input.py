@@ -56,6 +56,7 @@ def _other_base(m):
 SPEC = ["-m", "eval.speculative", "--limit", "1", "--no-progress"]
 GEN = ["-m", "eval.generate", "--prompt", "hi"]
 TRAIN = ["-m", "train.train", "--no-progress"]
+DYN = ["-m", "eval.dynamic", "--limit", "1", "--no-progress"]
 
 # (id, argv, inputs {name: content or callable(tmp) -> path}, expected text in the error line)
 CASES = [
@@ -125,6 +126,13 @@ CASES = [
         {"d.jsonl": json.dumps({"turns": ["word " * 9000]}) + "\n"},
         "exceeds the model's context",
     ),
+    ("dyn-method-unknown", DYN + ["--methods", "m2r2,medusa"], {}, "unknown method"),
+    ("dyn-thresholds-text", DYN + ["--thresholds", "static=a,b"], {}, "expected numbers"),
+    ("dyn-thresholds-method", DYN + ["--thresholds", "eagle=0.5"], {}, "unknown method"),
+    ("dyn-limit-0", DYN + ["--limit", "0"], {}, "--limit"),
+    ("dyn-max-pending-0", DYN + ["--max-pending", "0"], {}, "max_pending"),
+    ("dyn-calm-checks-text", DYN + ["--calm-checks", "x"], {}, "--calm-checks"),
+    ("dyn-out-dir-missing", DYN + ["--out", "{tmp}/no/r.json"], {}, "does not exist"),
     ("align-limit-0", ["-m", "eval.alignment", "--limit", "0"], {}, "--limit"),
     ("bench-max-new-0", ["-m", "eval.bench_decode", "--max-new-tokens", "0", "--skip-hf"], {}, ">= 1"),
     ("bench-repeats-0", ["-m", "eval.bench_decode", "--repeats", "0", "--skip-hf"], {}, ">= 1"),

@@ -61,6 +61,7 @@ class EvalItem:
     turns: list[str]
     raw_category: str | None = None  # the record's own category where `category` is a group
     source: str = ""  # file or hub name it came from
+    reference: str | None = None  # the dataset's reference answer to the first turn, where it has one
 
 
 # ----------------------------------------------------------------------------- reading
@@ -163,17 +164,21 @@ def _turns(rec: dict, row: int, label: str) -> list[str]:
 
 def _item(rec: dict, fmt: str, row: int, default_cat: str, label: str) -> EvalItem | None:
     rid = next((rec[k] for k in ("question_id", "id", "idx") if rec.get(k) is not None), row)
-    raw = None
+    raw = ref = None
     if fmt == "turns":
         turns = _turns(rec, row, label)
         raw = _s(rec.get("category")) or None
+        r = rec.get("reference")
+        ref = _s(r[0]) if isinstance(r, (list, tuple)) and r else _s(r)
     elif fmt == "self_instruct":
         inst = rec.get("instances") or []
-        first = inst[0].get("input") if inst and isinstance(inst[0], dict) else ""
-        turns = [_join(rec.get("instruction"), first)]
+        first = inst[0] if inst and isinstance(inst[0], dict) else {}
+        turns = [_join(rec.get("instruction"), first.get("input"))]
+        ref = _s(first.get("output"))
         raw = _s(rec.get("motivation_app")) or None  # ~70 apps: too fine to be the category
     elif fmt == "instruction":
         turns = [_join(rec.get("instruction"), rec.get("input"))]
+        ref = _s(rec.get("output"))
         raw = _s(rec.get("dataset")) or _s(rec.get("category")) or None
     elif fmt == "Instruction":
         turns = [_s(rec.get("Instruction"))]
@@ -185,7 +190,7 @@ def _item(rec: dict, fmt: str, row: int, default_cat: str, label: str) -> EvalIt
     if not turns:
         return None
     cat = default_cat if fmt == "self_instruct" else (raw or default_cat)
-    return EvalItem(str(rid), cat, turns, raw, label)
+    return EvalItem(str(rid), cat, turns, raw, label, ref or None)
 
 
 def items_of(records: list[dict], label: str, default_category: str | None = None) -> list[EvalItem]:

@@ -1,0 +1,262 @@
+"""Early exit against the full model, in one run on the same prompts: per exit method and threshold,
+wall-clock speed-up over our own AR decode (same backend), FLOPs-based speed-up, layers per token,
+ROUGE-L against the full model's greedy output and against the dataset's reference answer, exact match.
+
+Every prompt is the chat template over the item's first turn. For each prompt the plain AR loop runs
+first, then every method at every threshold, back to back (compilation excluded: an executable is
+compiled before its first timed call; the threshold is a jit argument, so one executable per method
+and shape bucket serves the whole sweep).
+
+speedup      = (method tokens / method seconds) / (AR tokens / AR seconds), summed over prompts
+flops_speedup = AR weight MACs per token / the method's (decoding.early_exit.Costs)
+layers_per_token: decoder layers run per decided token (fast-stream layers count as layers)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from m2r2_jax.backend import XLA, Backend
+from m2r2_jax.data.eval_sets import EvalItem
+from m2r2_jax.decoding.early_exit import Costs, DynamicDecoder, ExitMethod
+from m2r2_jax.decoding.generate import GenerateConfig, Generator
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.loading.tokenizer import encode_chat
+
+METHODS = ("m2r2", "m2r2_deferred", "static", "calm")
+DEFAULT_THRESHOLDS = {
+    "m2r2": (0.6, 0.75, 0.85, 0.92, 0.97),
+    "m2r2_deferred": (0.6, 0.75, 0.85, 0.92, 0.97),
+    "static": (20, 24, 27, 29),
+    "calm": (0.8, 0.9, 0.95, 0.99),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicEvalConfig:
+    methods: tuple[str, ...] = ("m2r2", "static", "calm")
+    thresholds: Any = None  # {method: (t, ...)}; None -> DEFAULT_THRESHOLDS
+    max_new_tokens: int = 128
+    max_pending: int = 4  # m2r2_deferred: exited tokens that may wait for exact K/V
+    min_layer: int = 1  # m2r2: first fast layer (1-based) where a token may exit
+    calm_checks: tuple[int, ...] = ()  # calm: check layers; () -> every 2nd layer from N/2
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise M2R2Error(f"unknown method(s) {bad or '(none)'}: choose from {', '.join(METHODS)}")
+        th = dict(DEFAULT_THRESHOLDS)
+        for k, v in (self.thresholds or {}).items():
+            if k not in METHODS:
+                raise M2R2Error(f"--thresholds {k}=...: unknown method (choose from {', '.join(METHODS)})")
+            vals = tuple(v)
+            if not vals or not all(isinstance(x, (int, float)) and np.isfinite(x) for x in vals):
+                raise M2R2Error(f"--thresholds for {k} must be finite numbers, got {list(v)}")
+            th[k] = vals
+        object.__setattr__(self, "thresholds", {m: th[m] for m in self.methods})
+        for name, lo in (("max_new_tokens", 1), ("max_pending", 1), ("min_layer", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise M2R2Error(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def build_methods(cfg, mc, ec: DynamicEvalConfig, backend: Backend = XLA) -> dict[str, DynamicDecoder]:
+    from m2r2_jax.decoding.early_exit import CalmExit, M2R2Exit, StaticExit
+
+    N = cfg.num_layers
+    out: dict[str, DynamicDecoder] = {}
+    for name in ec.methods:
+        if name in ("m2r2", "m2r2_deferred"):
+            meth: ExitMethod = M2R2Exit(cfg, mc, min(ec.min_layer, mc.n_fast(N)), backend)
+            kv = "deferred" if name == "m2r2_deferred" else "propagate"
+        elif name == "static":
+            meth, kv = StaticExit(cfg, backend), "propagate"
+        else:
+            checks = ec.calm_checks or tuple(range(max(1, N // 2), N, 2))
+            meth, kv = CalmExit(cfg, tuple(checks), backend), "propagate"
+        out[name] = DynamicDecoder(cfg, meth, kv, ec.max_pending, backend)
+    return out
+
+
+def _rouge():
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise M2R2Error("ROUGE-L needs the rouge-score package: pip install rouge-score") from None
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def run_dynamic_eval(
+    m,
+    bundle,
+    items: Sequence[EvalItem],
+    ec: DynamicEvalConfig,
+    backend: Backend = XLA,
+    decode_params=None,
+    journal=None,
+    resume: bool = False,
+    progress: bool = True,
+    journal_key: dict | None = None,
+) -> dict:
+    """m: a LoadedModel (cfg, params, tokenizer); bundle: spec_eval.M2R2Bundle (the checkpoint)."""
+    from tqdm import tqdm
+
+    from m2r2_jax.evaluation.spec_eval import Journal
+
+    cfg, tok = m.cfg, m.tokenizer
+    params = m.params if decode_params is None else decode_params
+    scorer = _rouge()
+    decoders = build_methods(cfg, bundle.mc, ec, backend)
+    prepared = {}
+    for name, dec in decoders.items():
+        if name.startswith("m2r2"):
+            prepared[name] = (
+                prepared.get("m2r2") or prepared.get("m2r2_deferred") or dec.method.prepare(params, bundle.params)
+            )
+        elif name == "calm":
+            prepared[name] = dec.method.prepare(params, bundle.draft_ids)
+        else:
+            prepared[name] = None
+    gen = Generator(cfg, backend=backend)
+    header = dict(
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(ec).items()},
+        items=[it.id for it in items],
+        key=journal_key or {},
+        backend=backend.name,
+    )
+    jr = Journal(journal, header) if journal is not None else None
+    done = jr.load().done if (jr is not None and resume and jr.path.exists()) else []
+    rows: list[dict] = list(done)
+    compile_s = 0.0
+    todo = list(enumerate(items))[len(done) :]
+    for i, it in tqdm(todo, desc="early exit", disable=not progress, initial=len(done), total=len(items)):
+        ids = encode_chat(tok, [{"role": "user", "content": it.turns[0]}])
+        ar = gen.generate(params, [ids], GenerateConfig(max_new_tokens=ec.max_new_tokens))
+        if ar.compile_seconds:  # the first call of a bucket compiled: time it again
+            compile_s += ar.compile_seconds
+            ar = gen.generate(params, [ids], GenerateConfig(max_new_tokens=ec.max_new_tokens))
+        ar_ids = ar.new_ids[0]
+        ar_text = tok.decode(ar_ids, skip_special_tokens=True)
+        ar_ref = scorer.score(it.reference, ar_text)["rougeL"].fmeasure if it.reference else None
+        rec = dict(
+            batch=i,
+            id=it.id,
+            category=it.category,
+            ar=dict(tokens=len(ar_ids), seconds=ar.decode_seconds, rouge_l_ref=ar_ref),
+            runs={},
+        )
+        for name, dec in decoders.items():
+            rec["runs"][name] = []
+            for thr in ec.thresholds[name]:
+                r = dec.generate(params, prepared[name], [ids], thr, ec.max_new_tokens)
+                compile_s += r.compile_seconds
+                out = r.new_ids[0]
+                text = tok.decode(out, skip_special_tokens=True)
+                rec["runs"][name].append(
+                    dict(
+                        threshold=thr,
+                        tokens=len(out),
+                        seconds=r.decode_seconds,
+                        decided=r.tokens[0],
+                        exits=r.exits[0],
+                        layers=r.layers[0],
+                        macs=r.macs[0],
+                        exact=out == ar_ids,
+                        rouge_l=scorer.score(ar_text, text)["rougeL"].fmeasure,
+                        rouge_l_ref=scorer.score(it.reference, text)["rougeL"].fmeasure if it.reference else None,
+                    )
+                )
+        if jr is not None:
+            jr.append(rec)
+        rows.append(rec)
+    return summarize(cfg, ec, rows, compile_s)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def summarize(cfg, ec: DynamicEvalConfig, rows: list[dict], compile_s: float = 0.0) -> dict:
+    cost = Costs.of(cfg)
+    ar_tok = sum(r["ar"]["tokens"] for r in rows)
+    ar_s = sum(r["ar"]["seconds"] for r in rows)
+    ar_tps = ar_tok / ar_s if ar_s else None
+    methods = {}
+    for name, ths in ec.thresholds.items():
+        pts = []
+        for k, thr in enumerate(ths):
+            runs = [r["runs"][name][k] for r in rows]
+            tok = sum(x["tokens"] for x in runs)
+            sec = sum(x["seconds"] for x in runs)
+            dec = sum(x["decided"] for x in runs)
+            tps = tok / sec if sec else None
+            pts.append(
+                dict(
+                    threshold=thr,
+                    speedup=(tps / ar_tps) if (tps and ar_tps) else None,
+                    flops_speedup=(cost.ar(cfg) * dec / sum(x["macs"] for x in runs)) if dec else None,
+                    layers_per_token=sum(x["layers"] for x in runs) / dec if dec else None,
+                    exit_rate=sum(x["exits"] for x in runs) / dec if dec else None,
+                    rouge_l=_mean([x["rouge_l"] for x in runs]),
+                    rouge_l_ref=_mean([x["rouge_l_ref"] for x in runs]),
+                    exact_match=_mean([float(x["exact"]) for x in runs]),
+                    tokens_per_second=tps,
+                )
+            )
+        methods[name] = pts
+    return dict(
+        methods=methods,
+        ar=dict(
+            tokens_per_second=ar_tps,
+            layers_per_token=float(cfg.num_layers),
+            rouge_l_ref=_mean([r["ar"]["rouge_l_ref"] for r in rows]),
+        ),
+        prompts=len(rows),
+        compile_seconds=compile_s,
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(ec).items()},
+        definitions=dict(
+            speedup="(method tokens / method seconds) / (AR tokens / AR seconds), summed over prompts, same run",
+            flops_speedup="AR weight multiply-accumulates per token / the method's (attention over the context "
+            "excluded; includes the fast stream, exit heads, K/V propagation, deferred recomputation)",
+            rouge_l="mean ROUGE-L F1 (rouge-score) of the decoded output against the full model's greedy output",
+            rouge_l_ref="... against the dataset's reference answer (items that have one)",
+            exact_match="share of prompts whose output equals the full model's token for token",
+        ),
+    )
+
+
+def render_png(res: dict, title: str = "") -> bytes:
+    """ROUGE-L against the full model vs wall-clock speed-up, one line per method."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, pts in res["methods"].items():
+        pts = [p for p in pts if p["speedup"] is not None and p["rouge_l"] is not None]
+        ax.plot([p["speedup"] for p in pts], [p["rouge_l"] for p in pts], "o-", label=name)
+        for p in pts:
+            ax.annotate(
+                f"{p['threshold']:g}",
+                (p["speedup"], p["rouge_l"]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("wall-clock speed-up over AR (same run)")
+    ax.set_ylabel("ROUGE-L vs the full model's output")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

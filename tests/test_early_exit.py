@@ -1,0 +1,265 @@
+"""Early exit (dynamic compute): the jitted loop against plain-Python references on a tiny model, for
+both K/V strategies; a threshold that never fires equals plain AR greedy; batch = rows one by one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2r2_jax import kernels as K
+from m2r2_jax.backend import CPU_KERNELS
+from m2r2_jax.decoding.early_exit import CalmExit, DynamicDecoder, M2R2Exit, StaticExit
+from m2r2_jax.decoding.generate import GenerateConfig, Generator
+from m2r2_jax.decoding.sampling import SamplingConfig
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.loading.hf_safetensors import load_hf_checkpoint
+from m2r2_jax.m2r2 import stream as S
+from m2r2_jax.m2r2.config import M2R2Config
+from m2r2_jax.m2r2.params import init_m2r2
+from m2r2_jax.model import decoder as D
+from m2r2_jax.model import layers as L
+from m2r2_jax.model.modules import Attention
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    cfg, params, _ = load_hf_checkpoint(str(tiny_llama_dir))
+    return cfg, jax.tree.map(jnp.asarray, params)
+
+
+@pytest.fixture(scope="module")
+def fast(tiny):
+    cfg, _ = tiny
+    mc = M2R2Config(rate=1, num_fast_layers=2, rank=4, router_dim=8).validate(cfg.num_layers)
+    m = init_m2r2(cfg, mc, jax.random.key(3))
+    m = jax.tree_util.tree_map_with_path(  # random adapters and router: the fast stream differs from the base
+        lambda p, x: (
+            x + 0.3 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+            if getattr(p[-1], "key", "") in ("b", "w_out", "layer_bias")
+            else x
+        ),
+        m,
+    )
+    return mc, m
+
+
+def _prompts(n, seed=0):
+    rs = np.random.RandomState(seed)
+    return [rs.randint(3, 256, rs.randint(3, 12)).tolist() for _ in range(n)]
+
+
+def _ar(cfg, base, prompts):
+    return Generator(cfg).generate(base, prompts, GenerateConfig(max_new_tokens=MAX_NEW)).new_ids
+
+
+def _kv_at(cfg, base, j, src, pos):
+    lp = base["layers"][j]
+    cos, sin = L.rope_cos_sin(cfg, jnp.asarray([[pos]], jnp.int32))
+    x = L.rms_norm(src, lp["attn_norm"], cfg.rms_norm_eps)
+    return Attention(cfg).apply({"params": lp["attn"]}, x, cos, sin, method="project_kv")
+
+
+def _set_slot(cache, j, pos, k, v):
+    ks, vs = list(cache.k), list(cache.v)
+    ks[j], vs[j] = ks[j].at[:, :, pos].set(k[:, :, 0]), vs[j].at[:, :, pos].set(v[:, :, 0])
+    return D.KVCache(ks, vs)
+
+
+def ref_m2r2(cfg, mc, base, mp, prompt, thr, kv, max_pending=3):
+    """Plain Python, eager, one token at a time: the fast stream through the training path's
+    `stream.fast_stream` (merged layers as its base, zero adapters), the router, the exit, then the
+    K/V: propagated from the aligned fast states, or (deferred) recomputed with the next full token."""
+    N, n = cfg.num_layers, mc.n_fast(cfg.num_layers)
+    t = [0] + mc.targets_of(N)
+    idx = mc.base_layers(N)
+    merged = dict(base, layers=list(base["layers"]))
+    for l, j in enumerate(idx):
+        merged["layers"][j] = mp["layers"][l]
+    zero = init_m2r2(cfg, mc, jax.random.key(0))  # b = 0, gains 1: the merged weights alone
+    S_ = 128
+    cache = D.init_cache(cfg, 1, S_)
+    lg, cache = D.forward(cfg, base, jnp.asarray([prompt]), cache, jnp.zeros((1,), jnp.int32))
+    out, pending = [int(jnp.argmax(lg[0, -1]))], []
+    while len(out) < MAX_NEW and out[-1] not in cfg.eos_token_ids:
+        tok, pos = out[-1], len(prompt) + len(out) - 1
+        h0 = D.embed(cfg, base, jnp.asarray([[tok]]))
+        hs = S.fast_stream(
+            cfg,
+            mc,
+            merged,
+            zero,
+            h0,
+            cache,
+            (jnp.arange(S_) < pos)[None, None],
+            jnp.ones((1, 1, 1), bool),
+            jnp.asarray([[pos]], jnp.int32),
+        )
+        p = np.asarray(jax.nn.sigmoid(S.arla_router(cfg, mc, mp["router"], hs, h0))[0, 0])
+        e = next((l for l in range(n) if p[l] >= thr), None)
+        if kv == "deferred" and len(pending) >= max_pending:
+            e = None
+        if e is not None:
+            states = [h0] + hs[: e + 1] + [hs[e]] * (n - e - 1)
+            for j in range(N):
+                src = states[max(m for m in range(n + 1) if t[m] <= j)]
+                cache = _set_slot(cache, j, pos, *_kv_at(cfg, base, j, src, pos))
+            out.append(int(jnp.argmax(D.logits_from_hidden(cfg, base, hs[e])[0, 0])))
+            pending.append(tok)
+        else:
+            block = (pending if kv == "deferred" else []) + [tok]
+            start = pos - len(block) + 1
+            lg, cache = D.forward(cfg, base, jnp.asarray([block]), cache, jnp.asarray([start], jnp.int32))
+            out.append(int(jnp.argmax(lg[0, -1])))
+            pending = []
+    return out
+
+
+def ref_slow(cfg, base, prompt, decide):
+    """Plain Python for the base-model exits: run layer by layer; at the first layer i where
+    decide(i, h) holds, the token leaves through the LM head and every later layer's K/V is projected
+    from the exit state."""
+    N, S_ = cfg.num_layers, 128
+    cache = D.init_cache(cfg, 1, S_)
+    lg, cache = D.forward(cfg, base, jnp.asarray([prompt]), cache, jnp.zeros((1,), jnp.int32))
+    out = [int(jnp.argmax(lg[0, -1]))]
+    while len(out) < MAX_NEW and out[-1] not in cfg.eos_token_ids:
+        tok, pos = out[-1], len(prompt) + len(out) - 1
+        h = D.embed(cfg, base, jnp.asarray([[tok]]))
+        for i in range(N):
+            h, cache, _ = D.forward_hidden(
+                cfg, base, jnp.asarray([[tok]]), cache, jnp.asarray([pos], jnp.int32), layer_range=(i, i + 1), h=h
+            )
+            if i + 1 < N and decide(i + 1, h):
+                for j in range(i + 1, N):
+                    cache = _set_slot(cache, j, pos, *_kv_at(cfg, base, j, h, pos))
+                break
+        out.append(int(jnp.argmax(D.logits_from_hidden(cfg, base, h)[0, 0])))
+    return out
+
+
+def _gen(dec, base, mp, prompts, thr):
+    return dec.generate(base, mp, prompts, thr, max_new_tokens=MAX_NEW)
+
+
+@pytest.mark.parametrize("kv", ["propagate", "deferred"])
+def test_m2r2_exit_matches_reference(tiny, fast, kv):
+    cfg, base = tiny
+    mc, m2r2 = fast
+    dec = DynamicDecoder(cfg, M2R2Exit(cfg, mc), kv, max_pending=3)
+    mp = dec.method.prepare(base, m2r2)
+    prompts = _prompts(3)
+    ar = _ar(cfg, base, prompts)
+    exits = 0
+    for thr in (0.35, 0.6):
+        r = _gen(dec, base, mp, prompts, thr)
+        for b, p in enumerate(prompts):
+            assert r.new_ids[b] == ref_m2r2(cfg, mc, base, mp, p, thr, kv), (kv, thr, b)
+        exits += sum(r.exits)
+        assert all(0 < t for t in r.tokens)
+    assert exits > 0  # the thresholds do make tokens exit
+    # a threshold that never fires: plain AR greedy, token for token; every token runs the full depth
+    r = _gen(dec, base, mp, prompts, 1.5)
+    assert r.new_ids == ar and sum(r.exits) == 0
+    assert all(x == t * (mc.n_fast(cfg.num_layers) + cfg.num_layers) for x, t in zip(r.layers, r.tokens))
+
+
+@pytest.mark.parametrize("kv", ["propagate", "deferred"])
+def test_batch_equals_rows(tiny, fast, kv):
+    cfg, base = tiny
+    mc, m2r2 = fast
+    dec = DynamicDecoder(cfg, M2R2Exit(cfg, mc), kv, max_pending=2)
+    mp = dec.method.prepare(base, m2r2)
+    prompts = _prompts(4, seed=7)
+    batch = _gen(dec, base, mp, prompts, 0.45)
+    rows = [_gen(dec, base, mp, [p], 0.45) for p in prompts]
+    assert sum(batch.exits) > 0
+    assert batch.new_ids == [r.new_ids[0] for r in rows]
+    assert batch.exits == [r.exits[0] for r in rows]
+
+
+def test_static_and_calm_match_reference(tiny):
+    cfg, base = tiny
+    prompts = _prompts(3, seed=2)
+    ar = _ar(cfg, base, prompts)
+    st = DynamicDecoder(cfg, StaticExit(cfg))
+    for E in (1, 2):
+        r = _gen(st, base, None, prompts, E)
+        for b, p in enumerate(prompts):
+            assert r.new_ids[b] == ref_slow(cfg, base, p, lambda i, h, E=E: i >= E)
+        assert all(x == t * E for x, t in zip(r.layers, r.tokens))
+    assert _gen(st, base, None, prompts, cfg.num_layers).new_ids == ar
+
+    ids = np.arange(0, cfg.vocab_size, 2, dtype=np.int32)
+    calm = DynamicDecoder(cfg, CalmExit(cfg, checks=(1, 2)))
+    mp = calm.method.prepare(base, ids)
+    head = jnp.asarray(base["embed"])[ids] if cfg.tie_word_embeddings else jnp.asarray(base["lm_head"]).T[ids]
+
+    def margin(h):
+        x = L.rms_norm(h, base["final_norm"], cfg.rms_norm_eps)
+        p = np.sort(np.asarray(jax.nn.softmax((x @ head.T)[0, 0])))
+        return p[-1] - p[-2]
+
+    fired = 0
+    for thr in (0.002, 0.006):
+        r = _gen(calm, base, mp, prompts, thr)
+        for b, p in enumerate(prompts):
+            assert r.new_ids[b] == ref_slow(cfg, base, p, lambda i, h, thr=thr: margin(h) >= thr)
+        fired += sum(r.exits)
+    assert fired > 0
+    assert _gen(calm, base, mp, prompts, 2.0).new_ids == ar
+
+
+def test_bad_settings(tiny, fast):
+    cfg, _ = tiny
+    mc, _ = fast
+    with pytest.raises(M2R2Error, match="supports kv=propagate"):
+        DynamicDecoder(cfg, StaticExit(cfg), "deferred")
+    with pytest.raises(M2R2Error, match="kv must be one of"):
+        DynamicDecoder(cfg, M2R2Exit(cfg, mc), "later")
+    with pytest.raises(M2R2Error, match="max_pending"):
+        DynamicDecoder(cfg, M2R2Exit(cfg, mc), "deferred", max_pending=0)
+    with pytest.raises(M2R2Error, match="min_layer"):
+        M2R2Exit(cfg, mc, min_layer=9)
+    with pytest.raises(M2R2Error, match="check layers"):
+        CalmExit(cfg, checks=(0,))
+
+
+def test_sampling(tiny, fast):
+    """Sampling draws from the exit's (or the full model's) distribution with the loop's keys: with a
+    threshold that never fires it is AR sampling with the same seed, token for token; with exits it
+    still runs."""
+    cfg, base = tiny
+    mc, m2r2 = fast
+    s = SamplingConfig(temperature=0.9, top_p=0.95, seed=5)
+    dec = DynamicDecoder(cfg, M2R2Exit(cfg, mc))
+    mp = dec.method.prepare(base, m2r2)
+    prompts = _prompts(2, seed=9)
+    ar = Generator(cfg).generate(base, prompts, GenerateConfig(max_new_tokens=MAX_NEW, sampling=s)).new_ids
+    assert dec.generate(base, mp, prompts, 1.5, MAX_NEW, s).new_ids == ar
+    r = dec.generate(base, mp, prompts, 0.4, MAX_NEW, s)
+    assert sum(r.exits) > 0 and all(len(x) >= 1 for x in r.new_ids)
+
+
+@pytest.mark.skipif(not K.available(), reason="no C++ compiler: the CPU kernels are not built")
+@pytest.mark.parametrize("kv", ["propagate", "deferred"])
+def test_cpu_kernels_follow_xla(tiny, fast, kv):
+    """The same exits and tokens through the CPU kernels (packed weights, block attention) as through
+    XLA, for M2R2 and CALM; with a never-firing threshold, the kernels' AR output."""
+    cfg, base = tiny
+    mc, m2r2 = fast
+    packed = CPU_KERNELS.prepare(cfg, base)
+    prompts = _prompts(3, seed=11)
+    for meth_x, meth_k, src, thr in (
+        (M2R2Exit(cfg, mc), M2R2Exit(cfg, mc, backend=CPU_KERNELS), m2r2, 0.45),
+        (CalmExit(cfg, (1, 2)), CalmExit(cfg, (1, 2), CPU_KERNELS), np.arange(0, cfg.vocab_size, 2), 0.001),
+    ):
+        if kv not in meth_x.kv_modes:
+            continue
+        x = DynamicDecoder(cfg, meth_x, kv, 2)
+        k = DynamicDecoder(cfg, meth_k, kv, 2, CPU_KERNELS)
+        rx = _gen(x, base, x.method.prepare(base, src), prompts, thr)
+        rk = _gen(k, packed, k.method.prepare(packed, src), prompts, thr)
+        assert sum(rx.exits) > 0
+        assert rk.new_ids == rx.new_ids and rk.exits == rx.exits
