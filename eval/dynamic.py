@@ -68,13 +68,18 @@ def main(argv=None):
     p.add_argument(
         "--dataset", default="mt_bench", help="koala, self_instruct, wizardlm, mt_bench, ... or a .json/.jsonl path"
     )
-    p.add_argument("--methods", default="m2r2,static,calm", help="comma-separated: m2r2, m2r2_deferred, static, calm")
+    p.add_argument(
+        "--methods",
+        default="m2r2,static,calm",
+        help="comma-separated: m2r2, m2r2_deferred, static, static_trained (needs --exit-heads), calm",
+    )
     p.add_argument("--thresholds", action="append", default=None, help="T1,T2,... for every method, or NAME=T1,T2,...")
     p.add_argument("--limit", type=int, default=48, help="number of prompts, round-robin over categories")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-pending", type=int, default=4, help="m2r2_deferred: exited tokens that may wait")
     p.add_argument("--min-layer", type=int, default=1, help="m2r2: first fast layer where a token may exit")
     p.add_argument("--calm-checks", default="", help="calm: comma-separated check layers (default every 2nd from N/2)")
+    p.add_argument("--exit-heads", default="", help="static_trained: exit heads (python -m train.train_exit_heads)")
     p.add_argument("--out", default=None, help="result JSON (default runs/dynamic/<dataset>.json)")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
     p.add_argument("--resume", action="store_true", help="carry on from --out's journal (FILE.partial.jsonl)")
@@ -97,9 +102,15 @@ def main(argv=None):
         max_pending=a.max_pending,
         min_layer=a.min_layer,
         calm_checks=checks,
+        exit_heads=a.exit_heads,
     )
     if a.limit is not None and a.limit < 1:
         raise M2R2Error(f"--limit must be >= 1, got {a.limit}")
+    if "static_trained" in methods:
+        from m2r2_jax.training.checkpoint import latest_step
+
+        if latest_step(Path(a.exit_heads) / "checkpoints") is None:
+            raise M2R2Error(f"--exit-heads {a.exit_heads}: no exit-head checkpoint there")
     if a.mesh:
         raise M2R2Error("--mesh is not supported by the early-exit loop (single device)")
     name = Path(a.dataset).stem if Path(a.dataset).suffix else a.dataset.replace("/", "_").replace(":", "_")

@@ -57,6 +57,7 @@ SPEC = ["-m", "eval.speculative", "--limit", "1", "--no-progress"]
 GEN = ["-m", "eval.generate", "--prompt", "hi"]
 TRAIN = ["-m", "train.train", "--no-progress"]
 DYN = ["-m", "eval.dynamic", "--limit", "1", "--no-progress"]
+HEADS = ["-m", "train.train_exit_heads", "--distill-dir", "{tmp}/none", "--out", "{tmp}/heads", "--no-progress"]
 
 # (id, argv, inputs {name: content or callable(tmp) -> path}, expected text in the error line)
 CASES = [
@@ -130,9 +131,14 @@ CASES = [
     ("dyn-thresholds-text", DYN + ["--thresholds", "static=a,b"], {}, "expected numbers"),
     ("dyn-thresholds-method", DYN + ["--thresholds", "eagle=0.5"], {}, "unknown method"),
     ("dyn-limit-0", DYN + ["--limit", "0"], {}, "--limit"),
+    ("dyn-trained-no-heads", DYN + ["--methods", "static_trained"], {}, "--exit-heads"),
+    ("dyn-trained-empty-heads", DYN + ["--methods", "static_trained", "--exit-heads", "{tmp}"], {}, "no exit-head"),
     ("dyn-max-pending-0", DYN + ["--max-pending", "0"], {}, "max_pending"),
     ("dyn-calm-checks-text", DYN + ["--calm-checks", "x"], {}, "--calm-checks"),
     ("dyn-out-dir-missing", DYN + ["--out", "{tmp}/no/r.json"], {}, "does not exist"),
+    ("heads-layers-text", HEADS + ["--layers", "a"], {}, "--layers"),
+    ("heads-rank-0", HEADS + ["--rank", "0"], {}, "rank"),
+    ("heads-no-distill", HEADS, {}, "no distill cache"),
     ("align-limit-0", ["-m", "eval.alignment", "--limit", "0"], {}, "--limit"),
     ("bench-max-new-0", ["-m", "eval.bench_decode", "--max-new-tokens", "0", "--skip-hf"], {}, ">= 1"),
     ("bench-repeats-0", ["-m", "eval.bench_decode", "--repeats", "0", "--skip-hf"], {}, ">= 1"),

@@ -1,6 +1,8 @@
 """Early exit (dynamic compute): the jitted loop against plain-Python references on a tiny model, for
 both K/V strategies; a threshold that never fires equals plain AR greedy; batch = rows one by one."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -263,3 +265,58 @@ def test_cpu_kernels_follow_xla(tiny, fast, kv):
         rk = _gen(k, packed, k.method.prepare(packed, src), prompts, thr)
         assert sum(rx.exits) > 0
         assert rk.new_ids == rx.new_ids and rk.exits == rx.exits
+
+
+def test_trained_exit_heads(tiny, tmp_path):
+    """The static peer's exit heads: zero-initialised heads exit exactly as the untrained static exit;
+    training lowers the KL to the full model, writes Orbax checkpoints and resumes from them; the
+    loaded heads drive the static exit through the head (equal to an eager reference)."""
+    from m2r2_jax.peers.exit_head import ExitHeadConfig, head_logits, init_heads, load_exit_heads, train_exit_heads
+
+    cfg, base = tiny
+    prompts = _prompts(2, seed=3)
+    st = DynamicDecoder(cfg, StaticExit(cfg))
+    tr = DynamicDecoder(cfg, StaticExit(cfg, trained=True))
+    zero = tr.method.prepare(base, init_heads(cfg, 2, 4), (1, 2))
+    for E in (1, 2):
+        assert _gen(tr, base, zero, prompts, E).new_ids == _gen(st, base, None, prompts, E).new_ids
+
+    rs = np.random.RandomState(0)
+    recs = [
+        dict(prompt_ids=rs.randint(3, 256, 6).tolist(), answer_ids=rs.randint(3, 256, 10).tolist()) for _ in range(4)
+    ]
+    hc = ExitHeadConfig(layers=(1, 2), rank=4, steps=30, batch_size=4, seq_len=16, positions=10, lr=1e-2)
+    out = tmp_path / "heads"
+    s1 = train_exit_heads(cfg, base, recs, hc, out, "fp", progress=False, until=26)  # interrupted at 26
+    s2 = train_exit_heads(cfg, base, recs, hc, out, "fp", progress=False)  # resumes there
+    once = train_exit_heads(cfg, base, recs, hc, tmp_path / "once", "fp", progress=False)
+    assert s1["steps"] == 26 and s2["steps"] == 30
+    for x, y in zip(jax.tree.leaves(s2["heads"]), jax.tree.leaves(once["heads"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # resumed exactly
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 31))
+    first, last = logged[0], logged[-1]
+    assert last["kl/0"] < 0.7 * first["kl/0"] and last["kl/1"] < 0.7 * first["kl/1"]
+    heads, layers = load_exit_heads(out, cfg, "fp")
+    assert layers == (1, 2) and s2["trainable_params"] == sum(x.size for x in jax.tree.leaves(heads))
+    with pytest.raises(M2R2Error, match="another base"):
+        load_exit_heads(out, cfg, "other")
+
+    mp = tr.method.prepare(base, heads, layers)
+    r = _gen(tr, base, mp, prompts, 1)
+    for b, p in enumerate(prompts):  # eager: one layer, then the trained head
+        ids, cache = list(p), None
+        S_ = 128
+        cache = D.init_cache(cfg, 1, S_)
+        lg, cache = D.forward(cfg, base, jnp.asarray([p]), cache, jnp.zeros((1,), jnp.int32))
+        out_ids = [int(jnp.argmax(lg[0, -1]))]
+        while len(out_ids) < MAX_NEW and out_ids[-1] not in cfg.eos_token_ids:
+            tok, pos = out_ids[-1], len(ids) + len(out_ids) - 1
+            h = D.embed(cfg, base, jnp.asarray([[tok]]))
+            h, cache, _ = D.forward_hidden(
+                cfg, base, jnp.asarray([[tok]]), cache, jnp.asarray([pos], jnp.int32), layer_range=(0, 1), h=h
+            )
+            for j in range(1, cfg.num_layers):
+                cache = _set_slot(cache, j, pos, *_kv_at(cfg, base, j, h, pos))
+            out_ids.append(int(jnp.argmax(head_logits(cfg, base, heads, h, 0)[0, 0])))
+        assert r.new_ids[b] == out_ids

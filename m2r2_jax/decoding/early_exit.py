@@ -320,11 +320,16 @@ class _Policy(ExitPolicy):
         return self.rule(layer, h)
 
 
-def _slow_step(method, cfg, base, cache, tok, pos, policy, active, force_full, extra_macs):
+def _slow_step(method, cfg, base, cache, tok, pos, policy, active, force_full, extra_macs, exit_logits=None):
+    """`exit_logits(h)` -> [B, 1, V]: the exited rows' logits (default: the frozen final norm + LM head)."""
     cost = Costs.of(cfg)
     B = tok.shape[0]
     h, cache, exited, _, ran = _slow_walk(cfg, base, method.backend, cache, tok, pos, policy, active, force_full)
     logits = D.logits_from_hidden(cfg, base, h)[:, 0]
+    if exit_logits is not None:
+        logits = lax.cond(
+            jnp.any(exited), lambda: jnp.where(exited[:, None], exit_logits(h)[:, 0], logits), lambda: logits
+        )
     macs = ran * cost.layer + cost.head + extra_macs(ran)
     return StepOut(
         logits=logits,
@@ -340,16 +345,34 @@ def _slow_step(method, cfg, base, cache, tok, pos, policy, active, force_full, e
 @dataclasses.dataclass(frozen=True, eq=True)
 class StaticExit(ExitMethod):
     """Every token leaves the base after layer E = round(threshold) (1 <= E <= N; N = the full model),
-    through the frozen LM head: the untrained static-exit baseline."""
+    through the frozen LM head (the untrained baseline), or with `trained`, through the exit head
+    trained for E (peers/exit_head.py; prepare(base, heads, layers); E must be one of `layers`)."""
 
     cfg: ModelConfig
     backend: Backend = XLA
+    trained: bool = False
     name: str = "static"
 
+    def prepare(self, base, heads=None, layers=()):
+        if not self.trained:
+            return None
+        return {"heads": heads, "layers": jnp.asarray(layers, jnp.int32)}
+
     def step(self, mp, base, cache, tok, pos, thr, active, force_full, full):
+        cfg = self.cfg
         E = jnp.round(thr).astype(jnp.int32)
-        policy = _Policy(tuple(range(self.cfg.num_layers - 1)), lambda i, h: jnp.broadcast_to(i + 1 >= E, h.shape[:1]))
-        return _slow_step(self, self.cfg, base, cache, tok, pos, policy, active, force_full, lambda ran: 0.0)
+        policy = _Policy(tuple(range(cfg.num_layers - 1)), lambda i, h: jnp.broadcast_to(i + 1 >= E, h.shape[:1]))
+        head = None
+        if self.trained:
+            from m2r2_jax.peers.exit_head import head_logits
+
+            idx = jnp.argmax(mp["layers"] == E)
+            head = lambda h: head_logits(cfg, base, mp["heads"], h, idx)  # noqa: E731
+            adapter = 2.0 * cfg.hidden_size * mp["heads"]["a"].shape[2]
+            extra = lambda ran: jnp.where(ran < cfg.num_layers, adapter, 0.0)  # noqa: E731
+        else:
+            extra = lambda ran: 0.0  # noqa: E731
+        return _slow_step(self, cfg, base, cache, tok, pos, policy, active, force_full, extra, head)
 
 
 @dataclasses.dataclass(frozen=True, eq=True)

@@ -27,11 +27,12 @@ from m2r2_jax.decoding.generate import GenerateConfig, Generator
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.loading.tokenizer import encode_chat
 
-METHODS = ("m2r2", "m2r2_deferred", "static", "calm")
+METHODS = ("m2r2", "m2r2_deferred", "static", "static_trained", "calm")
 DEFAULT_THRESHOLDS = {
     "m2r2": (0.6, 0.75, 0.85, 0.92, 0.97),
     "m2r2_deferred": (0.6, 0.75, 0.85, 0.92, 0.97),
     "static": (20, 24, 27, 29),
+    "static_trained": (20, 24, 27, 29),  # must be layers the exit heads were trained for
     "calm": (0.8, 0.9, 0.95, 0.99),
 }
 
@@ -44,6 +45,7 @@ class DynamicEvalConfig:
     max_pending: int = 4  # m2r2_deferred: exited tokens that may wait for exact K/V
     min_layer: int = 1  # m2r2: first fast layer (1-based) where a token may exit
     calm_checks: tuple[int, ...] = ()  # calm: check layers; () -> every 2nd layer from N/2
+    exit_heads: str = ""  # static_trained: the exit heads' directory (train.train_exit_heads)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in METHODS]
@@ -58,6 +60,8 @@ class DynamicEvalConfig:
                 raise M2R2Error(f"--thresholds for {k} must be finite numbers, got {list(v)}")
             th[k] = vals
         object.__setattr__(self, "thresholds", {m: th[m] for m in self.methods})
+        if "static_trained" in self.methods and not self.exit_heads:
+            raise M2R2Error("static_trained needs --exit-heads DIR (trained by python -m train.train_exit_heads)")
         for name, lo in (("max_new_tokens", 1), ("max_pending", 1), ("min_layer", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -73,8 +77,8 @@ def build_methods(cfg, mc, ec: DynamicEvalConfig, backend: Backend = XLA) -> dic
         if name in ("m2r2", "m2r2_deferred"):
             meth: ExitMethod = M2R2Exit(cfg, mc, min(ec.min_layer, mc.n_fast(N)), backend)
             kv = "deferred" if name == "m2r2_deferred" else "propagate"
-        elif name == "static":
-            meth, kv = StaticExit(cfg, backend), "propagate"
+        elif name in ("static", "static_trained"):
+            meth, kv = StaticExit(cfg, backend, trained=name == "static_trained"), "propagate"
         else:
             checks = ec.calm_checks or tuple(range(max(1, N // 2), N, 2))
             meth, kv = CalmExit(cfg, tuple(checks), backend), "propagate"
@@ -119,6 +123,14 @@ def run_dynamic_eval(
             )
         elif name == "calm":
             prepared[name] = dec.method.prepare(params, bundle.draft_ids)
+        elif name == "static_trained":
+            from m2r2_jax.peers.exit_head import load_exit_heads
+
+            heads, layers = load_exit_heads(ec.exit_heads, cfg, getattr(m, "fingerprint", ""))
+            bad = [t for t in ec.thresholds[name] if round(t) not in layers and round(t) < cfg.num_layers]
+            if bad:
+                raise M2R2Error(f"static_trained: no exit head for layer(s) {bad}; the heads cover {list(layers)}")
+            prepared[name] = dec.method.prepare(params, heads, layers)
         else:
             prepared[name] = None
     gen = Generator(cfg, backend=backend)

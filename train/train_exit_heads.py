@@ -1,0 +1,58 @@
+"""Train exit heads for the static early-exit peer: per exit layer E a residual low-rank adapter before
+the frozen final norm + LM head, distilled to the full model on the self-distilled answers.
+
+    python -m train.train_exit_heads --model smollm2-135m --distill-dir DIR [--layers 20,24,27,29] \
+        [--rank 64] [--steps 200] [--batch-size 8] [--lr 1e-3] --out DIR [--no-progress]
+
+Checkpoints (Orbax, every 25 steps) and metrics (JSONL + TensorBoard) go under --out; the same command
+resumes from the latest checkpoint. Prints the summary (minutes, trainable params, final KL per head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from m2r2_jax.cli import add_model_args, quiet_env, run_main
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m train.train_exit_heads", description=__doc__.split("\n")[0])
+    add_model_args(p, decode=False)
+    p.add_argument("--distill-dir", required=True, help="a self-distillation cache (train.train --distill-only)")
+    p.add_argument("--layers", default="20,24,27,29", help="exit layers (after this many base layers)")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--limit", type=int, default=None, help="use the first N distilled answers")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    quiet_env()
+    from m2r2_jax.errors import M2R2Error
+    from m2r2_jax.peers.exit_head import ExitHeadConfig
+
+    try:
+        layers = tuple(int(x) for x in a.layers.split(",") if x.strip())
+    except ValueError:
+        raise M2R2Error(f"--layers {a.layers!r}: expected layer numbers separated by commas") from None
+    hc = ExitHeadConfig(layers=layers, rank=a.rank, steps=a.steps, batch_size=a.batch_size, lr=a.lr)
+
+    from m2r2_jax.loading.registry import load_model
+    from m2r2_jax.peers.exit_head import train_exit_heads
+    from m2r2_jax.training.distill import load_distill_cache
+
+    ds = load_distill_cache(a.distill_dir)
+    records = [dict(prompt_ids=r["prompt_ids"], answer_ids=r["answer_ids"]) for r in ds]
+    if a.limit:
+        records = records[: a.limit]
+    m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype, tokenizer=False)
+    summary = train_exit_heads(m.cfg, m.params, records, hc, a.out, m.fingerprint, progress=not a.no_progress)
+    summary.pop("heads")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
