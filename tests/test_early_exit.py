@@ -10,7 +10,7 @@ import pytest
 
 from m2r2_jax import kernels as K
 from m2r2_jax.backend import CPU_KERNELS
-from m2r2_jax.decoding.early_exit import CalmExit, DynamicDecoder, M2R2Exit, StaticExit
+from m2r2_jax.decoding.early_exit import CalmExit, DynamicDecoder, M2R2Exit, SpecEEExit, StaticExit
 from m2r2_jax.decoding.generate import GenerateConfig, Generator
 from m2r2_jax.decoding.sampling import SamplingConfig
 from m2r2_jax.errors import M2R2Error
@@ -320,3 +320,78 @@ def test_trained_exit_heads(tiny, tmp_path):
                 cache = _set_slot(cache, j, pos, *_kv_at(cfg, base, j, h, pos))
             out_ids.append(int(jnp.argmax(head_logits(cfg, base, heads, h, 0)[0, 0])))
         assert r.new_ids[b] == out_ids
+
+
+def test_specee(tiny, fast, tmp_path):
+    """SpecEE's predictors train on teacher-forced features (candidates from the fast stream), save
+    and load; the loop's exits equal an eager reference; a never-firing threshold is AR."""
+    from m2r2_jax.peers.specee import SpecEEConfig, candidate_features, head_rows, load_specee, predict, train_specee
+
+    cfg, base = tiny
+    mc, m2r2 = fast
+    ids = np.arange(cfg.vocab_size, dtype=np.int32)
+    rs = np.random.RandomState(1)
+    recs = [
+        dict(prompt_ids=rs.randint(3, 256, 5).tolist(), answer_ids=rs.randint(3, 256, 9).tolist()) for _ in range(8)
+    ]
+    sc = SpecEEConfig(layers=(1, 2), k=3, hidden=8, examples=8, seq_len=16, positions=9, batch_size=4, epochs=5)
+    summ = train_specee(cfg, mc, base, m2r2, ids, recs, sc, tmp_path / "sp", "fp")
+    assert summ["positions"] == 8 * 9 and len(summ["heldout_auc"]) == 2
+    pred, sc2 = load_specee(tmp_path / "sp", "fp")
+    assert sc2 == sc
+    for a, b in zip(jax.tree.leaves(pred), jax.tree.leaves(summ["predictors"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    meth = SpecEEExit(cfg, mc, (1, 2), k=3)
+    dec = DynamicDecoder(cfg, meth)
+    mp = meth.prepare(base, m2r2, ids, pred)
+    prompts = _prompts(3, seed=5)
+    assert _gen(dec, base, mp, prompts, 1.5).new_ids == _ar(cfg, base, prompts)
+    scores = []
+    for p in prompts:  # pick a threshold in the middle of the predictors' scores
+        h = D.embed(cfg, base, jnp.asarray([[p[-1]]]))
+        _, f = candidate_features(cfg, base["final_norm"], head_rows(cfg, base, jnp.asarray([[3, 4, 5]])), h[:, 0])
+        scores.append(float(jax.nn.sigmoid(predict(pred, f, 0))[0]))
+    thr = float(np.median(scores))
+
+    merged = dict(base, layers=list(base["layers"]))
+    for l, j in enumerate(mc.base_layers(cfg.num_layers)):
+        merged["layers"][j] = mp["layers"][l]
+    zero = init_m2r2(cfg, mc, jax.random.key(0))
+    r = _gen(dec, base, mp, prompts, thr)
+    for b, p in enumerate(prompts):
+        S_ = 128
+        cache = D.init_cache(cfg, 1, S_)
+        lg, cache = D.forward(cfg, base, jnp.asarray([p]), cache, jnp.zeros((1,), jnp.int32))
+        out = [int(jnp.argmax(lg[0, -1]))]
+        while len(out) < MAX_NEW and out[-1] not in cfg.eos_token_ids:
+            tok, pos = out[-1], len(p) + len(out) - 1
+            h0 = D.embed(cfg, base, jnp.asarray([[tok]]))
+            hf = S.fast_stream(
+                cfg,
+                mc,
+                merged,
+                zero,
+                h0,
+                cache,
+                (jnp.arange(S_) < pos)[None, None],
+                jnp.ones((1, 1, 1), bool),
+                jnp.asarray([[pos]], jnp.int32),
+            )[-1]
+            cands = jnp.asarray(ids)[jax.lax.top_k(S.draft_logits(cfg, base, hf, jnp.asarray(ids))[0, 0], 3)[1]][None]
+            rows = head_rows(cfg, base, cands)
+            h, nxt = h0, None
+            for i in range(cfg.num_layers):
+                h, cache, _ = D.forward_hidden(
+                    cfg, base, jnp.asarray([[tok]]), cache, jnp.asarray([pos], jnp.int32), layer_range=(i, i + 1), h=h
+                )
+                if i + 1 in (1, 2) and i + 1 < cfg.num_layers:
+                    z, f = candidate_features(cfg, base["final_norm"], rows, h[:, 0])
+                    if float(jax.nn.sigmoid(predict(pred, f, (1, 2).index(i + 1)))[0]) >= thr:
+                        nxt = int(cands[0, int(jnp.argmax(z[0]))])
+                        for j in range(i + 1, cfg.num_layers):
+                            cache = _set_slot(cache, j, pos, *_kv_at(cfg, base, j, h, pos))
+                        break
+            out.append(nxt if nxt is not None else int(jnp.argmax(D.logits_from_hidden(cfg, base, h)[0, 0])))
+        assert r.new_ids[b] == out, b
+    assert sum(r.exits) > 0

@@ -320,22 +320,41 @@ class _Policy(ExitPolicy):
         return self.rule(layer, h)
 
 
-def _slow_step(method, cfg, base, cache, tok, pos, policy, active, force_full, extra_macs, exit_logits=None):
-    """`exit_logits(h)` -> [B, 1, V]: the exited rows' logits (default: the frozen final norm + LM head)."""
+def _slow_step(
+    method,
+    cfg,
+    base,
+    cache,
+    tok,
+    pos,
+    policy,
+    active,
+    force_full,
+    extra_macs,
+    exit_logits=None,
+    exit_cost=None,
+    extra_layers=0,
+):
+    """`exit_logits(h)` -> [B, 1, V]: the exited rows' logits (default: the frozen final norm + LM head),
+    costing `exit_cost` MACs a token; the full head runs only when some active row did not exit."""
     cost = Costs.of(cfg)
     B = tok.shape[0]
     h, cache, exited, _, ran = _slow_walk(cfg, base, method.backend, cache, tok, pos, policy, active, force_full)
-    logits = D.logits_from_hidden(cfg, base, h)[:, 0]
-    if exit_logits is not None:
+    full = lambda: D.logits_from_hidden(cfg, base, h)[:, 0]  # noqa: E731
+    if exit_logits is None:
+        logits, head = full(), cost.head
+    else:
+        need = jnp.any(~exited & active)
         logits = lax.cond(
-            jnp.any(exited), lambda: jnp.where(exited[:, None], exit_logits(h)[:, 0], logits), lambda: logits
+            need, lambda: jnp.where(exited[:, None], exit_logits(h)[:, 0], full()), lambda: exit_logits(h)[:, 0]
         )
-    macs = ran * cost.layer + cost.head + extra_macs(ran)
+        head = jnp.where(need, cost.head, 0.0) + jnp.where(jnp.any(exited & active), exit_cost, 0.0)
+    macs = ran * cost.layer + head + extra_macs(ran)
     return StepOut(
         logits=logits,
         cache=cache,
         exited=exited,
-        layers=jnp.broadcast_to(ran.astype(jnp.float32), (B,)),
+        layers=jnp.broadcast_to(ran.astype(jnp.float32) + extra_layers, (B,)),
         macs=jnp.broadcast_to(jnp.asarray(macs, jnp.float32), (B,)),
         kv_src=[h] * cfg.num_layers,
         kv_lo=jnp.broadcast_to(ran, (B,)),  # the layers the batch ran hold the exited rows' K/V already
@@ -368,11 +387,12 @@ class StaticExit(ExitMethod):
 
             idx = jnp.argmax(mp["layers"] == E)
             head = lambda h: head_logits(cfg, base, mp["heads"], h, idx)  # noqa: E731
-            adapter = 2.0 * cfg.hidden_size * mp["heads"]["a"].shape[2]
-            extra = lambda ran: jnp.where(ran < cfg.num_layers, adapter, 0.0)  # noqa: E731
+            exit_cost = Costs.of(cfg).head + 2.0 * cfg.hidden_size * mp["heads"]["a"].shape[2]
         else:
-            extra = lambda ran: 0.0  # noqa: E731
-        return _slow_step(self, cfg, base, cache, tok, pos, policy, active, force_full, extra, head)
+            exit_cost = None
+        return _slow_step(
+            self, cfg, base, cache, tok, pos, policy, active, force_full, lambda ran: 0.0, head, exit_cost
+        )
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
@@ -411,6 +431,83 @@ class CalmExit(ExitMethod):
         policy = _Policy(tuple(c - 1 for c in self.checks), decide)
         return _slow_step(
             self, cfg, base, cache, tok, pos, policy, active, force_full, lambda ran: vd * jnp.sum(checks <= ran)
+        )
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class SpecEEExit(ExitMethod):
+    """SpecEE (peers/specee.py): the M2R2 fast stream proposes the top-`k` candidates of the next token
+    (its draft vocabulary); the base runs layer by layer and after each layer in `layers` a trained
+    predictor reads the candidates' logits at that layer; at sigmoid >= threshold the token exits as the
+    layer's best candidate (sampling: among the candidates). prepare(base, m2r2, draft_ids, predictors)."""
+
+    cfg: ModelConfig
+    mc: M2R2Config
+    layers: tuple[int, ...] = ()
+    k: int = 4
+    backend: Backend = XLA
+    name: str = "specee"
+
+    def __post_init__(self):
+        bad = [c for c in self.layers if not 1 <= c < self.cfg.num_layers]
+        if bad or not self.layers:
+            raise M2R2Error(f"specee: check layers must be in [1, {self.cfg.num_layers}), got {list(self.layers)}")
+
+    def prepare(self, base, m2r2, draft_ids, predictors):
+        ids = jnp.asarray(draft_ids, jnp.int32)
+        return {
+            "layers": M2R2Exit(self.cfg, self.mc).prepare(base, m2r2)["layers"],
+            "final_norm": base["final_norm"],
+            "head": S.draft_head(self.cfg, base, ids),
+            "draft_ids": ids,
+            "pred": predictors,
+        }
+
+    def step(self, mp, base, cache, tok, pos, thr, active, force_full, full):
+        from m2r2_jax.peers.specee import candidate_features, head_rows, predict
+
+        cfg, mc, be = self.cfg, self.mc, self.backend
+        B, n = tok.shape[0], mc.n_fast(cfg.num_layers)
+        idx = mc.base_layers(cfg.num_layers)
+        cos, sin = L.rope_cos_sin(cfg, pos[:, None])
+        none = jnp.zeros((B, cfg.num_kv_heads, 1, cfg.head_dim), cfg.jnp_dtype)
+        no_anc = np.zeros((1, 1), bool)
+        h = D.embed(cfg, base, tok[:, None])
+        for l in range(n):  # the candidates: the fast stream's top-k
+            att = tree_draft_attention(cfg, be, cache.k[idx[l]], cache.v[idx[l]], pos, none, none, no_anc)
+            h, _ = FastLayer(cfg, mc, merged=True).apply({"params": {}}, mp["layers"][l], h, cos, sin, att)
+        _, top = lax.top_k(S.draft_head_logits(cfg, mp, h)[:, 0], self.k)
+        cands = jnp.take(mp["draft_ids"], top)  # [B, K]
+        rows = head_rows(cfg, base, cands)  # [B, K, D]
+        layers = tuple(sorted(self.layers))
+
+        def rule(i, h):
+            _, f = candidate_features(cfg, base["final_norm"], rows, h[:, 0])
+            return jax.nn.sigmoid(predict(mp["pred"], f, layers.index(i + 1))) >= thr
+
+        def exit_logits(h):
+            z, _ = candidate_features(cfg, base["final_norm"], rows, h[:, 0])
+            lg = jnp.full((B, cfg.vocab_size), -1e30, jnp.float32)
+            return jax.vmap(lambda r, c, v: r.at[c].set(v))(lg, cands, z)[:, None]
+
+        cost = Costs.of(cfg)
+        fixed = n * cost.layer + float(mp["head"].shape[0] * cfg.hidden_size)
+        per_check = float(self.k * cfg.hidden_size)
+        checks = jnp.asarray(layers)
+        return _slow_step(
+            self,
+            cfg,
+            base,
+            cache,
+            tok,
+            pos,
+            _Policy(tuple(c - 1 for c in layers), rule),
+            active,
+            force_full,
+            lambda ran: fixed + per_check * jnp.sum(checks <= ran),
+            exit_logits,
+            per_check,
+            extra_layers=float(n),
         )
 
 

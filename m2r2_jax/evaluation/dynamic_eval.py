@@ -27,13 +27,14 @@ from m2r2_jax.decoding.generate import GenerateConfig, Generator
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.loading.tokenizer import encode_chat
 
-METHODS = ("m2r2", "m2r2_deferred", "static", "static_trained", "calm")
+METHODS = ("m2r2", "m2r2_deferred", "static", "static_trained", "calm", "specee")
 DEFAULT_THRESHOLDS = {
     "m2r2": (0.6, 0.75, 0.85, 0.92, 0.97),
     "m2r2_deferred": (0.6, 0.75, 0.85, 0.92, 0.97),
     "static": (20, 24, 27, 29),
     "static_trained": (20, 24, 27, 29),  # must be layers the exit heads were trained for
     "calm": (0.8, 0.9, 0.95, 0.99),
+    "specee": (0.5, 0.7, 0.85, 0.95),
 }
 
 
@@ -46,6 +47,7 @@ class DynamicEvalConfig:
     min_layer: int = 1  # m2r2: first fast layer (1-based) where a token may exit
     calm_checks: tuple[int, ...] = ()  # calm: check layers; () -> every 2nd layer from N/2
     exit_heads: str = ""  # static_trained: the exit heads' directory (train.train_exit_heads)
+    specee: str = ""  # specee: the predictors' directory (train.train_specee)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in METHODS]
@@ -62,14 +64,17 @@ class DynamicEvalConfig:
         object.__setattr__(self, "thresholds", {m: th[m] for m in self.methods})
         if "static_trained" in self.methods and not self.exit_heads:
             raise M2R2Error("static_trained needs --exit-heads DIR (trained by python -m train.train_exit_heads)")
+        if "specee" in self.methods and not self.specee:
+            raise M2R2Error("specee needs --specee DIR (trained by python -m train.train_specee)")
         for name, lo in (("max_new_tokens", 1), ("max_pending", 1), ("min_layer", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise M2R2Error(f"{name} must be an integer >= {lo}, got {v!r}")
 
 
-def build_methods(cfg, mc, ec: DynamicEvalConfig, backend: Backend = XLA) -> dict[str, DynamicDecoder]:
-    from m2r2_jax.decoding.early_exit import CalmExit, M2R2Exit, StaticExit
+def build_methods(cfg, mc, ec: DynamicEvalConfig, backend: Backend = XLA, specee=None) -> dict[str, DynamicDecoder]:
+    """`specee`: the predictors' SpecEEConfig (its check layers and candidate count)."""
+    from m2r2_jax.decoding.early_exit import CalmExit, M2R2Exit, SpecEEExit, StaticExit
 
     N = cfg.num_layers
     out: dict[str, DynamicDecoder] = {}
@@ -77,6 +82,8 @@ def build_methods(cfg, mc, ec: DynamicEvalConfig, backend: Backend = XLA) -> dic
         if name in ("m2r2", "m2r2_deferred"):
             meth: ExitMethod = M2R2Exit(cfg, mc, min(ec.min_layer, mc.n_fast(N)), backend)
             kv = "deferred" if name == "m2r2_deferred" else "propagate"
+        elif name == "specee":
+            meth, kv = SpecEEExit(cfg, mc, tuple(specee.layers), specee.k, backend), "propagate"
         elif name in ("static", "static_trained"):
             meth, kv = StaticExit(cfg, backend, trained=name == "static_trained"), "propagate"
         else:
@@ -114,7 +121,12 @@ def run_dynamic_eval(
     cfg, tok = m.cfg, m.tokenizer
     params = m.params if decode_params is None else decode_params
     scorer = _rouge()
-    decoders = build_methods(cfg, bundle.mc, ec, backend)
+    sp = None
+    if "specee" in ec.methods:
+        from m2r2_jax.peers.specee import load_specee
+
+        sp = load_specee(ec.specee, getattr(m, "fingerprint", ""))
+    decoders = build_methods(cfg, bundle.mc, ec, backend, sp[1] if sp else None)
     prepared = {}
     for name, dec in decoders.items():
         if name.startswith("m2r2"):
@@ -123,6 +135,8 @@ def run_dynamic_eval(
             )
         elif name == "calm":
             prepared[name] = dec.method.prepare(params, bundle.draft_ids)
+        elif name == "specee":
+            prepared[name] = dec.method.prepare(params, bundle.params, bundle.draft_ids, sp[0])
         elif name == "static_trained":
             from m2r2_jax.peers.exit_head import load_exit_heads
 
