@@ -418,3 +418,24 @@ def test_pack_examples_masks():
     toks2, mask2 = pack_examples(recs, 8, loss_on_prompt=True)
     assert np.array_equal(toks, toks2)
     assert mask2[0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0] and mask2[1].tolist() == [1] * 8
+
+
+def test_eval_items_carry_reference_answers():
+    from m2r2_jax.data.eval_sets import items_of
+
+    si = items_of(
+        [{"id": "t0", "instruction": "Fix it.", "instances": [{"input": "teh cat", "output": "the cat"}]}],
+        "self_instruct",
+    )
+    assert si[0].turns == ["Fix it.\n\nteh cat"] and si[0].reference == "the cat"
+    mt = items_of(
+        [
+            {"question_id": 1, "category": "math", "turns": ["2+2?", "and 3+3?"], "reference": ["4", "6"]},
+            {"question_id": 2, "category": "writing", "turns": ["A poem."]},
+        ],
+        "mt_bench",
+    )
+    assert [it.reference for it in mt] == ["4", None]
+    al = items_of([{"instruction": "Say hi.", "input": "", "output": "Hi!"}], "alpaca_eval")
+    assert al[0].reference == "Hi!"
+    assert items_of([{"prompt": "Tell me a joke."}], "koala")[0].reference is None
