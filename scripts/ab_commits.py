@@ -45,6 +45,8 @@ def main():
     p.add_argument("--dataset", default="mt_bench", help="eval.speculative --dataset")
     p.add_argument("--cpu-kernel", default="auto", help="--cpu-kernel for both sides' timed commands")
     p.add_argument("--skip-alignment", action="store_true", help="skip eval.alignment (about 17 min a side)")
+    p.add_argument("--skip-parity", action="store_true", help="skip the HF parity tests")
+    p.add_argument("--skip-spec", action="store_true", help="skip eval.speculative (bench_decode only)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     trees = {"A": Path(a.a).resolve(), "B": Path(a.b).resolve()}
@@ -60,8 +62,7 @@ def main():
         print(f"{side} {name}: rc {rc} {fig} ({sec:.0f}s)", flush=True)
         Path(a.out).write_text(json.dumps(res, indent=1))
 
-    # untimed, once per side: parity with HF and the alignment figure
-    for side, t in trees.items():
+    def _parity(side, t):
         rc, out, sec = _run(
             t,
             [
@@ -76,6 +77,11 @@ def main():
             tmp,
         )
         record(side, "hf_parity_tests", rc, out, sec, {"summary": out.strip().splitlines()[-1]})
+
+    # untimed, once per side: parity with HF and the alignment figure
+    for side, t in trees.items():
+        if not a.skip_parity:
+            _parity(side, t)
         if a.skip_alignment:
             continue
         rc, out, sec = _run(t, ["-m", "eval.alignment", "--model", "smollm2-135m", "--json"], tmp)
@@ -106,6 +112,8 @@ def main():
                     "identical_to_hf": j.get("greedy_tokens_identical_to_hf"),
                 },
             )
+            if a.skip_spec:
+                continue
             o = tmp / f"ab_spec_{side}_{r}.json"
             for f in (o, o.with_suffix(".partial.jsonl")):
                 f.unlink(missing_ok=True)
