@@ -72,7 +72,7 @@ def main(argv=None):
         "--methods",
         default="m2r2,static,calm",
         help="comma-separated: m2r2, m2r2_deferred, static, static_trained (needs --exit-heads), calm, "
-        "specee (needs --specee)",
+        "specee (needs --specee), layerskip (needs --layerskip)",
     )
     p.add_argument("--thresholds", action="append", default=None, help="T1,T2,... for every method, or NAME=T1,T2,...")
     p.add_argument("--limit", type=int, default=48, help="number of prompts, round-robin over categories")
@@ -82,6 +82,7 @@ def main(argv=None):
     p.add_argument("--calm-checks", default="", help="calm: comma-separated check layers (default every 2nd from N/2)")
     p.add_argument("--exit-heads", default="", help="static_trained: exit heads (python -m train.train_exit_heads)")
     p.add_argument("--specee", default="", help="specee: trained predictors (python -m train.train_specee)")
+    p.add_argument("--layerskip", default="", help="layerskip: trained adapters (python -m train.train_layerskip)")
     p.add_argument("--out", default=None, help="result JSON (default runs/dynamic/<dataset>.json)")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
     p.add_argument("--resume", action="store_true", help="carry on from --out's journal (FILE.partial.jsonl)")
@@ -106,6 +107,7 @@ def main(argv=None):
         calm_checks=checks,
         exit_heads=a.exit_heads,
         specee=a.specee,
+        layerskip=a.layerskip,
     )
     if a.limit is not None and a.limit < 1:
         raise M2R2Error(f"--limit must be >= 1, got {a.limit}")
@@ -114,11 +116,11 @@ def main(argv=None):
 
         if latest_step(Path(a.exit_heads) / "checkpoints") is None:
             raise M2R2Error(f"--exit-heads {a.exit_heads}: no exit-head checkpoint there")
-    if "specee" in methods:
-        from m2r2_jax.training.checkpoint import latest_step
+    from m2r2_jax.training.checkpoint import latest_step
 
-        if latest_step(Path(a.specee) / "checkpoints") is None:
-            raise M2R2Error(f"--specee {a.specee}: no SpecEE predictor checkpoint there")
+    for name, flag, d in (("specee", "--specee", a.specee), ("layerskip", "--layerskip", a.layerskip)):
+        if name in methods and latest_step(Path(d) / "checkpoints") is None:
+            raise M2R2Error(f"{flag} {d}: no {name} checkpoint there")
     if a.mesh:
         raise M2R2Error("--mesh is not supported by the early-exit loop (single device)")
     name = Path(a.dataset).stem if Path(a.dataset).suffix else a.dataset.replace("/", "_").replace(":", "_")

@@ -137,6 +137,14 @@ CASES = [
     ("dyn-calm-checks-text", DYN + ["--calm-checks", "x"], {}, "--calm-checks"),
     ("dyn-out-dir-missing", DYN + ["--out", "{tmp}/no/r.json"], {}, "does not exist"),
     ("dyn-specee-no-dir", DYN + ["--methods", "specee"], {}, "--specee"),
+    ("dyn-layerskip-no-dir", DYN + ["--methods", "layerskip"], {}, "--layerskip"),
+    ("dyn-layerskip-empty", DYN + ["--methods", "layerskip", "--layerskip", "{tmp}"], {}, "no layerskip checkpoint"),
+    (
+        "layerskip-no-distill",
+        ["-m", "train.train_layerskip", "--distill-dir", "{tmp}/none", "--out", "{tmp}/o"],
+        {},
+        "no distill cache",
+    ),
     (
         "specee-k-0",
         ["-m", "train.train_specee", "--distill-dir", "{tmp}/none", "--out", "{tmp}/o", "--k", "0"],

@@ -382,3 +382,34 @@ def test_specee(tiny, fast, tmp_path):
             out.append(nxt if nxt is not None else int(jnp.argmax(D.logits_from_hidden(cfg, base, h)[0, 0])))
         assert r.new_ids[b] == out, b
     assert sum(r.exits) > 0
+
+
+def test_layerskip(tiny, tmp_path):
+    """LayerSkip-style adapters: the early-exit KL falls, training resumes exactly, the static exit on
+    the merged adapted weights equals the eager reference on them; zero adapters are the base itself."""
+    from m2r2_jax.peers.layerskip import LayerSkipConfig, init_adapters, load_layerskip, merged_base, train_layerskip
+
+    cfg, base = tiny
+    lc = LayerSkipConfig(layers=(1, 2), rank=4, steps=16, batch_size=4, seq_len=16, positions=10, lr=1e-2)
+    same = merged_base(base, init_adapters(cfg, lc))
+    for x, y in zip(jax.tree.leaves(same), jax.tree.leaves(base)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    rs = np.random.RandomState(2)
+    recs = [
+        dict(prompt_ids=rs.randint(3, 256, 6).tolist(), answer_ids=rs.randint(3, 256, 10).tolist()) for _ in range(4)
+    ]
+    train_layerskip(cfg, base, recs, lc, tmp_path / "ls", "fp", progress=False, until=9)
+    s = train_layerskip(cfg, base, recs, lc, tmp_path / "ls", "fp", progress=False)
+    once = train_layerskip(cfg, base, recs, lc, tmp_path / "once", "fp", progress=False)
+    for x, y in zip(jax.tree.leaves(s["adapters"]), jax.tree.leaves(once["adapters"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    logged = [json.loads(x) for x in (tmp_path / "once" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["kl_exit/0"] < 0.8 * logged[0]["kl_exit/0"]
+    ads, lc2 = load_layerskip(tmp_path / "ls", cfg, "fp")
+    assert lc2 == lc
+    mb = merged_base(base, ads)
+    dec = DynamicDecoder(cfg, StaticExit(cfg))
+    prompts = _prompts(2, seed=4)
+    r = _gen(dec, mb, None, prompts, 1)
+    for b, p in enumerate(prompts):
+        assert r.new_ids[b] == ref_slow(cfg, mb, p, lambda i, h: i >= 1)

@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from m2r2_jax.backend import XLA, Backend
@@ -27,12 +28,13 @@ from m2r2_jax.decoding.generate import GenerateConfig, Generator
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.loading.tokenizer import encode_chat
 
-METHODS = ("m2r2", "m2r2_deferred", "static", "static_trained", "calm", "specee")
+METHODS = ("m2r2", "m2r2_deferred", "static", "static_trained", "layerskip", "calm", "specee")
 DEFAULT_THRESHOLDS = {
     "m2r2": (0.6, 0.75, 0.85, 0.92, 0.97),
     "m2r2_deferred": (0.6, 0.75, 0.85, 0.92, 0.97),
     "static": (20, 24, 27, 29),
     "static_trained": (20, 24, 27, 29),  # must be layers the exit heads were trained for
+    "layerskip": (20, 24, 27, 29),  # the exit layer E, on the LayerSkip-adapted weights
     "calm": (0.8, 0.9, 0.95, 0.99),
     "specee": (0.5, 0.7, 0.85, 0.95),
 }
@@ -48,6 +50,7 @@ class DynamicEvalConfig:
     calm_checks: tuple[int, ...] = ()  # calm: check layers; () -> every 2nd layer from N/2
     exit_heads: str = ""  # static_trained: the exit heads' directory (train.train_exit_heads)
     specee: str = ""  # specee: the predictors' directory (train.train_specee)
+    layerskip: str = ""  # layerskip: the adapters' directory (train.train_layerskip)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in METHODS]
@@ -64,6 +67,8 @@ class DynamicEvalConfig:
         object.__setattr__(self, "thresholds", {m: th[m] for m in self.methods})
         if "static_trained" in self.methods and not self.exit_heads:
             raise M2R2Error("static_trained needs --exit-heads DIR (trained by python -m train.train_exit_heads)")
+        if "layerskip" in self.methods and not self.layerskip:
+            raise M2R2Error("layerskip needs --layerskip DIR (trained by python -m train.train_layerskip)")
         if "specee" in self.methods and not self.specee:
             raise M2R2Error("specee needs --specee DIR (trained by python -m train.train_specee)")
         for name, lo in (("max_new_tokens", 1), ("max_pending", 1), ("min_layer", 1)):
@@ -84,6 +89,8 @@ def build_methods(cfg, mc, ec: DynamicEvalConfig, backend: Backend = XLA, specee
             kv = "deferred" if name == "m2r2_deferred" else "propagate"
         elif name == "specee":
             meth, kv = SpecEEExit(cfg, mc, tuple(specee.layers), specee.k, backend), "propagate"
+        elif name == "layerskip":
+            meth, kv = StaticExit(cfg, backend), "propagate"
         elif name in ("static", "static_trained"):
             meth, kv = StaticExit(cfg, backend, trained=name == "static_trained"), "propagate"
         else:
@@ -127,7 +134,7 @@ def run_dynamic_eval(
 
         sp = load_specee(ec.specee, getattr(m, "fingerprint", ""))
     decoders = build_methods(cfg, bundle.mc, ec, backend, sp[1] if sp else None)
-    prepared = {}
+    prepared, weights = {}, {}
     for name, dec in decoders.items():
         if name.startswith("m2r2"):
             prepared[name] = (
@@ -137,6 +144,12 @@ def run_dynamic_eval(
             prepared[name] = dec.method.prepare(params, bundle.draft_ids)
         elif name == "specee":
             prepared[name] = dec.method.prepare(params, bundle.params, bundle.draft_ids, sp[0])
+        elif name == "layerskip":
+            from m2r2_jax.peers.layerskip import load_layerskip, merged_base
+
+            ads, _ = load_layerskip(ec.layerskip, cfg, getattr(m, "fingerprint", ""))
+            prepared[name] = None
+            weights[name] = jax.jit(merged_base)(params, ads)  # the method runs on the adapted weights
         elif name == "static_trained":
             from m2r2_jax.peers.exit_head import load_exit_heads
 
@@ -178,7 +191,7 @@ def run_dynamic_eval(
         for name, dec in decoders.items():
             rec["runs"][name] = []
             for thr in ec.thresholds[name]:
-                r = dec.generate(params, prepared[name], [ids], thr, ec.max_new_tokens)
+                r = dec.generate(weights.get(name, params), prepared[name], [ids], thr, ec.max_new_tokens)
                 compile_s += r.compile_seconds
                 out = r.new_ids[0]
                 text = tok.decode(out, skip_special_tokens=True)
