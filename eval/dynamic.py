@@ -148,6 +148,16 @@ def main(argv=None):
     m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype)
     mc, m2r2, draft_ids, meta = load_m2r2(ckpt, m.cfg, m.params, a.model, base_fingerprint=m.fingerprint)
     backend, params = decode_setup(m, a.cpu_kernel)
+    from m2r2_jax.training.peers import load_exit_heads, load_layerskip, load_specee
+
+    peers = {}
+    for name, loader, d in (
+        ("static_trained", load_exit_heads, a.exit_heads),
+        ("specee", load_specee, a.specee),
+        ("layerskip", load_layerskip, a.layerskip),
+    ):
+        if name in methods:
+            peers[name] = loader(d, m.cfg, m.fingerprint) if name != "specee" else loader(d, m.fingerprint)
     if a.resume and journal.exists():
         print(f"resuming from {journal}", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +172,7 @@ def main(argv=None):
         resume=a.resume,
         progress=not a.no_progress,
         journal_key=dict(model=a.model, checkpoint=str(Path(ckpt).resolve()), dataset=a.dataset, limit=a.limit),
+        peers=peers,
     )
     res["config"].update(
         model=a.model,

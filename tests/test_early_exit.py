@@ -258,7 +258,8 @@ def test_trained_exit_heads(tiny, tmp_path):
     """The static peer's exit heads: zero-initialised heads exit exactly as the untrained static exit;
     training lowers the KL to the full model, writes Orbax checkpoints and resumes from them; the
     loaded heads drive the static exit through the head (equal to an eager reference)."""
-    from m2r2_jax.peers.exit_head import ExitHeadConfig, head_logits, init_heads, load_exit_heads, train_exit_heads
+    from m2r2_jax.peers.exit_head import ExitHeadConfig, head_logits, init_heads
+    from m2r2_jax.training.peers import load_exit_heads, train_exit_heads
 
     cfg, base = tiny
     prompts = _prompts(2, seed=3)
@@ -312,7 +313,8 @@ def test_trained_exit_heads(tiny, tmp_path):
 def test_specee(tiny, fast, tmp_path):
     """SpecEE's predictors train on teacher-forced features (candidates from the fast stream), save
     and load; the loop's exits equal an eager reference; a never-firing threshold is AR."""
-    from m2r2_jax.peers.specee import SpecEEConfig, candidate_features, head_rows, load_specee, predict, train_specee
+    from m2r2_jax.peers.specee import SpecEEConfig, candidate_features, head_rows, predict
+    from m2r2_jax.training.peers import load_specee, train_specee
 
     cfg, base = tiny
     mc, m2r2 = fast
@@ -387,7 +389,8 @@ def test_specee(tiny, fast, tmp_path):
 def test_layerskip(tiny, tmp_path):
     """LayerSkip-style adapters: the early-exit KL falls, training resumes exactly, the static exit on
     the merged adapted weights equals the eager reference on them; zero adapters are the base itself."""
-    from m2r2_jax.peers.layerskip import LayerSkipConfig, init_adapters, load_layerskip, merged_base, train_layerskip
+    from m2r2_jax.peers.layerskip import LayerSkipConfig, init_adapters, merged_base
+    from m2r2_jax.training.peers import load_layerskip, train_layerskip
 
     cfg, base = tiny
     lc = LayerSkipConfig(layers=(1, 2), rank=4, steps=16, batch_size=4, seq_len=16, positions=10, lr=1e-2)

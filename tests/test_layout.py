@@ -16,6 +16,7 @@ RANK = {
     "model": 2,
     "loading": 3,
     "m2r2": 3,
+    "peers": 3.5,
     "decoding": 4,
     "data": 4,
     "training": 5,
@@ -23,6 +24,7 @@ RANK = {
     "cli": 6,
     "aot": 6,
     "roofline": 0,
+    "stats": 0,
 }
 
 

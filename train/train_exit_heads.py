@@ -40,8 +40,8 @@ def main(argv=None):
     hc = ExitHeadConfig(layers=layers, rank=a.rank, steps=a.steps, batch_size=a.batch_size, lr=a.lr)
 
     from m2r2_jax.loading.registry import load_model
-    from m2r2_jax.peers.exit_head import train_exit_heads
     from m2r2_jax.training.distill import load_distill_cache
+    from m2r2_jax.training.peers import train_exit_heads
 
     ds = load_distill_cache(a.distill_dir)
     records = [dict(prompt_ids=r["prompt_ids"], answer_ids=r["answer_ids"]) for r in ds]

@@ -41,8 +41,8 @@ def main(argv=None):
     lc = LayerSkipConfig(layers=layers, rank=a.rank, steps=a.steps, batch_size=a.batch_size, lr=a.lr)
 
     from m2r2_jax.loading.registry import load_model
-    from m2r2_jax.peers.layerskip import train_layerskip
     from m2r2_jax.training.distill import load_distill_cache
+    from m2r2_jax.training.peers import train_layerskip
 
     ds = load_distill_cache(a.distill_dir)
     records = [dict(prompt_ids=r["prompt_ids"], answer_ids=r["answer_ids"]) for r in ds]

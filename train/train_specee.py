@@ -41,9 +41,9 @@ def main(argv=None):
     sc = SpecEEConfig(layers=layers, k=a.k, examples=a.examples, epochs=a.epochs)
 
     from m2r2_jax.loading.registry import load_model
-    from m2r2_jax.peers.specee import train_specee
     from m2r2_jax.training.checkpoint import load_m2r2, resolve_checkpoint_dir
     from m2r2_jax.training.distill import load_distill_cache
+    from m2r2_jax.training.peers import train_specee
 
     ds = load_distill_cache(a.distill_dir)
     records = [dict(prompt_ids=r["prompt_ids"], answer_ids=r["answer_ids"]) for r in ds]

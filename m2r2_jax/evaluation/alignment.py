@@ -17,31 +17,13 @@ from m2r2_jax.m2r2 import stream as S
 from m2r2_jax.m2r2.config import M2R2Config
 from m2r2_jax.model import decoder as D
 from m2r2_jax.model.params import count_params
+from m2r2_jax.stats import auc  # noqa: F401 (re-exported: callers read it here)
 
 
 def _kl(p_logits, q_logits):
     lp = jax.nn.log_softmax(p_logits, -1)
     lq = jax.nn.log_softmax(q_logits, -1)
     return jnp.sum(jnp.exp(lp) * (lp - lq), -1)
-
-
-def auc(score: np.ndarray, label: np.ndarray) -> float:
-    """ROC AUC of `score` for predicting binary `label` (Mann-Whitney, ties averaged)."""
-    label = label > 0.5
-    n_pos, n_neg = int(label.sum()), int((~label).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score))
-    s_sorted = score[order]
-    i = 0
-    while i < len(s_sorted):  # average ranks over ties
-        j = i
-        while j + 1 < len(s_sorted) and s_sorted[j + 1] == s_sorted[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def evaluate_alignment(

@@ -119,8 +119,12 @@ def run_dynamic_eval(
     resume: bool = False,
     progress: bool = True,
     journal_key: dict | None = None,
+    peers: dict | None = None,
 ) -> dict:
-    """m: a LoadedModel (cfg, params, tokenizer); bundle: spec_eval.M2R2Bundle (the checkpoint)."""
+    """m: a LoadedModel (cfg, params, tokenizer); bundle: spec_eval.M2R2Bundle (the checkpoint); peers:
+    the trained peers' parts, {"static_trained": (heads, layers), "specee": (predictors, SpecEEConfig),
+    "layerskip": (adapters, LayerSkipConfig)} (training.peers.load_exit_heads / load_specee /
+    load_layerskip)."""
     from tqdm import tqdm
 
     from m2r2_jax.evaluation.spec_eval import Journal
@@ -128,11 +132,11 @@ def run_dynamic_eval(
     cfg, tok = m.cfg, m.tokenizer
     params = m.params if decode_params is None else decode_params
     scorer = _rouge()
-    sp = None
-    if "specee" in ec.methods:
-        from m2r2_jax.peers.specee import load_specee
-
-        sp = load_specee(ec.specee, getattr(m, "fingerprint", ""))
+    peers = peers or {}
+    for name in ("static_trained", "specee", "layerskip"):
+        if name in ec.methods and name not in peers:
+            raise M2R2Error(f"{name}: its trained parts were not given (training.peers.load_* -> peers={{...}})")
+    sp = peers.get("specee")
     decoders = build_methods(cfg, bundle.mc, ec, backend, sp[1] if sp else None)
     prepared, weights = {}, {}
     for name, dec in decoders.items():
@@ -145,15 +149,13 @@ def run_dynamic_eval(
         elif name == "specee":
             prepared[name] = dec.method.prepare(params, bundle.params, bundle.draft_ids, sp[0])
         elif name == "layerskip":
-            from m2r2_jax.peers.layerskip import load_layerskip, merged_base
+            from m2r2_jax.peers.layerskip import merged_base
 
-            ads, _ = load_layerskip(ec.layerskip, cfg, getattr(m, "fingerprint", ""))
+            ads, _ = peers["layerskip"]
             prepared[name] = None
             weights[name] = jax.jit(merged_base)(params, ads)  # the method runs on the adapted weights
         elif name == "static_trained":
-            from m2r2_jax.peers.exit_head import load_exit_heads
-
-            heads, layers = load_exit_heads(ec.exit_heads, cfg, getattr(m, "fingerprint", ""))
+            heads, layers = peers["static_trained"]
             bad = [t for t in ec.thresholds[name] if round(t) not in layers and round(t) < cfg.num_layers]
             if bad:
                 raise M2R2Error(f"static_trained: no exit head for layer(s) {bad}; the heads cover {list(layers)}")

@@ -9,15 +9,10 @@ param tree (stacked [n_exits, ...]); the base stays frozen.
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
-from collections.abc import Sequence
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from m2r2_jax.config import ModelConfig
@@ -103,93 +98,3 @@ def make_step(cfg: ModelConfig, hc: ExitHeadConfig, opt):
         return optax.apply_updates(heads, upd), opt_state, loss, per
 
     return step
-
-
-def train_exit_heads(
-    cfg,
-    base,
-    records: Sequence[dict],
-    hc: ExitHeadConfig,
-    out_dir,
-    fingerprint: str = "",
-    progress: bool = True,
-    until: int | None = None,
-) -> dict:
-    """Train the heads; checkpoints (Orbax) and metrics (JSONL + TensorBoard) under out_dir; resumes
-    from its latest checkpoint (the schedule is defined on hc.steps; `until` stops this call early, as
-    an interruption would). -> summary {steps, minutes, trainable_params, final KL per head}."""
-    from tqdm import tqdm
-
-    from m2r2_jax.data.batches import pack_examples
-    from m2r2_jax.training.checkpoint import Checkpointer
-    from m2r2_jax.training.metrics import Tracker
-
-    bad = [E for E in hc.layers if not 1 <= E < cfg.num_layers]
-    if bad:
-        raise M2R2Error(f"exit layers must be in [1, {cfg.num_layers}), got {bad}")
-    tokens, mask = pack_examples(records, hc.seq_len)
-    if len(tokens) < hc.batch_size:
-        raise M2R2Error(f"{len(tokens)} distilled examples, fewer than one batch of {hc.batch_size}")
-    opt = optimizer(hc)
-    heads = init_heads(cfg, len(hc.layers), hc.rank, hc.seed)
-    opt_state = opt.init(heads)
-    out = Path(out_dir)
-    ck = Checkpointer(out / "checkpoints", save_every=25, keep=2)
-    meta = dict(
-        kind="exit_heads",
-        base_fingerprint=fingerprint,
-        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(hc).items()},
-    )
-    start, spent = 0, 0.0
-    last = ck.latest_step()
-    if last is not None:
-        heads, opt_state, extra, _ = ck.restore(last, heads, opt_state, {"seconds": np.float64(0)})
-        start, spent = last, float(extra["seconds"])
-    step = make_step(cfg, hc, opt)
-    tr = Tracker(out, resume_step=start)
-    order = np.random.RandomState(hc.seed).permutation(len(tokens) * (1 + hc.steps * hc.batch_size // len(tokens)))
-    order %= len(tokens)
-    t0 = time.perf_counter()
-    per = None
-    end = hc.steps if until is None else min(until, hc.steps)
-    for i in tqdm(range(start, end), desc="exit heads", disable=not progress, initial=start, total=hc.steps):
-        idx = order[i * hc.batch_size : (i + 1) * hc.batch_size]
-        heads, opt_state, loss, per = step(heads, opt_state, base, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
-        tr.log(i + 1, {"loss": loss, "kl": per})
-        el = spent + time.perf_counter() - t0
-        ck.save(i + 1, heads, opt_state, {"seconds": np.float64(el)}, dict(meta, step=i + 1), force=i + 1 == end)
-    ck.close()
-    tr.close()
-    minutes = (spent + time.perf_counter() - t0) / 60
-    summary = dict(
-        steps=end,
-        minutes=round(minutes, 2),
-        trainable_params=int(sum(x.size for x in jax.tree.leaves(heads))),
-        layers=list(hc.layers),
-        final_kl=None if per is None else [float(x) for x in np.asarray(per)],
-        examples=len(tokens),
-    )
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary | {"heads": heads}
-
-
-def load_exit_heads(out_dir, cfg: ModelConfig, fingerprint: str = "") -> tuple[dict, tuple[int, ...]]:
-    """The trained heads of `train_exit_heads` (its latest checkpoint) and their exit layers."""
-    from m2r2_jax.cli import read_json
-    from m2r2_jax.training.checkpoint import Checkpointer, latest_step
-
-    out = Path(out_dir)
-    last = latest_step(out / "checkpoints")
-    if last is None:
-        raise M2R2Error(f"no exit-head checkpoint under {out / 'checkpoints'}")
-    meta = read_json(out / "checkpoints" / str(last) / "meta" / "metadata")
-    if not isinstance(meta, dict) or meta.get("kind") != "exit_heads" or not isinstance(meta.get("config"), dict):
-        raise M2R2Error(f"{out}: not an exit-head checkpoint")
-    if fingerprint and meta.get("base_fingerprint") and meta["base_fingerprint"] != fingerprint:
-        raise M2R2Error(f"{out}: exit heads trained on another base model (fingerprint differs)")
-    hc = ExitHeadConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()})
-    abstract = init_heads(cfg, len(hc.layers), hc.rank)
-    ck = Checkpointer(out / "checkpoints", async_save=False)
-    heads, _, _, _ = ck.restore(last, abstract, optimizer(hc).init(abstract), {"seconds": np.float64(0)})
-    ck.close()
-    return heads, hc.layers

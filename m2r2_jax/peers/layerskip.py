@@ -12,14 +12,9 @@ out] on q k v o gate up down; no gains), so `stream.merge_fast_layer` folds them
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
-from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from m2r2_jax.config import ModelConfig
@@ -93,88 +88,3 @@ def make_step(cfg: ModelConfig, lc: LayerSkipConfig, opt):
         return optax.apply_updates(ads, upd), opt_state, loss, per, full
 
     return step
-
-
-def train_layerskip(
-    cfg,
-    base,
-    records: Sequence[dict],
-    lc: LayerSkipConfig,
-    out_dir,
-    fingerprint: str = "",
-    progress: bool = True,
-    until: int | None = None,
-) -> dict:
-    """Train the adapters; Orbax checkpoints every 25 steps and at the end of a call, metrics (JSONL +
-    TensorBoard), exact resume (the schedule is defined on lc.steps; `until` stops a call early)."""
-    from tqdm import tqdm
-
-    from m2r2_jax.data.batches import pack_examples
-    from m2r2_jax.training.checkpoint import Checkpointer
-    from m2r2_jax.training.metrics import Tracker
-
-    bad = [E for E in lc.layers if not 1 <= E < cfg.num_layers]
-    if bad:
-        raise M2R2Error(f"exit layers must be in [1, {cfg.num_layers}), got {bad}")
-    tokens, mask = pack_examples(records, lc.seq_len)
-    if len(tokens) < lc.batch_size:
-        raise M2R2Error(f"{len(tokens)} distilled examples, fewer than one batch of {lc.batch_size}")
-    opt = optimizer(lc)
-    ads = init_adapters(cfg, lc)
-    opt_state = opt.init(ads)
-    out = Path(out_dir)
-    ck = Checkpointer(out / "checkpoints", save_every=25, keep=2)
-    meta = dict(
-        kind="layerskip",
-        base_fingerprint=fingerprint,
-        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(lc).items()},
-    )
-    start, spent = 0, 0.0
-    last = ck.latest_step()
-    if last is not None:
-        ads, opt_state, extra, _ = ck.restore(last, ads, opt_state, {"seconds": np.float64(0)})
-        start, spent = last, float(extra["seconds"])
-    step = make_step(cfg, lc, opt)
-    tr = Tracker(out, resume_step=start)
-    order = np.random.RandomState(lc.seed).permutation(len(tokens) * (1 + lc.steps * lc.batch_size // len(tokens)))
-    order %= len(tokens)
-    end = lc.steps if until is None else min(until, lc.steps)
-    t0 = time.perf_counter()
-    for i in tqdm(range(start, end), desc="layerskip", disable=not progress, initial=start, total=lc.steps):
-        idx = order[i * lc.batch_size : (i + 1) * lc.batch_size]
-        ads, opt_state, loss, per, full = step(ads, opt_state, base, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
-        tr.log(i + 1, {"loss": loss, "kl_exit": per, "kl_full": full})
-        el = spent + time.perf_counter() - t0
-        ck.save(i + 1, ads, opt_state, {"seconds": np.float64(el)}, dict(meta, step=i + 1), force=i + 1 == end)
-    ck.close()
-    tr.close()
-    summary = dict(
-        steps=end,
-        minutes=round((spent + time.perf_counter() - t0) / 60, 2),
-        trainable_params=int(sum(x.size for x in jax.tree.leaves(ads))),
-        layers=list(lc.layers),
-        examples=len(tokens),
-    )
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary | {"adapters": ads}
-
-
-def load_layerskip(out_dir, cfg: ModelConfig, fingerprint: str = "") -> tuple[list, LayerSkipConfig]:
-    from m2r2_jax.cli import read_json
-    from m2r2_jax.training.checkpoint import Checkpointer, latest_step
-
-    out = Path(out_dir)
-    last = latest_step(out / "checkpoints")
-    if last is None:
-        raise M2R2Error(f"no LayerSkip checkpoint under {out / 'checkpoints'}")
-    meta = read_json(out / "checkpoints" / str(last) / "meta" / "metadata")
-    if not isinstance(meta, dict) or meta.get("kind") != "layerskip" or not isinstance(meta.get("config"), dict):
-        raise M2R2Error(f"{out}: not a LayerSkip checkpoint")
-    if fingerprint and meta.get("base_fingerprint") and meta["base_fingerprint"] != fingerprint:
-        raise M2R2Error(f"{out}: LayerSkip adapters trained on another base model (fingerprint differs)")
-    lc = LayerSkipConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()})
-    abstract = init_adapters(cfg, lc)
-    ck = Checkpointer(out / "checkpoints", async_save=False)
-    ads, _, _, _ = ck.restore(last, abstract, optimizer(lc).init(abstract), {"seconds": np.float64(0)})
-    ck.close()
-    return ads, lc

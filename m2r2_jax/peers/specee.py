@@ -15,16 +15,11 @@ change is left out.
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
-from collections.abc import Sequence
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from m2r2_jax.config import ModelConfig
 from m2r2_jax.errors import M2R2Error
@@ -132,85 +127,3 @@ def collect(cfg, mc, base, m2r2, draft_ids, tokens, mask, sc: SpecEEConfig):
         Y.append(y[:, keep])
         R.append(r[keep])
     return np.concatenate(F, 1), np.concatenate(Y, 1).astype(np.float32), np.concatenate(R)
-
-
-def train_specee(
-    cfg, mc, base, m2r2, draft_ids, records: Sequence[dict], sc: SpecEEConfig, out_dir, fingerprint: str = ""
-):
-    """Collect features on the distilled answers, train the per-layer predictors (BCE, full-batch
-    epochs), save them (Orbax) with a summary: per layer AUC on a held-out tenth, minutes, params."""
-    from m2r2_jax.data.batches import pack_examples
-    from m2r2_jax.evaluation.alignment import auc
-    from m2r2_jax.training.checkpoint import Checkpointer
-
-    bad = [E for E in sc.layers if not 1 <= E < cfg.num_layers]
-    if bad:
-        raise M2R2Error(f"specee check layers must be in [1, {cfg.num_layers}), got {bad}")
-    t0 = time.perf_counter()
-    tokens, mask = pack_examples(list(records)[: sc.examples], sc.seq_len)
-    feats, labels, reach = collect(cfg, mc, base, m2r2, draft_ids, tokens, mask, sc)
-    n, P = labels.shape
-    rs = np.random.RandomState(sc.seed)
-    perm = rs.permutation(P)
-    hold = perm[: P // 10]
-    train = perm[P // 10 :]
-    pred = init_predictors(n, sc.k, sc.hidden, sc.seed)
-    opt = optax.adam(sc.lr)
-    st = opt.init(pred)
-
-    def loss(p, f, y):
-        lg = jax.vmap(lambda fi, i: predict(p, fi, i))(f, jnp.arange(n))
-        return jnp.mean(optax.sigmoid_binary_cross_entropy(lg, y))
-
-    @jax.jit
-    def step(p, st, f, y):
-        v, g = jax.value_and_grad(loss)(p, f, y)
-        u, st = opt.update(g, st, p)
-        return optax.apply_updates(p, u), st, v
-
-    f_tr, y_tr = jnp.asarray(feats[:, train]), jnp.asarray(labels[:, train])
-    for _ in range(sc.epochs * 10):
-        pred, st, v = step(pred, st, f_tr, y_tr)
-    scores = np.asarray(jax.vmap(lambda fi, i: predict(pred, fi, i))(jnp.asarray(feats[:, hold]), jnp.arange(n)))
-    out = Path(out_dir)
-    ck = Checkpointer(out / "checkpoints", save_every=1, keep=1, async_save=False)
-    meta = dict(
-        kind="specee",
-        base_fingerprint=fingerprint,
-        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(sc).items()},
-    )
-    ck.save(1, pred, st, {"seconds": np.float64(time.perf_counter() - t0)}, dict(meta, step=1), force=True)
-    ck.close()
-    summary = dict(
-        minutes=round((time.perf_counter() - t0) / 60, 2),
-        trainable_params=int(sum(x.size for x in jax.tree.leaves(pred))),
-        positions=int(P),
-        candidate_recall=float(reach.mean()),
-        layers=list(sc.layers),
-        label_rate=[float(x) for x in labels.mean(1)],
-        heldout_auc=[auc(scores[i], labels[i, hold]) for i in range(n)],
-        final_bce=float(v),
-    )
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary | {"predictors": pred}
-
-
-def load_specee(out_dir, fingerprint: str = "") -> tuple[dict, SpecEEConfig]:
-    from m2r2_jax.cli import read_json
-    from m2r2_jax.training.checkpoint import Checkpointer, latest_step
-
-    out = Path(out_dir)
-    last = latest_step(out / "checkpoints")
-    if last is None:
-        raise M2R2Error(f"no SpecEE predictor checkpoint under {out / 'checkpoints'}")
-    meta = read_json(out / "checkpoints" / str(last) / "meta" / "metadata")
-    if not isinstance(meta, dict) or meta.get("kind") != "specee" or not isinstance(meta.get("config"), dict):
-        raise M2R2Error(f"{out}: not a SpecEE predictor checkpoint")
-    if fingerprint and meta.get("base_fingerprint") and meta["base_fingerprint"] != fingerprint:
-        raise M2R2Error(f"{out}: SpecEE predictors trained on another base model (fingerprint differs)")
-    sc = SpecEEConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()})
-    abstract = init_predictors(len(sc.layers), sc.k, sc.hidden)
-    ck = Checkpointer(out / "checkpoints", async_save=False)
-    pred, _, _, _ = ck.restore(last, abstract, optax.adam(sc.lr).init(abstract), {"seconds": np.float64(0)})
-    ck.close()
-    return pred, sc
