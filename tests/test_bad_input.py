@@ -129,16 +129,9 @@ CASES = [
     ),
     ("dyn-method-unknown", DYN + ["--methods", "m2r2,medusa"], {}, "unknown method"),
     ("dyn-thresholds-text", DYN + ["--thresholds", "static=a,b"], {}, "expected numbers"),
-    ("dyn-thresholds-method", DYN + ["--thresholds", "eagle=0.5"], {}, "unknown method"),
-    ("dyn-limit-0", DYN + ["--limit", "0"], {}, "--limit"),
     ("dyn-trained-no-heads", DYN + ["--methods", "static_trained"], {}, "--exit-heads"),
-    ("dyn-trained-empty-heads", DYN + ["--methods", "static_trained", "--exit-heads", "{tmp}"], {}, "no exit-head"),
-    ("dyn-max-pending-0", DYN + ["--max-pending", "0"], {}, "max_pending"),
-    ("dyn-calm-checks-text", DYN + ["--calm-checks", "x"], {}, "--calm-checks"),
     ("dyn-out-dir-missing", DYN + ["--out", "{tmp}/no/r.json"], {}, "does not exist"),
-    ("dyn-specee-no-dir", DYN + ["--methods", "specee"], {}, "--specee"),
     ("dyn-layerskip-no-dir", DYN + ["--methods", "layerskip"], {}, "--layerskip"),
-    ("dyn-layerskip-empty", DYN + ["--methods", "layerskip", "--layerskip", "{tmp}"], {}, "no layerskip checkpoint"),
     (
         "layerskip-no-distill",
         ["-m", "train.train_layerskip", "--distill-dir", "{tmp}/none", "--out", "{tmp}/o"],
@@ -158,7 +151,6 @@ CASES = [
         "no distill cache",
     ),
     ("heads-layers-text", HEADS + ["--layers", "a"], {}, "--layers"),
-    ("heads-rank-0", HEADS + ["--rank", "0"], {}, "rank"),
     ("heads-no-distill", HEADS, {}, "no distill cache"),
     ("align-limit-0", ["-m", "eval.alignment", "--limit", "0"], {}, "--limit"),
     ("bench-max-new-0", ["-m", "eval.bench_decode", "--max-new-tokens", "0", "--skip-hf"], {}, ">= 1"),
@@ -300,3 +292,26 @@ def test_dataset_records_parse_or_refuse(records):
         return
     for it in items:
         assert it.turns and all(isinstance(t, str) and t for t in it.turns)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--thresholds", "eagle=0.5"], "unknown method"),
+        (["--limit", "0"], "--limit"),
+        (["--max-pending", "0"], "max_pending"),
+        (["--calm-checks", "x"], "--calm-checks"),
+        (["--methods", "static_trained", "--exit-heads", "{tmp}"], "no static_trained checkpoint|no exit-head"),
+        (["--methods", "specee"], "--specee"),
+        (["--methods", "layerskip", "--layerskip", "{tmp}"], "no layerskip checkpoint"),
+    ],
+)
+def test_dynamic_options_refused_in_process(tmp_path, argv, match):
+    """More of eval.dynamic's option checks, in this process (the table above runs the CLI as a process
+    for the representative cases): each is refused before anything loads or is written."""
+    from eval.dynamic import main
+
+    before = _files(tmp_path)
+    with pytest.raises(M2R2Error, match=match):
+        main(["--limit", "1", "--no-progress"] + [a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert _files(tmp_path) == before
