@@ -41,6 +41,55 @@ def _read_meta(step_dir: Path) -> dict:
     return meta
 
 
+def _train(kind, cfg, base, records, c, params, opt, step, names, out_dir, fingerprint, progress, until):
+    """The peers' shared training loop over a distillation cache (c: a peer config with layers, steps,
+    batch_size, seq_len, seed): Orbax checkpoints every 25 steps and at the end of a call, metrics (JSONL +
+    TensorBoard), exact resume. step(params, opt_state, base, tokens, mask) -> (params, opt_state,
+    *metrics named `names`). -> (params, summary, the last step's metrics)."""
+    bad = [E for E in c.layers if not 1 <= E < cfg.num_layers]
+    if bad:
+        raise M2R2Error(f"exit layers must be in [1, {cfg.num_layers}), got {bad}")
+    tokens, mask = pack_examples(records, c.seq_len)
+    if len(tokens) < c.batch_size:
+        raise M2R2Error(f"{len(tokens)} distilled examples, fewer than one batch of {c.batch_size}")
+    opt_state = opt.init(params)
+    out = Path(out_dir)
+    ck = Checkpointer(out / "checkpoints", save_every=25, keep=2)
+    meta = dict(
+        kind=kind,
+        base_fingerprint=fingerprint,
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(c).items()},
+    )
+    start, spent = 0, 0.0
+    last = ck.latest_step()
+    if last is not None:
+        params, opt_state, extra, _ = ck.restore(last, params, opt_state, {"seconds": np.float64(0)})
+        start, spent = last, float(extra["seconds"])
+    tr = Tracker(out, resume_step=start)
+    order = np.random.RandomState(c.seed).permutation(len(tokens) * (1 + c.steps * c.batch_size // len(tokens)))
+    order %= len(tokens)
+    end = c.steps if until is None else min(until, c.steps)
+    t0 = time.perf_counter()
+    metrics = None
+    for i in tqdm(range(start, end), desc=kind, disable=not progress, initial=start, total=c.steps):
+        idx = order[i * c.batch_size : (i + 1) * c.batch_size]
+        params, opt_state, *ms = step(params, opt_state, base, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
+        metrics = dict(zip(names, ms))
+        tr.log(i + 1, metrics)
+        el = spent + time.perf_counter() - t0
+        ck.save(i + 1, params, opt_state, {"seconds": np.float64(el)}, dict(meta, step=i + 1), force=i + 1 == end)
+    ck.close()
+    tr.close()
+    summary = dict(
+        steps=end,
+        minutes=round((spent + time.perf_counter() - t0) / 60, 2),
+        trainable_params=int(sum(x.size for x in jax.tree.leaves(params))),
+        layers=list(c.layers),
+        examples=len(tokens),
+    )
+    return params, summary, metrics
+
+
 def train_exit_heads(
     cfg,
     base,
@@ -54,53 +103,24 @@ def train_exit_heads(
     """Train the heads; checkpoints (Orbax) and metrics (JSONL + TensorBoard) under out_dir; resumes
     from its latest checkpoint (the schedule is defined on hc.steps; `until` stops this call early, as
     an interruption would). -> summary {steps, minutes, trainable_params, final KL per head}."""
-
-    bad = [E for E in hc.layers if not 1 <= E < cfg.num_layers]
-    if bad:
-        raise M2R2Error(f"exit layers must be in [1, {cfg.num_layers}), got {bad}")
-    tokens, mask = pack_examples(records, hc.seq_len)
-    if len(tokens) < hc.batch_size:
-        raise M2R2Error(f"{len(tokens)} distilled examples, fewer than one batch of {hc.batch_size}")
     opt = exit_head_optimizer(hc)
-    heads = init_heads(cfg, len(hc.layers), hc.rank, hc.seed)
-    opt_state = opt.init(heads)
-    out = Path(out_dir)
-    ck = Checkpointer(out / "checkpoints", save_every=25, keep=2)
-    meta = dict(
-        kind="exit_heads",
-        base_fingerprint=fingerprint,
-        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(hc).items()},
+    heads, summary, ms = _train(
+        "exit_heads",
+        cfg,
+        base,
+        records,
+        hc,
+        init_heads(cfg, len(hc.layers), hc.rank, hc.seed),
+        opt,
+        exit_head_step(cfg, hc, opt),
+        ("loss", "kl"),
+        out_dir,
+        fingerprint,
+        progress,
+        until,
     )
-    start, spent = 0, 0.0
-    last = ck.latest_step()
-    if last is not None:
-        heads, opt_state, extra, _ = ck.restore(last, heads, opt_state, {"seconds": np.float64(0)})
-        start, spent = last, float(extra["seconds"])
-    step = exit_head_step(cfg, hc, opt)
-    tr = Tracker(out, resume_step=start)
-    order = np.random.RandomState(hc.seed).permutation(len(tokens) * (1 + hc.steps * hc.batch_size // len(tokens)))
-    order %= len(tokens)
-    t0 = time.perf_counter()
-    per = None
-    end = hc.steps if until is None else min(until, hc.steps)
-    for i in tqdm(range(start, end), desc="exit heads", disable=not progress, initial=start, total=hc.steps):
-        idx = order[i * hc.batch_size : (i + 1) * hc.batch_size]
-        heads, opt_state, loss, per = step(heads, opt_state, base, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
-        tr.log(i + 1, {"loss": loss, "kl": per})
-        el = spent + time.perf_counter() - t0
-        ck.save(i + 1, heads, opt_state, {"seconds": np.float64(el)}, dict(meta, step=i + 1), force=i + 1 == end)
-    ck.close()
-    tr.close()
-    minutes = (spent + time.perf_counter() - t0) / 60
-    summary = dict(
-        steps=end,
-        minutes=round(minutes, 2),
-        trainable_params=int(sum(x.size for x in jax.tree.leaves(heads))),
-        layers=list(hc.layers),
-        final_kl=None if per is None else [float(x) for x in np.asarray(per)],
-        examples=len(tokens),
-    )
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary["final_kl"] = None if ms is None else [float(x) for x in np.asarray(ms["kl"])]
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary | {"heads": heads}
 
 
@@ -211,50 +231,23 @@ def train_layerskip(
 ) -> dict:
     """Train the adapters; Orbax checkpoints every 25 steps and at the end of a call, metrics (JSONL +
     TensorBoard), exact resume (the schedule is defined on lc.steps; `until` stops a call early)."""
-
-    bad = [E for E in lc.layers if not 1 <= E < cfg.num_layers]
-    if bad:
-        raise M2R2Error(f"exit layers must be in [1, {cfg.num_layers}), got {bad}")
-    tokens, mask = pack_examples(records, lc.seq_len)
-    if len(tokens) < lc.batch_size:
-        raise M2R2Error(f"{len(tokens)} distilled examples, fewer than one batch of {lc.batch_size}")
     opt = layerskip_optimizer(lc)
-    ads = init_adapters(cfg, lc)
-    opt_state = opt.init(ads)
-    out = Path(out_dir)
-    ck = Checkpointer(out / "checkpoints", save_every=25, keep=2)
-    meta = dict(
-        kind="layerskip",
-        base_fingerprint=fingerprint,
-        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(lc).items()},
+    ads, summary, _ = _train(
+        "layerskip",
+        cfg,
+        base,
+        records,
+        lc,
+        init_adapters(cfg, lc),
+        opt,
+        layerskip_step(cfg, lc, opt),
+        ("loss", "kl_exit", "kl_full"),
+        out_dir,
+        fingerprint,
+        progress,
+        until,
     )
-    start, spent = 0, 0.0
-    last = ck.latest_step()
-    if last is not None:
-        ads, opt_state, extra, _ = ck.restore(last, ads, opt_state, {"seconds": np.float64(0)})
-        start, spent = last, float(extra["seconds"])
-    step = layerskip_step(cfg, lc, opt)
-    tr = Tracker(out, resume_step=start)
-    order = np.random.RandomState(lc.seed).permutation(len(tokens) * (1 + lc.steps * lc.batch_size // len(tokens)))
-    order %= len(tokens)
-    end = lc.steps if until is None else min(until, lc.steps)
-    t0 = time.perf_counter()
-    for i in tqdm(range(start, end), desc="layerskip", disable=not progress, initial=start, total=lc.steps):
-        idx = order[i * lc.batch_size : (i + 1) * lc.batch_size]
-        ads, opt_state, loss, per, full = step(ads, opt_state, base, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
-        tr.log(i + 1, {"loss": loss, "kl_exit": per, "kl_full": full})
-        el = spent + time.perf_counter() - t0
-        ck.save(i + 1, ads, opt_state, {"seconds": np.float64(el)}, dict(meta, step=i + 1), force=i + 1 == end)
-    ck.close()
-    tr.close()
-    summary = dict(
-        steps=end,
-        minutes=round((spent + time.perf_counter() - t0) / 60, 2),
-        trainable_params=int(sum(x.size for x in jax.tree.leaves(ads))),
-        layers=list(lc.layers),
-        examples=len(tokens),
-    )
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary | {"adapters": ads}
 
 
