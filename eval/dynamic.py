@@ -72,7 +72,7 @@ def main(argv=None):
         "--methods",
         default="m2r2,static,calm",
         help="comma-separated: m2r2, m2r2_deferred, static, static_trained (needs --exit-heads), calm, "
-        "specee (needs --specee), layerskip (needs --layerskip)",
+        "specee (needs --specee), layerskip (needs --layerskip), skipdecode (needs --skipdecode)",
     )
     p.add_argument("--thresholds", action="append", default=None, help="T1,T2,... for every method, or NAME=T1,T2,...")
     p.add_argument("--limit", type=int, default=48, help="number of prompts, round-robin over categories")
@@ -83,6 +83,7 @@ def main(argv=None):
     p.add_argument("--exit-heads", default="", help="static_trained: exit heads (python -m train.train_exit_heads)")
     p.add_argument("--specee", default="", help="specee: trained predictors (python -m train.train_specee)")
     p.add_argument("--layerskip", default="", help="layerskip: trained adapters (python -m train.train_layerskip)")
+    p.add_argument("--skipdecode", default="", help="skipdecode: trained adapters (python -m train.train_skipdecode)")
     p.add_argument("--out", default=None, help="result JSON (default runs/dynamic/<dataset>.json)")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
     p.add_argument("--resume", action="store_true", help="carry on from --out's journal (FILE.partial.jsonl)")
@@ -108,6 +109,7 @@ def main(argv=None):
         exit_heads=a.exit_heads,
         specee=a.specee,
         layerskip=a.layerskip,
+        skipdecode=a.skipdecode,
     )
     if a.limit is not None and a.limit < 1:
         raise M2R2Error(f"--limit must be >= 1, got {a.limit}")
@@ -118,7 +120,11 @@ def main(argv=None):
             raise M2R2Error(f"--exit-heads {a.exit_heads}: no exit-head checkpoint there")
     from m2r2_jax.training.checkpoint import latest_step
 
-    for name, flag, d in (("specee", "--specee", a.specee), ("layerskip", "--layerskip", a.layerskip)):
+    for name, flag, d in (
+        ("specee", "--specee", a.specee),
+        ("layerskip", "--layerskip", a.layerskip),
+        ("skipdecode", "--skipdecode", a.skipdecode),
+    ):
         if name in methods and latest_step(Path(d) / "checkpoints") is None:
             raise M2R2Error(f"{flag} {d}: no {name} checkpoint there")
     if a.mesh:
@@ -148,13 +154,14 @@ def main(argv=None):
     m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype)
     mc, m2r2, draft_ids, meta = load_m2r2(ckpt, m.cfg, m.params, a.model, base_fingerprint=m.fingerprint)
     backend, params = decode_setup(m, a.cpu_kernel)
-    from m2r2_jax.training.peers import load_exit_heads, load_layerskip, load_specee
+    from m2r2_jax.training.peers import load_exit_heads, load_layerskip, load_skipdecode, load_specee
 
     peers = {}
     for name, loader, d in (
         ("static_trained", load_exit_heads, a.exit_heads),
         ("specee", load_specee, a.specee),
         ("layerskip", load_layerskip, a.layerskip),
+        ("skipdecode", load_skipdecode, a.skipdecode),
     ):
         if name in methods:
             peers[name] = loader(d, m.cfg, m.fingerprint) if name != "specee" else loader(d, m.fingerprint)

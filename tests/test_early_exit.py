@@ -416,3 +416,69 @@ def test_layerskip(tiny, tmp_path):
     r = _gen(dec, mb, None, prompts, 1)
     for b, p in enumerate(prompts):
         assert r.new_ids[b] == ref_slow(cfg, mb, p, lambda i, h: i >= 1)
+
+
+def ref_skipdecode(cfg, base, prompt, d_min, span):
+    """Plain Python: the token decided at step i enters at layer N - depth(i) from its embedding and runs
+    to the top (writing only those layers' K/V); the prompt runs the full depth."""
+    from m2r2_jax.peers.skipdecode import depth_at
+
+    N, S_ = cfg.num_layers, 128
+    cache = D.init_cache(cfg, 1, S_)
+    lg, cache = D.forward(cfg, base, jnp.asarray([prompt]), cache, jnp.zeros((1,), jnp.int32))
+    out = [int(jnp.argmax(lg[0, -1]))]
+    while len(out) < MAX_NEW and out[-1] not in cfg.eos_token_ids:
+        tok, pos, i = out[-1], len(prompt) + len(out) - 1, len(out)
+        entry = N - int(depth_at(N, d_min, span, jnp.int32(i)))
+        h = D.embed(cfg, base, jnp.asarray([[tok]]))
+        h, cache, _ = D.forward_hidden(
+            cfg, base, jnp.asarray([[tok]]), cache, jnp.asarray([pos], jnp.int32), layer_range=(entry, N), h=h
+        )
+        out.append(int(jnp.argmax(D.logits_from_hidden(cfg, base, h)[0, 0])))
+    return out
+
+
+def test_skipdecode(tiny, tmp_path):
+    """SkipDecode: the schedule falls monotonically from N to d_min; the jitted loop equals the eager
+    reference (batch = rows); the training forward reproduces the decoded tokens teacher-forced (the
+    train-time and decode-time skips are the same computation); the adapters train and load."""
+    from m2r2_jax.decoding.early_exit import SkipDecodeExit
+    from m2r2_jax.peers.layerskip import merged_base
+    from m2r2_jax.peers.skipdecode import SkipDecodeConfig, depth_at, entry_layers, skip_forward
+    from m2r2_jax.training.peers import load_skipdecode, train_skipdecode
+
+    cfg, base = tiny
+    N, span = cfg.num_layers, 4
+    depths = [int(depth_at(N, 1, span, jnp.int32(i))) for i in range(1, 12)]
+    assert depths[0] == N and depths[-1] == 1 and all(a >= b for a, b in zip(depths, depths[1:]))
+    dec = DynamicDecoder(cfg, SkipDecodeExit(cfg, span))
+    prompts = _prompts(3, seed=7)
+    r = _gen(dec, base, None, prompts, 1)
+    for b, p in enumerate(prompts):
+        assert r.new_ids[b] == ref_skipdecode(cfg, base, p, 1, span)
+    assert r.layers[0] < r.tokens[0] * N  # layers were skipped
+    # teacher-forced: the training forward's argmax at the answer positions = the decoded tokens
+    p, ans = prompts[0], r.new_ids[0]
+    toks = jnp.asarray([p + ans[:-1]], jnp.int32)
+    mask = jnp.asarray([[0] * len(p) + [1] * (len(ans) - 1)], jnp.float32)
+    entry = entry_layers(cfg, mask, jnp.asarray([1]), span)
+    h = skip_forward(cfg, base, toks, entry)
+    pred = np.asarray(jnp.argmax(D.logits_from_hidden(cfg, base, h)[0], -1))
+    assert pred[len(p) - 1 :].tolist() == ans
+    # training: the KL falls; the checkpoint loads; decoding runs on the merged weights
+    sc = SkipDecodeConfig(
+        min_layers=(1, 2), span=span, rank=4, steps=12, batch_size=4, seq_len=16, positions=10, lr=1e-2
+    )
+    rs = np.random.RandomState(2)
+    recs = [
+        dict(prompt_ids=rs.randint(3, 256, 6).tolist(), answer_ids=rs.randint(3, 256, 10).tolist()) for _ in range(4)
+    ]
+    train_skipdecode(cfg, base, recs, sc, tmp_path / "sd", "fp", progress=False)
+    logged = [json.loads(x) for x in (tmp_path / "sd" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["kl"] < 0.8 * logged[0]["kl"]
+    ads, sc2 = load_skipdecode(tmp_path / "sd", cfg, "fp")
+    assert sc2 == sc
+    with pytest.raises(M2R2Error, match="another base model"):
+        load_skipdecode(tmp_path / "sd", cfg, "other")
+    mb = merged_base(base, ads)
+    assert _gen(dec, mb, None, prompts[:1], 2).new_ids[0] == ref_skipdecode(cfg, mb, prompts[0], 2, span)

@@ -11,6 +11,9 @@ loop's exit-policy seam):
   CalmExit    CALM's softmax-response confidence: at check layers the margin between the top two
               probabilities (over the draft vocabulary, the frequent tokens) is compared with the
               threshold; a confident token leaves there through the full LM head.
+  SpecEEExit  the fast stream's top-k candidates scored at check layers by trained predictors.
+  SkipDecodeExit  one depth per step for the whole batch, falling along the generation: the token
+              skips the *lower* layers (enters at N - depth), so no K/V is ever owed.
 
 The threshold is a jit argument: one executable per method serves a whole sweep.
 
@@ -158,7 +161,8 @@ def _keep_rows(cache_new, cache_old, start, T: int, keep) -> D.KVCache:
 class ExitMethod:
     """The loop's seam for an exit method (the base-model methods express their per-layer rule as the
     decoder's `ExitPolicy`). `prepare(base, ...)` -> its jit argument, built once;
-    `step(mp, base, cache, tok, pos, thr, active, force_full, full)` -> StepOut. `full(cache, rows)` ->
+    `step(mp, base, cache, tok, pos, thr, active, force_full, full, i)` -> StepOut, where i (int32 scalar,
+    shared by the batch) is the number of tokens emitted so far: the step decides token i + 1. `full(cache, rows)` ->
     (logits [B, V], cache) is the loop's full model on `tok` for the rows [B] that need it (in deferred
     mode it also recomputes the waiting tokens), for methods whose full path starts at layer 0."""
 
@@ -168,7 +172,7 @@ class ExitMethod:
     def prepare(self, base, *sources):
         return None
 
-    def step(self, mp, base, cache, tok, pos, thr, active, force_full, full: Callable) -> StepOut:
+    def step(self, mp, base, cache, tok, pos, thr, active, force_full, full: Callable, i) -> StepOut:
         raise NotImplementedError
 
 
@@ -220,7 +224,7 @@ class M2R2Exit(ExitMethod):
         t = [0] + self.mc.targets_of(self.cfg.num_layers)
         return [hs[max(m for m in range(len(t)) if t[m] <= j)] for j in range(self.cfg.num_layers)]
 
-    def step(self, mp, base, cache, tok, pos, thr, active, force_full, full):
+    def step(self, mp, base, cache, tok, pos, thr, active, force_full, full, i):
         cfg, mc, be = self.cfg, self.mc, self.backend
         cost = Costs.of(cfg)
         B, n = tok.shape[0], mc.n_fast(cfg.num_layers)
@@ -377,7 +381,7 @@ class StaticExit(ExitMethod):
             return None
         return {"heads": heads, "layers": jnp.asarray(layers, jnp.int32)}
 
-    def step(self, mp, base, cache, tok, pos, thr, active, force_full, full):
+    def step(self, mp, base, cache, tok, pos, thr, active, force_full, full, i):
         cfg = self.cfg
         E = jnp.round(thr).astype(jnp.int32)
         policy = _Policy(tuple(range(cfg.num_layers - 1)), lambda i, h: jnp.broadcast_to(i + 1 >= E, h.shape[:1]))
@@ -418,7 +422,7 @@ class CalmExit(ExitMethod):
             "head": S.draft_head(self.cfg, base, jnp.asarray(draft_ids, jnp.int32)),
         }
 
-    def step(self, mp, base, cache, tok, pos, thr, active, force_full, full):
+    def step(self, mp, base, cache, tok, pos, thr, active, force_full, full, i):
         cfg = self.cfg
 
         def decide(i, h):
@@ -463,7 +467,7 @@ class SpecEEExit(ExitMethod):
             "pred": predictors,
         }
 
-    def step(self, mp, base, cache, tok, pos, thr, active, force_full, full):
+    def step(self, mp, base, cache, tok, pos, thr, active, force_full, full, i):
         from m2r2_jax.peers.specee import candidate_features, head_rows, predict
 
         cfg, mc, be = self.cfg, self.mc, self.backend
@@ -508,6 +512,56 @@ class SpecEEExit(ExitMethod):
             exit_logits,
             per_check,
             extra_layers=float(n),
+        )
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class SkipDecodeExit(ExitMethod):
+    """SkipDecode (peers/skipdecode.py): the step's token runs the top depth(i) layers of the base
+    (the same for every row: i is the batch's step), entering from its embedding; the threshold is
+    d_min. Nothing is owed to the layers it skipped (later tokens skip them too). Run it on the
+    SkipDecode-adapted weights (the loop's `base` = `layerskip.merged_base(base, adapters)`)."""
+
+    cfg: ModelConfig
+    span: int = 64
+    backend: Backend = XLA
+    name: str = "skipdecode"
+
+    def __post_init__(self):
+        if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1:
+            raise M2R2Error(f"skipdecode: span must be an integer >= 1, got {self.span!r}")
+
+    def step(self, mp, base, cache, tok, pos, thr, active, force_full, full, i):
+        from m2r2_jax.peers.skipdecode import depth_at
+
+        cfg, be = self.cfg, self.backend
+        B, N = tok.shape[0], cfg.num_layers
+        depth = depth_at(N, thr, self.span, i)
+        entry = N - depth
+        h = D.embed(cfg, base, tok[:, None])
+        cos, sin = L.rope_cos_sin(cfg, pos[:, None])
+        none = jnp.zeros((B, cfg.num_kv_heads, 1, cfg.head_dim), cfg.jnp_dtype)
+        no_anc = np.zeros((1, 1), bool)
+        ks, vs = list(cache.k), list(cache.v)
+        for j in range(N):
+
+            def run(h, j=j):
+                att = tree_draft_attention(cfg, be, cache.k[j], cache.v[j], pos, none, none, no_anc)
+                return DecoderLayer(cfg).apply({"params": base["layers"][j]}, h, cos, sin, att)
+
+            h, (k, v) = lax.cond(j >= entry, run, lambda h: (h, (none, none)), h)
+            skip = j < entry
+            ks[j] = L.write_cache(ks[j], jnp.where(skip, _read_slots(ks[j], pos, 1), k.astype(ks[j].dtype)), pos)
+            vs[j] = L.write_cache(vs[j], jnp.where(skip, _read_slots(vs[j], pos, 1), v.astype(vs[j].dtype)), pos)
+        cost = Costs.of(cfg)
+        return StepOut(
+            logits=D.logits_from_hidden(cfg, base, h)[:, 0],
+            cache=D.KVCache(ks, vs),
+            exited=jnp.broadcast_to(depth < N, (B,)) & active,
+            layers=jnp.broadcast_to(depth.astype(jnp.float32), (B,)),
+            macs=jnp.broadcast_to(depth * cost.layer + cost.head, (B,)),
+            kv_src=None,
+            kv_lo=jnp.full((B,), N, jnp.int32),
         )
 
 
@@ -577,7 +631,16 @@ def dynamic_fn(
                 return lax.cond(jnp.any(st.pending > 0), flush, lambda c: full_plain(c, rows), cache)
 
             out = method.step(
-                mp, base, st.cache, st.tok, pos, thr, active, force, full_deferred if kv == "deferred" else full_plain
+                mp,
+                base,
+                st.cache,
+                st.tok,
+                pos,
+                thr,
+                active,
+                force,
+                full_deferred if kv == "deferred" else full_plain,
+                st.i,
             )
             exited = out.exited & active
             cache = out.cache

@@ -28,13 +28,14 @@ from m2r2_jax.decoding.generate import GenerateConfig, Generator
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.loading.tokenizer import encode_chat
 
-METHODS = ("m2r2", "m2r2_deferred", "static", "static_trained", "layerskip", "calm", "specee")
+METHODS = ("m2r2", "m2r2_deferred", "static", "static_trained", "layerskip", "skipdecode", "calm", "specee")
 DEFAULT_THRESHOLDS = {
     "m2r2": (0.6, 0.75, 0.85, 0.92, 0.97),
     "m2r2_deferred": (0.6, 0.75, 0.85, 0.92, 0.97),
     "static": (20, 24, 27, 29),
     "static_trained": (20, 24, 27, 29),  # must be layers the exit heads were trained for
     "layerskip": (20, 24, 27, 29),  # the exit layer E, on the LayerSkip-adapted weights
+    "skipdecode": (8, 12, 16, 20),  # d_min, on the SkipDecode-adapted weights (peers/skipdecode.py)
     "calm": (0.8, 0.9, 0.95, 0.99),
     "specee": (0.5, 0.7, 0.85, 0.95),
 }
@@ -51,6 +52,7 @@ class DynamicEvalConfig:
     exit_heads: str = ""  # static_trained: the exit heads' directory (train.train_exit_heads)
     specee: str = ""  # specee: the predictors' directory (train.train_specee)
     layerskip: str = ""  # layerskip: the adapters' directory (train.train_layerskip)
+    skipdecode: str = ""  # skipdecode: the adapters' directory (train.train_skipdecode)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in METHODS]
@@ -69,6 +71,8 @@ class DynamicEvalConfig:
             raise M2R2Error("static_trained needs --exit-heads DIR (trained by python -m train.train_exit_heads)")
         if "layerskip" in self.methods and not self.layerskip:
             raise M2R2Error("layerskip needs --layerskip DIR (trained by python -m train.train_layerskip)")
+        if "skipdecode" in self.methods and not self.skipdecode:
+            raise M2R2Error("skipdecode needs --skipdecode DIR (trained by python -m train.train_skipdecode)")
         if "specee" in self.methods and not self.specee:
             raise M2R2Error("specee needs --specee DIR (trained by python -m train.train_specee)")
         for name, lo in (("max_new_tokens", 1), ("max_pending", 1), ("min_layer", 1)):
@@ -77,9 +81,12 @@ class DynamicEvalConfig:
                 raise M2R2Error(f"{name} must be an integer >= {lo}, got {v!r}")
 
 
-def build_methods(cfg, mc, ec: DynamicEvalConfig, backend: Backend = XLA, specee=None) -> dict[str, DynamicDecoder]:
-    """`specee`: the predictors' SpecEEConfig (its check layers and candidate count)."""
-    from m2r2_jax.decoding.early_exit import CalmExit, M2R2Exit, SpecEEExit, StaticExit
+def build_methods(
+    cfg, mc, ec: DynamicEvalConfig, backend: Backend = XLA, specee=None, skipdecode=None
+) -> dict[str, DynamicDecoder]:
+    """`specee`: the predictors' SpecEEConfig (its check layers and candidate count); `skipdecode`: the
+    adapters' SkipDecodeConfig (its span)."""
+    from m2r2_jax.decoding.early_exit import CalmExit, M2R2Exit, SkipDecodeExit, SpecEEExit, StaticExit
 
     N = cfg.num_layers
     out: dict[str, DynamicDecoder] = {}
@@ -91,6 +98,8 @@ def build_methods(cfg, mc, ec: DynamicEvalConfig, backend: Backend = XLA, specee
             meth, kv = SpecEEExit(cfg, mc, tuple(specee.layers), specee.k, backend), "propagate"
         elif name == "layerskip":
             meth, kv = StaticExit(cfg, backend), "propagate"
+        elif name == "skipdecode":
+            meth, kv = SkipDecodeExit(cfg, skipdecode.span, backend), "propagate"
         elif name in ("static", "static_trained"):
             meth, kv = StaticExit(cfg, backend, trained=name == "static_trained"), "propagate"
         else:
@@ -123,8 +132,8 @@ def run_dynamic_eval(
 ) -> dict:
     """m: a LoadedModel (cfg, params, tokenizer); bundle: spec_eval.M2R2Bundle (the checkpoint); peers:
     the trained peers' parts, {"static_trained": (heads, layers), "specee": (predictors, SpecEEConfig),
-    "layerskip": (adapters, LayerSkipConfig)} (training.peers.load_exit_heads / load_specee /
-    load_layerskip)."""
+    "layerskip": (adapters, LayerSkipConfig), "skipdecode": (adapters, SkipDecodeConfig)}
+    (training.peers.load_exit_heads / load_specee / load_layerskip / load_skipdecode)."""
     from tqdm import tqdm
 
     from m2r2_jax.evaluation.spec_eval import Journal
@@ -133,11 +142,12 @@ def run_dynamic_eval(
     params = m.params if decode_params is None else decode_params
     scorer = _rouge()
     peers = peers or {}
-    for name in ("static_trained", "specee", "layerskip"):
+    for name in ("static_trained", "specee", "layerskip", "skipdecode"):
         if name in ec.methods and name not in peers:
             raise M2R2Error(f"{name}: its trained parts were not given (training.peers.load_* -> peers={{...}})")
     sp = peers.get("specee")
-    decoders = build_methods(cfg, bundle.mc, ec, backend, sp[1] if sp else None)
+    sd = peers.get("skipdecode")
+    decoders = build_methods(cfg, bundle.mc, ec, backend, sp[1] if sp else None, sd[1] if sd else None)
     prepared, weights = {}, {}
     for name, dec in decoders.items():
         if name.startswith("m2r2"):
@@ -148,10 +158,10 @@ def run_dynamic_eval(
             prepared[name] = dec.method.prepare(params, bundle.draft_ids)
         elif name == "specee":
             prepared[name] = dec.method.prepare(params, bundle.params, bundle.draft_ids, sp[0])
-        elif name == "layerskip":
+        elif name in ("layerskip", "skipdecode"):
             from m2r2_jax.peers.layerskip import merged_base
 
-            ads, _ = peers["layerskip"]
+            ads, _ = peers[name]
             prepared[name] = None
             weights[name] = jax.jit(merged_base)(params, ads)  # the method runs on the adapted weights
         elif name == "static_trained":

@@ -1,5 +1,5 @@
 """Training and loading the early-exit peers' parts (m2r2_jax/peers): the static exit heads, SpecEE's
-predictors, LayerSkip's adapters. Each trains on a self-distillation cache with the base frozen, writes
+predictors, LayerSkip's and SkipDecode's adapters. Each trains on a self-distillation cache with the base frozen, writes
 Orbax checkpoints (with the base's fingerprint) and metrics, and resumes where it runs long."""
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from m2r2_jax.peers.exit_head import optimizer as exit_head_optimizer
 from m2r2_jax.peers.layerskip import LayerSkipConfig, init_adapters
 from m2r2_jax.peers.layerskip import make_step as layerskip_step
 from m2r2_jax.peers.layerskip import optimizer as layerskip_optimizer
+from m2r2_jax.peers.skipdecode import SkipDecodeConfig
+from m2r2_jax.peers.skipdecode import init_adapters as skipdecode_adapters
+from m2r2_jax.peers.skipdecode import make_step as skipdecode_step
+from m2r2_jax.peers.skipdecode import optimizer as skipdecode_optimizer
 from m2r2_jax.peers.specee import SpecEEConfig, collect, init_predictors, predict
 from m2r2_jax.stats import auc
 from m2r2_jax.training.checkpoint import Checkpointer, latest_step
@@ -267,3 +271,54 @@ def load_layerskip(out_dir, cfg: ModelConfig, fingerprint: str = "") -> tuple[li
     ads, _, _, _ = ck.restore(last, abstract, layerskip_optimizer(lc).init(abstract), {"seconds": np.float64(0)})
     ck.close()
     return ads, lc
+
+
+def train_skipdecode(
+    cfg,
+    base,
+    records: Sequence[dict],
+    sc: SkipDecodeConfig,
+    out_dir,
+    fingerprint: str = "",
+    progress: bool = True,
+    until: int | None = None,
+) -> dict:
+    """Train SkipDecode's adapters for its schedule (peers/skipdecode.py); checkpoints, metrics and
+    resume as `train_layerskip`."""
+    opt = skipdecode_optimizer(sc)
+    ads, summary, ms = _train(
+        "skipdecode",
+        cfg,
+        base,
+        records,
+        sc,
+        skipdecode_adapters(cfg, sc),
+        opt,
+        skipdecode_step(cfg, sc, opt),
+        ("kl",),
+        out_dir,
+        fingerprint,
+        progress,
+        until,
+    )
+    summary["final_kl"] = None if ms is None else float(ms["kl"])
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary | {"adapters": ads}
+
+
+def load_skipdecode(out_dir, cfg: ModelConfig, fingerprint: str = "") -> tuple[list, SkipDecodeConfig]:
+    out = Path(out_dir)
+    last = latest_step(out / "checkpoints")
+    if last is None:
+        raise M2R2Error(f"no SkipDecode checkpoint under {out / 'checkpoints'}")
+    meta = _read_meta(out / "checkpoints" / str(last))
+    if meta.get("kind") != "skipdecode" or not isinstance(meta.get("config"), dict):
+        raise M2R2Error(f"{out}: not a SkipDecode checkpoint")
+    if fingerprint and meta.get("base_fingerprint") and meta["base_fingerprint"] != fingerprint:
+        raise M2R2Error(f"{out}: SkipDecode adapters trained on another base model (fingerprint differs)")
+    sc = SkipDecodeConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()})
+    abstract = skipdecode_adapters(cfg, sc)
+    ck = Checkpointer(out / "checkpoints", async_save=False)
+    ads, _, _, _ = ck.restore(last, abstract, skipdecode_optimizer(sc).init(abstract), {"seconds": np.float64(0)})
+    ck.close()
+    return ads, sc
