@@ -17,6 +17,7 @@ RANK = {
     "loading": 3,
     "m2r2": 3,
     "peers": 3.5,
+    "offload": 3.5,  # model-independent (numpy + stdlib): imports only errors-level modules
     "decoding": 4,
     "data": 4,
     "training": 5,

@@ -1,0 +1,95 @@
+"""What a cache policy produces from a trace: the experts each step needs and the prefetch requests
+each step issues. The simulator and the real engine both replay exactly this; neither knows the
+policy's name.
+
+A step is (token t, MoE layer l); steps run in order t = 0.., l = 0..L-1. At each step, in this order:
+
+  1. `requests[t][l]`: a priority-ordered tuple of (layer, expert) to prefetch, each with
+     l <= layer < L (requests never cross tokens: a prediction is about the token being decoded);
+  2. `needed[t, l]`: the k experts layer l computes with; the layer's compute starts once all k
+     are resident.
+
+`capacity` is the number of expert slots, global across layers (total experts = L * E): it is
+`capacity_slots(fraction, L, E, k)`, the fraction of all experts that fits in fast memory, floored,
+and never below k (a layer must be able to hold its own experts). `retain=False` releases every
+expert after the layer that used it (the on-demand baseline: each need is a load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from m2r2_jax.errors import M2R2Error
+
+Key = tuple[int, int]  # (MoE layer, expert id)
+
+
+def capacity_slots(fraction: float, num_layers: int, num_experts: int, top_k: int) -> int:
+    """Slots for `fraction` of all L * E experts (floored: the fraction is a memory budget)."""
+    if not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:  # also refuses NaN
+        raise M2R2Error(f"capacity fraction must be in (0, 1], got {fraction!r}")
+    total = num_layers * num_experts
+    slots = math.floor(fraction * total + 1e-9)  # 0.29 * 100 is 28.999...: count it as 29
+    if slots < top_k:
+        raise M2R2Error(
+            f"capacity fraction {fraction} holds {slots} of {total} experts, fewer than the top-{top_k} "
+            "one layer needs at once"
+        )
+    return slots
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Schedule:
+    policy: str
+    num_experts: int
+    needed: np.ndarray  # int [T, L, k], as RoutingTrace.needed
+    requests: tuple[tuple[tuple[Key, ...], ...], ...]  # [T][L] -> ((layer, expert), ...), best first
+    capacity: int  # slots, global across layers
+    retain: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.needed, np.ndarray) or self.needed.ndim != 3 or self.needed.dtype.kind not in "iu":
+            raise M2R2Error(f"schedule {self.policy}: needed must be an int array [T, L, k] (RoutingTrace.needed)")
+        T, L, k = self.needed.shape
+        if len(self.requests) != T or any(len(r) != L for r in self.requests):
+            raise M2R2Error(f"schedule {self.policy}: requests must be [T={T}][L={L}] tuples")
+        if not k <= self.capacity <= L * self.num_experts:
+            raise M2R2Error(f"schedule {self.policy}: capacity {self.capacity} outside [{k}, {L * self.num_experts}]")
+        for t, per_token in enumerate(self.requests):
+            for l, reqs in enumerate(per_token):
+                for layer, expert in reqs:
+                    if not (l <= layer < L and 0 <= expert < self.num_experts):
+                        raise M2R2Error(
+                            f"schedule {self.policy}: request ({layer}, {expert}) at token {t} step {l} must "
+                            f"name a layer in [{l}, {L}) and an expert in [0, {self.num_experts})"
+                        )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.needed.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.needed.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return self.needed.shape[2]
+
+    def need(self, t: int, l: int) -> tuple[Key, ...]:
+        return tuple((l, int(e)) for e in self.needed[t, l])
+
+
+def prefetched_needs(schedule: Schedule) -> int:
+    """How many of the T * L * k needs had their (layer, expert) named by a prefetch request earlier
+    in the same token (at a step <= the layer: requests never name a past layer, so any request of the
+    token counts). Prefetch recall = this / needs. It measures the predictor through the schedule,
+    whether or not the transfer finished in time (that is the hit rate)."""
+    n = 0
+    for t, per_token in enumerate(schedule.requests):
+        asked = {key for reqs in per_token for key in reqs}
+        n += sum(key in asked for l in range(schedule.num_layers) for key in schedule.need(t, l))
+    return n
