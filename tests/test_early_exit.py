@@ -482,3 +482,31 @@ def test_skipdecode(tiny, tmp_path):
         load_skipdecode(tmp_path / "sd", cfg, "other")
     mb = merged_base(base, ads)
     assert _gen(dec, mb, None, prompts[:1], 2).new_ids[0] == ref_skipdecode(cfg, mb, prompts[0], 2, span)
+
+
+def test_claim_check():
+    """The paper's claim on a result: M2R2's upper envelope against each peer point; a peer faster than
+    any M2R2 point counts against M2R2."""
+    from m2r2_jax.evaluation.dynamic_eval import claim_check, envelope
+
+    def pts(*xs):
+        return [dict(threshold=i, speedup=s, rouge_l=r) for i, (s, r) in enumerate(xs)]
+
+    res = dict(
+        methods=dict(
+            m2r2=pts((0.9, 0.95), (1.2, 0.80)),
+            m2r2_deferred=pts((1.0, 0.97)),
+            static=pts((1.1, 0.5), (1.15, 0.7)),
+            calm=pts((1.0, 0.99)),
+            skipdecode=pts((1.3, 0.4)),
+        )
+    )
+    assert envelope(res["methods"]["m2r2"], 1.0) == 0.80 and envelope(res["methods"]["m2r2"], 1.5) is None
+    c = claim_check(res)
+    assert c["peers"]["static"]["beaten"] and c["peers"]["static"]["m2r2_higher"] == 2
+    assert not c["peers"]["calm"]["beaten"]  # 0.97 at 1.0x vs CALM's 0.99
+    assert not c["peers"]["skipdecode"]["beaten"]  # faster than any M2R2 point
+    assert c["peers"]["skipdecode"]["points"][0]["m2r2_rouge_l"] is None
+    assert not c["all_beaten"]
+    with pytest.raises(M2R2Error, match="none of the M2R2 methods"):
+        claim_check(dict(methods=dict(static=pts((1.0, 0.5)))))

@@ -311,3 +311,36 @@ def render_png(res: dict, title: str = "") -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def envelope(points: Sequence[dict], s: float) -> float | None:
+    """The best ROUGE-L a method reaches at a speed-up of at least s (its upper envelope), None if it
+    never runs that fast."""
+    got = [
+        p["rouge_l"] for p in points if p.get("speedup") is not None and p["speedup"] >= s and p["rouge_l"] is not None
+    ]
+    return max(got) if got else None
+
+
+def claim_check(res: dict, ours: Sequence[str] = ("m2r2", "m2r2_deferred")) -> dict:
+    """The paper's claim on one result: at the speed-ups each peer reaches, M2R2's ROUGE-L against the
+    full model's output is higher. M2R2's curve is the upper envelope over `ours` (both K/V modes); at
+    each peer point (s, r) M2R2 scores envelope(s) (None = M2R2 never runs as fast: a loss). A peer is
+    beaten when M2R2 is higher at every one of its points.
+    -> {"peers": {name: {"points", "m2r2_higher", "beaten"}}, "all_beaten": bool}."""
+    mine = [p for name in ours for p in res["methods"].get(name, [])]
+    if not mine:
+        raise M2R2Error(f"claim check: the result has none of the M2R2 methods {list(ours)}")
+    peers = {}
+    for name, pts in res["methods"].items():
+        if name in ours:
+            continue
+        cmp = []
+        for p in pts:
+            if p.get("speedup") is None or p.get("rouge_l") is None:
+                continue
+            m = envelope(mine, p["speedup"])
+            cmp.append(dict(threshold=p["threshold"], speedup=p["speedup"], rouge_l=p["rouge_l"], m2r2_rouge_l=m))
+        higher = sum(1 for c in cmp if c["m2r2_rouge_l"] is not None and c["m2r2_rouge_l"] > c["rouge_l"])
+        peers[name] = dict(points=cmp, m2r2_higher=higher, beaten=bool(cmp) and higher == len(cmp))
+    return dict(peers=peers, all_beaten=bool(peers) and all(v["beaten"] for v in peers.values()))

@@ -1,0 +1,52 @@
+"""The paper's early-exit claim, tested on `eval.dynamic` results: at the speed-ups each peer reaches,
+is M2R2's ROUGE-L against the full model's output higher? One result file per dataset.
+
+    python -m eval.dynamic_claim RESULT.json [RESULT.json ...] [--json OUT.json]
+
+Prints, per dataset and peer, how many of the peer's points M2R2's upper envelope (over m2r2 and
+m2r2_deferred) beats, and whether M2R2 is ahead of every peer on that dataset; then on how many datasets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from m2r2_jax.cli import run_main
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m eval.dynamic_claim", description=__doc__.split("\n")[0])
+    p.add_argument("results", nargs="+", help="eval.dynamic JSON results, one per dataset")
+    p.add_argument("--json", default=None, help="write the verdicts as JSON here")
+    a = p.parse_args(argv)
+    from m2r2_jax.errors import M2R2Error
+    from m2r2_jax.evaluation.dynamic_eval import claim_check
+
+    out = {}
+    for f in a.results:
+        path = Path(f)
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise M2R2Error(f"cannot read result {f}: {e}") from None
+        if not isinstance(res, dict) or not isinstance(res.get("methods"), dict):
+            raise M2R2Error(f"{f} is not an eval.dynamic result (no 'methods')")
+        name = (res.get("config") or {}).get("dataset") or path.stem
+        out[name] = claim_check(res)
+    print("| dataset | peer | M2R2 higher at | ahead |")
+    print("|---|---|---:|---|")
+    for ds, c in out.items():
+        for peer, v in c["peers"].items():
+            print(f"| {ds} | {peer} | {v['m2r2_higher']}/{len(v['points'])} | {'yes' if v['beaten'] else 'no'} |")
+    won = sum(c["all_beaten"] for c in out.values())
+    print(f"M2R2 ahead of every peer on {won} of {len(out)} datasets", file=sys.stderr)
+    if a.json:
+        Path(a.json).write_text(json.dumps(dict(datasets=out, datasets_won=won), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
