@@ -1,7 +1,8 @@
 """Configs as frozen dataclasses with `key=value` overrides.
 
 `ModelConfig` describes a Llama-family decoder (Llama 2/3, SmolLM2, Qwen2,
-Mistral). It is built from an HF `config.json` dict or from GGUF metadata by
+Mistral) and its sparse mixture-of-experts relatives (Mixtral, Qwen2-MoE, OLMoE,
+GraniteMoE). It is built from an HF `config.json` dict or from GGUF metadata by
 the loaders; anything we cannot compute exactly is refused with a clear error.
 """
 
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 
 from m2r2_jax.errors import M2R2Error
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "smollm2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "smollm2", "mixtral", "qwen2_moe", "olmoe", "granitemoe")
+ROUTERS = ("softmax_topk", "topk_softmax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +61,25 @@ class ModelConfig:
     # returned in f32 (the TPU default precision, done explicitly): "" = same as dtype. The
     # M2R2 train step sets it for the fast stream only (m2r2.train_matmul_dtype).
     matmul_dtype: str = ""
-    # MLP slot: "dense" now; an MoE block plugs in here later.
+    # MLP slot: "dense" (SwiGLU of intermediate_size) or "moe" (model/moe.py: a router picks
+    # experts_per_token of num_experts SwiGLU experts of moe_intermediate_size per token)
     mlp_type: str = "dense"
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one always-on expert, sigmoid-gated; 0 = none
+    norm_topk_prob: bool = False  # softmax_topk: renormalise the k kept probabilities to sum to 1
+    # "softmax_topk": softmax over all experts, keep the top k (Mixtral, Qwen2-MoE, OLMoE);
+    # "topk_softmax": keep the top k logits, softmax over those (GraniteMoE)
+    router: str = "softmax_topk"
+    dense_layers: tuple[int, ...] = ()  # moe: layers with a dense MLP instead (Qwen2-MoE mlp_only_layers)
+    qk_norm: bool = False  # OLMoE: RMSNorm over the whole q and k projections, before the head split
+    # GraniteMoE's scalars (1.0 / None: absent): embeddings * embedding_multiplier, each residual update
+    # * residual_multiplier, attention scores * attention_multiplier (None: head_dim**-0.5), logits / logits_scaling
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
 
     @property
     def q_dim(self) -> int:
@@ -69,6 +88,20 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor on q.k scores: head_dim**-0.5 unless the model sets its own (GraniteMoE)."""
+        return self.head_dim**-0.5 if self.attention_multiplier is None else self.attention_multiplier
+
+    def layer_mlp(self, layer: int | None) -> str:
+        """The MLP kind of layer `layer` ("dense" or "moe"). None: the same for every layer, which a
+        model mixing dense and sparse layers cannot answer."""
+        if self.mlp_type != "moe" or not self.dense_layers:
+            return self.mlp_type
+        if layer is None:
+            raise M2R2Error("this model mixes dense and MoE layers: the decoder layer needs its index")
+        return "dense" if layer in self.dense_layers else "moe"
 
     @property
     def jnp_dtype(self):
@@ -90,8 +123,11 @@ class ModelConfig:
             raise M2R2Error(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise M2R2Error(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.mlp_type != "dense":
-            raise M2R2Error(f"mlp_type {self.mlp_type!r} is not implemented yet (only 'dense')")
+        self._validate_moe()
+        for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
+            v = getattr(self, k)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise M2R2Error(f"{k}={v!r}: expected a finite number > 0")
         for k, v in (
             ("dtype", self.dtype),
             ("param_dtype", self.param_dtype),
@@ -101,6 +137,35 @@ class ModelConfig:
                 raise M2R2Error(f"{k}={getattr(self, k)!r}: expected float32, bfloat16 or float16")
         return self
 
+    def _validate_moe(self) -> None:
+        if self.mlp_type not in ("dense", "moe"):
+            raise M2R2Error(f"mlp_type {self.mlp_type!r}: expected 'dense' or 'moe'")
+        if self.mlp_type == "dense":
+            for k in ("num_experts", "experts_per_token", "moe_intermediate_size", "shared_expert_intermediate_size"):
+                if getattr(self, k):
+                    raise M2R2Error(f"{k}={getattr(self, k)} is set but mlp_type is 'dense' (use mlp_type=moe)")
+            if self.dense_layers:
+                raise M2R2Error(
+                    "dense_layers is set but mlp_type is 'dense' (it names the dense layers of an MoE model)"
+                )
+            return
+        for k in ("num_experts", "experts_per_token", "moe_intermediate_size"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise M2R2Error(f"{k}={v!r}: an MoE model needs a positive integer")
+        if self.experts_per_token > self.num_experts:
+            raise M2R2Error(f"experts_per_token={self.experts_per_token} exceeds num_experts={self.num_experts}")
+        s = self.shared_expert_intermediate_size
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise M2R2Error(f"shared_expert_intermediate_size={s!r}: expected an integer >= 0 (0 = no shared expert)")
+        if self.router not in ROUTERS:
+            raise M2R2Error(f"router {self.router!r}: expected one of {', '.join(ROUTERS)}")
+        bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
+        if bad or len(set(self.dense_layers)) != len(self.dense_layers):
+            raise M2R2Error(
+                f"dense_layers={list(self.dense_layers)}: expected distinct layer indices in [0, {self.num_layers})"
+            )
+
     def check_cache_len(self, cache_len: int) -> None:
         """Refuse cache lengths where our full attention would differ from the model's."""
         if self.sliding_window is not None and cache_len > self.sliding_window:
@@ -109,14 +174,46 @@ class ModelConfig:
                 f"sliding_window={self.sliding_window} (full attention is exact only up to the window)"
             )
 
+    def record(self) -> dict:
+        """The config as recorded in checkpoints' base identity and distillation manifests: the fields
+        added since records began (the MoE and GraniteMoE ones) are left out at their defaults, so a
+        dense model's record, and every record already written, stays as it was."""
+        d = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.name in _RECORDED_SINCE_MOE and d[f.name] == f.default:
+                del d[f.name]
+        return d
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(self.record(), sort_keys=True)
+
+
+_RECORDED_SINCE_MOE = frozenset(
+    (
+        "num_experts",
+        "experts_per_token",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "norm_topk_prob",
+        "router",
+        "dense_layers",
+        "qk_norm",
+        "embedding_multiplier",
+        "residual_multiplier",
+        "attention_multiplier",
+        "logits_scaling",
+    )
+)
 
 
 _HF_ARCH = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "OlmoeForCausalLM": "olmoe",
+    "GraniteMoeForCausalLM": "granitemoe",
 }
 
 
@@ -125,13 +222,10 @@ def model_config_from_hf(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
     if not isinstance(cfg, Mapping):
         raise M2R2Error(f"HF config.json must be a JSON object, got {type(cfg).__name__}")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        v = cfg.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise M2R2Error(f"HF config.json: {key!r} must be a positive integer, got {v!r}")
+        _hf_int(cfg, key)
     for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
-        v = cfg.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise M2R2Error(f"HF config.json: {key!r} must be a positive integer, got {v!r}")
+        if cfg.get(key) is not None:
+            _hf_int(cfg, key)
     archs = cfg.get("architectures") or []
     if not isinstance(archs, (list, tuple)):
         archs = [archs]
@@ -139,7 +233,7 @@ def model_config_from_hf(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
     arch = None
     for a in archs:
         arch = _HF_ARCH.get(a, arch)
-    if arch is None and model_type in ("llama", "mistral", "qwen2"):
+    if arch is None and model_type in _HF_ARCH.values():
         arch = model_type
     if arch is None:
         raise M2R2Error(
@@ -168,15 +262,23 @@ def model_config_from_hf(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
         raise M2R2Error(f"unsupported hidden_act {cfg.get('hidden_act')!r} (only silu)")
     if cfg.get("mlp_bias"):
         raise M2R2Error("unsupported: mlp_bias=True")
-    qkv_bias = arch == "qwen2" or bool(cfg.get("attention_bias", False))
-    if arch == "llama" and cfg.get("attention_bias"):
-        # Llama attention_bias also adds a bias to o_proj, which we do not implement.
-        raise M2R2Error("unsupported: Llama attention_bias=True (o_proj bias)")
+    if arch in ("llama", "olmoe", "granitemoe") and cfg.get("attention_bias"):
+        # their attention_bias also adds a bias to o_proj, which we do not implement
+        raise M2R2Error(f"unsupported: {arch} attention_bias=True (o_proj bias)")
+    if arch == "qwen2_moe":
+        qkv_bias = bool(cfg.get("qkv_bias", True))
+    else:  # Mixtral's attention has no bias whatever its config says
+        qkv_bias = arch == "qwen2" or (arch != "mixtral" and bool(cfg.get("attention_bias", False)))
     sliding = None
-    if arch == "mistral" and cfg.get("sliding_window"):
+    if arch in ("mistral", "mixtral") and cfg.get("sliding_window"):
         sliding = int(cfg["sliding_window"])
-    if arch == "qwen2" and cfg.get("use_sliding_window"):
+    if arch in ("qwen2", "qwen2_moe") and cfg.get("use_sliding_window"):
         sliding = int(cfg.get("sliding_window") or 0) or None
+    if arch in ("olmoe", "granitemoe") and cfg.get("sliding_window"):
+        raise M2R2Error(f"unsupported: sliding_window={cfg['sliding_window']!r} in a {arch} config")
+    layer_types = cfg.get("layer_types") or ()
+    if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
+        raise M2R2Error(f"unsupported layer_types {sorted(set(layer_types))} (full_attention, sliding_attention)")
     eos = cfg.get("eos_token_id", 2)
     eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     mc = ModelConfig(
@@ -197,8 +299,72 @@ def model_config_from_hf(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
         sliding_window=sliding,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos,
+        **_moe_from_hf(arch, cfg),
     )
     return replace(mc, **overrides).validate()
+
+
+def _hf_int(cfg: Mapping[str, Any], key: str, default: Any = None, minimum: int = 1) -> int:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise M2R2Error(f"HF config.json: {key!r} must be {what}, got {v!r}")
+    return v
+
+
+def _hf_float(cfg: Mapping[str, Any], key: str, default: float) -> float:
+    v = cfg.get(key)
+    v = default if v is None else v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise M2R2Error(f"HF config.json: {key!r} must be a number, got {v!r}")
+    return float(v)
+
+
+def _moe_from_hf(arch: str, cfg: Mapping[str, Any]) -> dict:
+    """The MoE / GraniteMoE fields of an HF config (router aux-loss and jitter settings only act in
+    training and are ignored)."""
+    if arch in ("mixtral", "granitemoe"):
+        num_experts, expert_size = _hf_int(cfg, "num_local_experts", 8), cfg["intermediate_size"]
+    elif arch in ("qwen2_moe", "olmoe"):
+        num_experts = _hf_int(cfg, "num_experts", 60 if arch == "qwen2_moe" else 64, minimum=0)
+        expert_size = _hf_int(cfg, "moe_intermediate_size", 1408) if arch == "qwen2_moe" else cfg["intermediate_size"]
+    else:
+        return {}
+    out: dict[str, Any] = dict(
+        mlp_type="moe",
+        num_experts=num_experts,
+        experts_per_token=_hf_int(
+            cfg, "num_experts_per_tok", 4 if arch == "qwen2_moe" else 8 if arch == "olmoe" else 2
+        ),
+        moe_intermediate_size=expert_size,
+        # Mixtral always renormalises the kept probabilities; GraniteMoE's softmax over the kept logits sums to 1
+        norm_topk_prob=arch == "mixtral" or bool(cfg.get("norm_topk_prob", False)),
+        router="topk_softmax" if arch == "granitemoe" else "softmax_topk",
+    )
+    if arch == "qwen2_moe":
+        step = _hf_int(cfg, "decoder_sparse_step", 1)
+        only = cfg.get("mlp_only_layers") or []
+        if not isinstance(only, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+            raise M2R2Error(f"HF config.json: 'mlp_only_layers' must be a list of layer indices, got {only!r}")
+        n = cfg["num_hidden_layers"]
+        dense = tuple(i for i in range(n) if i in only or num_experts == 0 or (i + 1) % step)
+        if len(dense) == n:  # no sparse layer at all: a dense model
+            return {}
+        out.update(
+            dense_layers=dense, shared_expert_intermediate_size=_hf_int(cfg, "shared_expert_intermediate_size", 5632, 0)
+        )
+    if arch == "olmoe":
+        if cfg.get("clip_qkv") is not None:
+            raise M2R2Error(f"unsupported: OLMoE clip_qkv={cfg['clip_qkv']!r}")
+        out.update(qk_norm=True)
+    if arch == "granitemoe":
+        out.update(
+            embedding_multiplier=_hf_float(cfg, "embedding_multiplier", 1.0),
+            residual_multiplier=_hf_float(cfg, "residual_multiplier", 1.0),
+            attention_multiplier=_hf_float(cfg, "attention_multiplier", 1.0),  # HF's default: 1.0, not hd**-0.5
+            logits_scaling=_hf_float(cfg, "logits_scaling", 1.0),
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------- parsing

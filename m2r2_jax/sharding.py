@@ -35,6 +35,11 @@ RULES: dict[str, Any] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
+    # MoE experts: expert parallelism, each tensor-axis device holds whole experts (E / tp of them). An
+    # expert's own hidden axis then stays whole: a mesh axis may appear once in a spec, and splitting
+    # both would shard one expert over devices that also split the experts.
+    "expert": "tensor",
+    "expert_mlp": None,
     "norm": None,
     "rank": None,  # low-rank adapter dimension
     "router": None,

@@ -295,7 +295,7 @@ def _slow_walk(cfg, base, backend, cache, tok, pos, policy: ExitPolicy, active, 
         kvs = list(kvs)
         for i in range(lo, hi):
             att = tree_draft_attention(cfg, backend, cache.k[i], cache.v[i], pos, none, none, no_anc)
-            h_new, kvs[i] = DecoderLayer(cfg).apply({"params": base["layers"][i]}, h, cos, sin, att)
+            h_new, kvs[i] = DecoderLayer(cfg, index=i).apply({"params": base["layers"][i]}, h, cos, sin, att)
             h = jnp.where(exited[:, None, None], h, h_new)
         if hi < N:
             now = policy.decide(hi - 1, h) & active & ~exited & ~force_full
@@ -547,7 +547,7 @@ class SkipDecodeExit(ExitMethod):
 
             def run(h, j=j):
                 att = tree_draft_attention(cfg, be, cache.k[j], cache.v[j], pos, none, none, no_anc)
-                return DecoderLayer(cfg).apply({"params": base["layers"][j]}, h, cos, sin, att)
+                return DecoderLayer(cfg, index=j).apply({"params": base["layers"][j]}, h, cos, sin, att)
 
             h, (k, v) = lax.cond(j >= entry, run, lambda h: (h, (none, none)), h)
             skip = j < entry

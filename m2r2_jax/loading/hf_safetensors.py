@@ -2,6 +2,10 @@
 
 One regex table maps HF tensor names to our tree paths; every tensor is
 checked against the spec (missing / extra / mis-shaped -> one clear error).
+MoE experts arrive one tensor per expert (the hub's layout, and what
+transformers' `save_pretrained` writes by default) or as fused [expert, ...]
+tensors (transformers' in-memory layout, `save_original_format=False`); both
+become our stacked [expert, ...] leaves.
 """
 
 from __future__ import annotations
@@ -17,33 +21,77 @@ from m2r2_jax.config import ModelConfig, model_config_from_hf
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.model.params import ParamSpec, flatten_with_names, model_spec
 
-# (HF name regex, our dotted path template, transpose?)
-KEY_TABLE: tuple[tuple[str, str, bool], ...] = (
-    (r"model\.embed_tokens\.weight", "embed", False),
-    (r"model\.norm\.weight", "final_norm", False),
-    (r"lm_head\.weight", "lm_head", True),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.{0}.attn_norm", False),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{0}.mlp_norm", False),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "layers.{0}.attn.wq", True),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "layers.{0}.attn.wk", True),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "layers.{0}.attn.wv", True),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "layers.{0}.attn.wo", True),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "layers.{0}.attn.bq", False),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", "layers.{0}.attn.bk", False),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", "layers.{0}.attn.bv", False),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "layers.{0}.mlp.gate", True),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "layers.{0}.mlp.up", True),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "layers.{0}.mlp.down", True),
+_L = r"model\.layers\.(\d+)\."
+# (HF name regex, our dotted path template, how the tensor becomes our leaf):
+#   "="   as it is
+#   "T"   transposed: HF's [out, in] -> our [in, out]
+#   "E"   one expert's [out, in] (expert index: the regex's 2nd group), transposed into its row of the
+#         stacked [expert, in, out] leaf
+#   "X"   all experts [expert, out, in] -> [expert, in, out]
+#   "GU"  fused gate and up [expert, 2F, D] (gate rows first, as transformers chunks them) -> the two
+#         leaves {path}.gate and {path}.up [expert, D, F]
+KEY_TABLE: tuple[tuple[str, str, str], ...] = (
+    (r"model\.embed_tokens\.weight", "embed", "="),
+    (r"model\.norm\.weight", "final_norm", "="),
+    (r"lm_head\.weight", "lm_head", "T"),
+    (_L + r"input_layernorm\.weight", "layers.{0}.attn_norm", "="),
+    (_L + r"post_attention_layernorm\.weight", "layers.{0}.mlp_norm", "="),
+    (_L + r"self_attn\.(q|k|v|o)_proj\.weight", "layers.{0}.attn.w{1}", "T"),
+    (_L + r"self_attn\.(q|k|v)_proj\.bias", "layers.{0}.attn.b{1}", "="),
+    (_L + r"self_attn\.(q|k)_norm\.weight", "layers.{0}.attn.{1}_norm", "="),  # OLMoE
+    (_L + r"mlp\.(gate|up|down)_proj\.weight", "layers.{0}.mlp.{1}", "T"),  # dense layers
+    # Qwen2-MoE, OLMoE (and Mixtral in transformers' layout): router, experts, shared expert
+    (_L + r"mlp\.gate\.weight", "layers.{0}.mlp.router", "T"),
+    (_L + r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", "layers.{0}.mlp.{2}", "E"),
+    (_L + r"mlp\.experts\.gate_up_proj", "layers.{0}.mlp", "GU"),
+    (_L + r"mlp\.experts\.down_proj", "layers.{0}.mlp.down", "X"),
+    (_L + r"mlp\.shared_expert\.(gate|up|down)_proj\.weight", "layers.{0}.mlp.shared.{1}", "T"),
+    (_L + r"mlp\.shared_expert_gate\.weight", "layers.{0}.mlp.shared_gate", "T"),
+    # Mixtral (hub): w1 = gate, w3 = up, w2 = down
+    (_L + r"block_sparse_moe\.gate\.weight", "layers.{0}.mlp.router", "T"),
+    (_L + r"block_sparse_moe\.experts\.(\d+)\.w1\.weight", "layers.{0}.mlp.gate", "E"),
+    (_L + r"block_sparse_moe\.experts\.(\d+)\.w3\.weight", "layers.{0}.mlp.up", "E"),
+    (_L + r"block_sparse_moe\.experts\.(\d+)\.w2\.weight", "layers.{0}.mlp.down", "E"),
+    # GraniteMoE: hub names, then transformers' layout
+    (_L + r"block_sparse_moe\.router\.(?:layer\.)?weight", "layers.{0}.mlp.router", "T"),
+    (_L + r"block_sparse_moe\.(?:input_linear\.weight|experts\.gate_up_proj)", "layers.{0}.mlp", "GU"),
+    (_L + r"block_sparse_moe\.(?:output_linear\.weight|experts\.down_proj)", "layers.{0}.mlp.down", "X"),
 )
-_COMPILED = [(re.compile(p + r"$"), t, tr) for p, t, tr in KEY_TABLE]
+_COMPILED = [(re.compile(p + r"$"), t, op) for p, t, op in KEY_TABLE]
 
 
-def hf_to_path(name: str) -> tuple[str, bool] | None:
-    for rx, tmpl, tr in _COMPILED:
+def hf_to_path(name: str) -> tuple[str, str, int | None] | None:
+    """HF tensor name -> (our path, op (see KEY_TABLE), expert index for op "E"), or None."""
+    for rx, tmpl, op in _COMPILED:
         m = rx.match(name)
         if m:
-            return tmpl.format(*m.groups()), tr
+            return tmpl.format(*m.groups()), op, (int(m.group(2)) if op == "E" else None)
     return None
+
+
+def _hf_shape(op: str, want: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor shape that op turns into our leaf of shape `want` (for GU: the gate leaf's)."""
+    if op == "T":
+        return want[::-1]
+    if op == "E":
+        return want[1:][::-1]
+    if op == "X":
+        return (want[0], want[2], want[1])
+    if op == "GU":
+        return (want[0], 2 * want[2], want[1])
+    return want
+
+
+def _leaves(op: str, path: str, arr: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The (our path, value) pairs one checked HF tensor becomes (an "E" value: one expert's row)."""
+    if op in ("T", "E"):
+        return [(path, arr.T)]
+    if op == "X":
+        return [(path, arr.transpose(0, 2, 1))]
+    if op == "GU":
+        f = arr.shape[1] // 2
+        return [(path + ".gate", arr[:, :f].transpose(0, 2, 1)), (path + ".up", arr[:, f:].transpose(0, 2, 1))]
+    return [(path, arr)]
 
 
 def resolve_hf_dir(name_or_path: str) -> Path:
@@ -121,26 +169,38 @@ def load_hf_checkpoint(name_or_path: str, **cfg_overrides) -> tuple[ModelConfig,
     spec = model_spec(cfg)
     wanted: dict[str, ParamSpec] = dict(flatten_with_names(spec))
     got: dict[str, np.ndarray] = {}
+    experts: dict[str, dict[int, np.ndarray]] = {}  # stacked leaf -> expert -> its row
     for name, arr in _read_tensors(_shard_files(d)):
         m = hf_to_path(name)
         if m is None:
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # buffer some old checkpoints carry; recomputed from config
             raise M2R2Error(f"unexpected tensor {name!r} in {d} (not part of a {cfg.arch} model)")
-        path, transpose = m
+        path, op, expert = m
         if path == "lm_head" and cfg.tie_word_embeddings:
             continue  # tied: the head is the embedding
-        if path not in wanted:
-            raise M2R2Error(f"unexpected tensor {name!r} in {d} (config has no {path})")
-        if transpose:
-            arr = arr.T
-        want = wanted[path]
-        if tuple(arr.shape) != tuple(want.shape):
-            raise M2R2Error(
-                f"shape mismatch for {name!r}: checkpoint {tuple(arr.shape[::-1] if transpose else arr.shape)}"
-                f", config expects {tuple(want.shape[::-1] if transpose else want.shape)}"
-            )
-        got[path] = np.ascontiguousarray(arr.astype(want.dtype))
+        leaf = path + ".gate" if op == "GU" else path
+        if leaf not in wanted:
+            raise M2R2Error(f"unexpected tensor {name!r} in {d} (config has no {leaf})")
+        want = _hf_shape(op, tuple(wanted[leaf].shape))
+        if tuple(arr.shape) != want:
+            raise M2R2Error(f"shape mismatch for {name!r}: checkpoint {tuple(arr.shape)}, config expects {want}")
+        if op == "E" and expert >= wanted[leaf].shape[0]:
+            raise M2R2Error(f"unexpected tensor {name!r} in {d} (config has {wanted[leaf].shape[0]} experts)")
+        for p, v in _leaves(op, path, arr):
+            v = np.ascontiguousarray(v.astype(wanted[p].dtype))
+            rows = experts.setdefault(p, {}) if op == "E" else None
+            if p in got or (rows is not None and expert in rows) or (rows is None and p in experts):
+                raise M2R2Error(f"tensor {name!r} in {d} gives {p} a second time")
+            if rows is None:
+                got[p] = v
+            else:
+                rows[expert] = v
+    for p, rows in experts.items():
+        absent = [e for e in range(wanted[p].shape[0]) if e not in rows]
+        if absent:
+            raise M2R2Error(f"missing tensor(s) in {d}: {p} of expert(s) {', '.join(map(str, absent[:5]))}")
+        got[p] = np.stack([rows[e] for e in range(len(rows))])
     missing = [k for k in wanted if k not in got]
     if missing:
         raise M2R2Error(f"missing tensor(s) in {d}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")

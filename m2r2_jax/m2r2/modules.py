@@ -83,6 +83,7 @@ class FastLayer(nn.Module):
     cfg: ModelConfig
     mc: M2R2Config
     merged: bool = False
+    base_index: int | None = None  # the base layer it runs (picks its MLP in a model mixing dense and MoE)
 
     @nn.compact
     def __call__(self, base_layer: dict | None, h=None, cos=None, sin=None, attend: Callable | None = None):
@@ -107,7 +108,7 @@ class FastLayer(nn.Module):
                 for t, ad in adapters.items():
                     ad(jnp.zeros((1, size[TARGET_DIMS[t][0]]), jnp.float32))
                 return None
-        layer = DecoderLayer(c, parent=None)  # the frozen base layer: its params are an argument
+        layer = DecoderLayer(c, self.base_index, parent=None)  # the frozen base layer: its params are an argument
         return layer.apply({"params": base_layer}, h, cos, sin, attend, adapters, gains)
 
 
@@ -135,8 +136,9 @@ class FastStream(nn.Module):
                 FastLayer(self.cfg, self.mc, self.merged, name=str(l))(None)
             return None
         hs, states = [], []
+        index = self.mc.base_layers(self.cfg.num_layers)
         for l in range(n):
-            h, st = FastLayer(self.cfg, self.mc, self.merged, name=str(l))(
+            h, st = FastLayer(self.cfg, self.mc, self.merged, index[l], name=str(l))(
                 base_layers[l], h, cos, sin, attention_for(l)
             )
             hs.append(h)

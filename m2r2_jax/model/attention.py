@@ -12,7 +12,8 @@ everything that differs between the places a layer runs:
                   joint softmax; state = the block's own (k, v), for a caller's local buffer.
 
 Each has an XLA form and a block-attention-kernel form (the CPU kernels', or the Pallas kernel for TPU),
-picked by the static `Backend` (backend.py); they give the same attention.
+picked by the static `Backend` (backend.py); they give the same attention (the kernels scale scores by
+head_dim**-0.5: a model with its own scale hands them a pre-scaled q, `layers.kernel_query`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class CacheAttention:
         kernel = self.backend.block_attention
         if kernel is not None:
             # reads the cache after the write (slots < start only), so XLA updates it in place
-            a = kernel(q, kc, vc, self.start, k, v, self.mask)
+            a = kernel(L.kernel_query(self.cfg, q), kc, vc, self.start, k, v, self.mask)
         else:
             a = L.attend(self.cfg, q, kc, vc, self.mask)
         return a.astype(q.dtype), (kc, vc)
@@ -87,7 +88,7 @@ class SetsAttention:
                 if self.local is None
                 else (jnp.concatenate([self.local[0], k], 2), jnp.concatenate([self.local[1], v], 2))
             )
-            a = kernel(q, kc, vc, plen, lk, lv, self.kernel_mask)
+            a = kernel(L.kernel_query(self.cfg, q), kc, vc, plen, lk, lv, self.kernel_mask)
         else:
             a = L.attend_multi(self.cfg, q, list(self.sets) + [(k, v, self.self_mask)])
         return a.astype(q.dtype), (k, v)

@@ -91,7 +91,7 @@ def forward_hidden(
 
     tokens [B, T] int32; start [B] int32 slot of the block's first token; positions [B, T] RoPE
     positions (default start + arange(T)). With an `exit_policy`, see `forward_exit`."""
-    h, cache, hiddens, _ = _run(
+    h, cache, hiddens, _, _ = _run(
         cfg, params, tokens, cache, start, positions, local_mask, layer_range, h, collect, backend, exit_policy
     )
     return h, cache, hiddens
@@ -109,13 +109,48 @@ def forward_exit(
     local_mask=None,
 ):
     """A forward under an exit policy: -> (h at each token's exit, cache, exit_at [B, T] layers run)."""
-    h, cache, _, exit_at = _run(
+    h, cache, _, exit_at, _ = _run(
         cfg, params, tokens, cache, start, positions, local_mask, None, None, False, backend, exit_policy
     )
     return h, cache, exit_at
 
 
-def _run(cfg, params, tokens, cache, start, positions, local_mask, layer_range, h, collect, backend, exit_policy):
+def forward_routing(
+    cfg: ModelConfig,
+    params: dict,
+    tokens: jax.Array,
+    cache: KVCache,
+    start: jax.Array,
+    positions: jax.Array | None = None,
+    backend: Backend = XLA,
+):
+    """A full forward that also returns which experts each token used: (logits [B, T, V] f32, cache,
+    routing), routing = {layer: {"expert_ids" [B, T, k] int32, "expert_weights" [B, T, k],
+    "router_probs" [B, T, E]}} for each MoE layer (dense layers absent; see model/moe.py)."""
+    h, cache, _, _, record = _run(
+        cfg, params, tokens, cache, start, positions, None, None, None, False, backend, None, record=True
+    )
+    layers = record.get("intermediates", {}).get("layers", {})
+    routing = {int(i): {name: v[0] for name, v in d["mlp"].items()} for i, d in layers.items() if "mlp" in d}
+    return logits_from_hidden(cfg, params, h), cache, dict(sorted(routing.items()))
+
+
+def _run(
+    cfg,
+    params,
+    tokens,
+    cache,
+    start,
+    positions,
+    local_mask,
+    layer_range,
+    h,
+    collect,
+    backend,
+    exit_policy,
+    record=False,
+):
+    """-> (h, cache, hiddens, exit_at, the sown intermediates when `record`, else None)."""
     B, T = tokens.shape
     start = start.astype(jnp.int32)
     if positions is None:
@@ -123,13 +158,25 @@ def _run(cfg, params, tokens, cache, start, positions, local_mask, layer_range, 
     cos, sin = rope_for(cfg, positions)
     lo, hi = layer_range or (0, cfg.num_layers)
     attention_for = cache_attention_for(cfg, backend, cache, start, T, local_mask)
-    h, states, hiddens, exit_at = Transformer(cfg).apply(
-        variables(params), tokens, cos, sin, attention_for, lo, hi, h, collect, exit_policy
+    out = Transformer(cfg).apply(
+        variables(params),
+        tokens,
+        cos,
+        sin,
+        attention_for,
+        lo,
+        hi,
+        h,
+        collect,
+        exit_policy,
+        mutable=["intermediates"] if record else False,
     )
+    out, recorded = out if record else (out, None)
+    h, states, hiddens, exit_at = out
     ks, vs = list(cache.k), list(cache.v)
     for i, (k, v) in states.items():
         ks[i], vs[i] = k, v
-    return h, KVCache(ks, vs), hiddens, exit_at
+    return h, KVCache(ks, vs), hiddens, exit_at, recorded
 
 
 def forward(

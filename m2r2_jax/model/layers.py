@@ -132,8 +132,9 @@ def attend(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
     KV = cfg.num_kv_heads
     G = H // KV
     qg = q.reshape(B, T, KV, G, hd)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32) * (
-        hd**-0.5
+    scores = (
+        jnp.einsum("btkgd,bksd->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+        * cfg.attn_scale
     )
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
@@ -151,7 +152,7 @@ def attend_multi(cfg: ModelConfig, q: jax.Array, sets) -> jax.Array:
     scores = [
         jnp.where(
             m[:, None, None],
-            jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * (hd**-0.5),
+            jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * cfg.attn_scale,
             neg,
         )
         for k, _, m in sets
@@ -163,6 +164,19 @@ def attend_multi(cfg: ModelConfig, q: jax.Array, sets) -> jax.Array:
         out = out + jnp.einsum("bkgts,bksd->btkgd", probs[..., off : off + n], v.astype(q.dtype))
         off += n
     return out.reshape(B, T, H * hd)
+
+
+def kernel_query(cfg: ModelConfig, q: jax.Array) -> jax.Array:
+    """q for a block-attention kernel (the CPU kernels', Pallas'), which scale scores by head_dim**-0.5:
+    a model with its own attention scale (GraniteMoE) gets q pre-scaled so the kernel computes it."""
+    if cfg.attention_multiplier is None:
+        return q
+    return q * jnp.asarray(cfg.attention_multiplier * math.sqrt(q.shape[-1]), q.dtype)
+
+
+def scale_logits(cfg: ModelConfig, logits: jax.Array) -> jax.Array:
+    """Logits divided by the model's logits_scaling (GraniteMoE; 1 elsewhere: no op)."""
+    return logits if cfg.logits_scaling == 1.0 else logits / cfg.logits_scaling
 
 
 def block_mask(start: jax.Array, T: int, S: int, local: jax.Array | None = None) -> jax.Array:

@@ -2,9 +2,11 @@
 
     Transformer        embed [vocab, embed], layers (LayerStack), final_norm [embed], lm_head [embed, vocab]
       LayerStack       layers "0" .. "N-1" (DecoderLayer)
-        DecoderLayer   attn_norm, attn (Attention), mlp_norm, mlp (the MLP slot: DenseMLP today)
+        DecoderLayer   attn_norm, attn (Attention), mlp_norm, mlp (the MLP slot, `MLP_SLOT`)
           Attention    wq / wk / wv [embed, heads | kv_heads] (+ bq / bk / bv), wo [heads, embed]
-          DenseMLP     gate / up [embed, mlp], down [mlp, embed]
+                       (+ OLMoE's q_norm [heads] / k_norm [kv_heads])
+          DenseMLP     gate / up [embed, mlp], down [mlp, embed]                   (model/mlp.py)
+          MoEMLP       router, experts' gate / up / down [expert, ...] (+ shared)  (model/moe.py)
 
 Every param is declared with its logical axes (`nn.with_logical_partitioning`); `sharding.RULES`
 maps them onto a mesh. The modules hold no state: params are a plain pytree passed to `apply` (the
@@ -15,46 +17,26 @@ base and a trainable adapter tree are separate arguments (m2r2/modules.py compos
 Two hooks let other streams reuse a layer unchanged: `adapters` (target -> low-rank delta, added to
 each projection) and `gains` (per-channel scales of the two residual updates); the fast stream uses
 both, the base model neither.
+
+GraniteMoE's scalars act here too (each a no-op at its default, so other models run exactly as
+before): `embed_tokens` scales by embedding_multiplier, each layer's two residual updates by
+residual_multiplier, `logits` divides by logits_scaling; attention_multiplier is the attention scale
+(`ModelConfig.attn_scale`, read by layers.attend).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from m2r2_jax.config import ModelConfig
-from m2r2_jax.errors import M2R2Error
 from m2r2_jax.model import layers as L
-
-INIT_STD = 0.02  # random init of a fresh model (tests, tiny configs)
-
-
-def declare(mod: nn.Module, name: str, shape, axes, dtype=jnp.float32, init=None):
-    """A param with its logical axes. At decode time a matmul weight may arrive in the CPU kernels'
-    packed layout (`kernels.PackedWeight`, the same [in, out] matrix as 64-column panels), which
-    linen's own shape check cannot read: an existing value is checked here by its logical shape."""
-    shape = tuple(int(s) for s in shape)
-    if not mod.is_initializing() and mod.has_variable("params", name):
-        w = mod.get_variable("params", name)
-        if tuple(w.shape) != shape:
-            raise M2R2Error(f"param {mod.path}/{name}: shape {tuple(w.shape)}, expected {shape}")
-        return w
-    init = init or nn.initializers.normal(INIT_STD)
-    return mod.param(name, nn.with_logical_partitioning(init, tuple(axes)), shape, dtype)
-
-
-def ones(mod, name, shape, axes, dtype=jnp.float32):
-    return declare(mod, name, shape, axes, dtype, nn.initializers.ones)
-
-
-def zeros(mod, name, shape, axes, dtype=jnp.float32):
-    return declare(mod, name, shape, axes, dtype, nn.initializers.zeros)
-
-
-Adapters = Mapping[str, Callable]  # projection name (q k v o gate up down) -> delta(x2d, mm)
+from m2r2_jax.model.declare import INIT_STD, Adapters, declare, ones, zeros  # noqa: F401 (re-exported)
+from m2r2_jax.model.mlp import DenseMLP
+from m2r2_jax.model.moe import MoEMLP
 
 
 def _project(c: ModelConfig, w: dict, x, cos, sin, ad: Adapters):
@@ -68,6 +50,8 @@ def _project(c: ModelConfig, w: dict, x, cos, sin, ad: Adapters):
     )
     if c.qkv_bias:
         q, k, v = q + w["bq"].astype(x.dtype), k + w["bk"].astype(x.dtype), v + w["bv"].astype(x.dtype)
+    if c.qk_norm:  # OLMoE: over the whole projection, before the head split
+        q, k = L.rms_norm(q, w["q_norm"], c.rms_norm_eps), L.rms_norm(k, w["k_norm"], c.rms_norm_eps)
     q = L.apply_rope(q.reshape(B, T, c.num_heads, c.head_dim), cos, sin)
     k = L.apply_rope(k.reshape(B, T, c.num_kv_heads, c.head_dim), cos, sin)
     v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
@@ -93,6 +77,11 @@ class Attention(nn.Module):
                 bk=zeros(self, "bk", (c.kv_dim,), ("kv_heads",), dt),
                 bv=zeros(self, "bv", (c.kv_dim,), ("kv_heads",), dt),
             )
+        if c.qk_norm:
+            w.update(
+                q_norm=ones(self, "q_norm", (c.q_dim,), ("heads",), dt),
+                k_norm=ones(self, "k_norm", (c.kv_dim,), ("kv_heads",), dt),
+            )
         q, k, v = _project(c, w, x, cos, sin, adapters or {})
         a, state = attend(q, k, v)
         wo = declare(self, "wo", (c.q_dim, D), ("heads", "embed"), dt)
@@ -100,34 +89,25 @@ class Attention(nn.Module):
 
     def project_kv(self, x, cos, sin):
         """The layer's K/V of x (apply only): k, v [B, KV, T, hd]."""
-        names = ("wq", "wk", "wv") + (("bq", "bk", "bv") if self.cfg.qkv_bias else ())
+        c = self.cfg
+        names = (
+            ("wq", "wk", "wv")
+            + (("bq", "bk", "bv") if c.qkv_bias else ())
+            + (("q_norm", "k_norm") if c.qk_norm else ())
+        )
         _, k, v = _project(self.cfg, {n: self.get_variable("params", n) for n in names}, x, cos, sin, {})
         return k, v
 
 
-class DenseMLP(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x)."""
-
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, x, adapters: Adapters | None = None):
-        c, ad = self.cfg, adapters or {}
-        D, F, dt, mm = c.hidden_size, c.intermediate_size, c.jnp_param_dtype, c.mm_dtype
-        gate = declare(self, "gate", (D, F), ("embed", "mlp"), dt)
-        up = declare(self, "up", (D, F), ("embed", "mlp"), dt)
-        down = declare(self, "down", (F, D), ("mlp", "embed"), dt)
-        g, u = L.linear(x, gate, ad.get("gate"), mm), L.linear(x, up, ad.get("up"), mm)
-        return L.linear(jax.nn.silu(g) * u, down, ad.get("down"), mm)
-
-
-MLP_SLOT = {"dense": DenseMLP}  # ModelConfig.mlp_type -> the module in the MLP slot (MoE plugs in here)
+MLP_SLOT = {"dense": DenseMLP, "moe": MoEMLP}  # ModelConfig.layer_mlp(i) -> the module in the MLP slot
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block: h + attn(norm h), then h + mlp(norm h)."""
+    """One pre-norm block: h + attn(norm h), then h + mlp(norm h). `index`: the layer's place in the
+    stack, which picks its MLP in a model mixing dense and MoE layers (None: any other model)."""
 
     cfg: ModelConfig
+    index: int | None = None
 
     @nn.compact
     def __call__(self, h, cos, sin, attend, adapters: Adapters | None = None, gains=None):
@@ -136,10 +116,17 @@ class DecoderLayer(nn.Module):
         D, dt, eps = c.hidden_size, c.jnp_param_dtype, c.rms_norm_eps
         x = L.rms_norm(h, ones(self, "attn_norm", (D,), ("norm",), dt), eps)
         upd, state = Attention(c, name="attn")(x, cos, sin, attend, adapters)
-        h = h + (gains[0].astype(h.dtype) * upd if gains is not None else upd)
+        h = h + _residual(c, upd, None if gains is None else gains[0].astype(h.dtype))
         x = L.rms_norm(h, ones(self, "mlp_norm", (D,), ("norm",), dt), eps)
-        upd = MLP_SLOT[c.mlp_type](c, name="mlp")(x, adapters)
-        return h + (gains[1].astype(h.dtype) * upd if gains is not None else upd), state
+        upd = MLP_SLOT[c.layer_mlp(self.index)](c, name="mlp")(x, adapters)
+        return h + _residual(c, upd, None if gains is None else gains[1].astype(h.dtype)), state
+
+
+def _residual(c: ModelConfig, upd, gain):
+    """A residual update, scaled by GraniteMoE's residual_multiplier and then by a fast layer's gain."""
+    if c.residual_multiplier != 1.0:
+        upd = upd * c.residual_multiplier
+    return upd if gain is None else gain * upd
 
 
 class ExitPolicy:
@@ -181,7 +168,7 @@ class LayerStack(nn.Module):
             exited = jnp.zeros(h.shape[:2], bool)
             exit_at = jnp.full(h.shape[:2], hi, jnp.int32)
         for i in range(lo, hi):
-            h_new, states[i] = DecoderLayer(self.cfg, name=str(i))(h, cos, sin, attention_for(i))
+            h_new, states[i] = DecoderLayer(self.cfg, index=i, name=str(i))(h, cos, sin, attention_for(i))
             if exit_policy is not None:
                 h_new = jnp.where(exited[..., None], h, h_new)
                 if i in exit_policy.exit_layers:
@@ -211,15 +198,16 @@ class Transformer(nn.Module):
         self.layers = LayerStack(c)
 
     def embed_tokens(self, tokens):
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.jnp_dtype)
+        h = jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.jnp_dtype)
+        return h if self.cfg.embedding_multiplier == 1.0 else h * self.cfg.embedding_multiplier
 
     def logits(self, h):
         """Final norm + LM head -> f32 [..., V] (tied: contract with embed's hidden axis, no transpose copy)."""
         c = self.cfg
         x = L.rms_norm(h, self.final_norm, c.rms_norm_eps)
         if self.head is None:
-            return L.rows_logits(x, self.embedding, c.mm_dtype)
-        return L.matmul(x, self.head, c.mm_dtype).astype(jnp.float32)
+            return L.scale_logits(c, L.rows_logits(x, self.embedding, c.mm_dtype))
+        return L.scale_logits(c, L.matmul(x, self.head, c.mm_dtype).astype(jnp.float32))
 
     def __call__(
         self,
@@ -253,4 +241,4 @@ class DraftHead(nn.Module):
         c = self.cfg
         x = L.rms_norm(h, ones(self, "final_norm", (c.hidden_size,), ("norm",), c.jnp_param_dtype), c.rms_norm_eps)
         head = self.get_variable("params", "head")  # [Vd, D], or packed (kernels.pack_rows)
-        return L.rows_logits(x, head, c.mm_dtype)
+        return L.scale_logits(c, L.rows_logits(x, head, c.mm_dtype))

@@ -8,9 +8,14 @@ Layout (plain nested dicts and lists, weights as [in, out] so `x @ W`):
       attn_norm          [embed]
       attn.wq / wk / wv  [embed, heads] / [embed, kv_heads]      (+ bq, bk, bv when qkv_bias)
       attn.wo            [heads, embed]
+      attn.q_norm        [heads] / k_norm [kv_heads]             (qk_norm: OLMoE)
       mlp_norm           [embed]
-      mlp.gate / up      [embed, mlp]
+      mlp.gate / up      [embed, mlp]                            (a dense layer)
       mlp.down           [mlp, embed]
+      mlp.router         [embed, expert]                         (an MoE layer, model/moe.py)
+      mlp.gate / up      [expert, embed, expert_mlp]
+      mlp.down           [expert, expert_mlp, embed]
+      mlp.shared.*       as a dense layer's mlp; mlp.shared_gate [embed, 1]   (Qwen2-MoE)
     final_norm           [embed]
     lm_head              [embed, vocab]   (absent when embeddings are tied)
 

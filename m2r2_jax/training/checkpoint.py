@@ -9,7 +9,6 @@ for another base model or M2R2 config is refused.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ def base_identity(model_name: str, cfg, params, fingerprint: str | None = None) 
     when `params` were loaded in another dtype."""
     from m2r2_jax.model.params import params_fingerprint
 
-    c = dataclasses.asdict(cfg)
+    c = cfg.record()  # fields added since checkpoints began are left out at their defaults
     for k in ("dtype", "param_dtype", "matmul_dtype"):
         c.pop(k, None)
     fp = fingerprint or params_fingerprint(params)
