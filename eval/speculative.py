@@ -2,8 +2,14 @@
 tokens/s, speed-up, tau and losslessness per category, acceptance by tree depth.
 
     python -m eval.speculative --model smollm2-135m [--checkpoint DIR] --dataset NAME_OR_PATH \
-        [--tree NAME] [--draft-layers N] [--temperature T] [--top-p P] [--seed S] \
-        [--max-new-tokens N] [--limit K] [--batch-size B] [--out FILE.json] [--plot FILE.png] [--resume]
+        [--drafter m2r2|pld|draft_verify|lookahead|rest] [--tree NAME] [--draft-layers N] \
+        [--temperature T] [--top-p P] [--seed S] [--max-new-tokens N] [--limit K] [--batch-size B] \
+        [--out FILE.json] [--plot FILE.png] [--resume]
+
+--drafter picks what drafts in the same loop (verification, acceptance, the lossless check and the
+cost breakdown are the same for all): m2r2 (the trained fast stream, default; with --lookup), pld
+(prompt lookup alone), or a training-free peer: draft_verify (the base with layers skipped,
+--skip-layers / --exit-layer, --dv-*), lookahead (--la-*), rest (--rest-datastore DIR, --rest-*).
 
 Every finished item is appended to FILE.partial.jsonl next to --out; after an
 interruption, the same command with --resume carries on from there (the
@@ -72,7 +78,11 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(prog="python -m eval.speculative", description=__doc__.split("\n")[0])
     add_model_args(p)
-    p.add_argument("--checkpoint", default=None, help=f"M2R2 checkpoint (default: the shipped {DEFAULT_CHECKPOINT})")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help=f"M2R2 checkpoint (--drafter m2r2; default: the shipped {DEFAULT_CHECKPOINT})",
+    )
     p.add_argument(
         "--dataset",
         default="mt_bench",
@@ -82,13 +92,13 @@ def main(argv=None):
     )
     p.add_argument(
         "--tree",
-        default="star4",
-        help="draft tree: preset (chain1..chain6, star2..star4, tree16, tree32, tree64) or a JSON file of "
+        default=None,
+        help="M2R2's draft tree: preset (chain1..chain6, star2..star4, tree16, tree32, tree64) or a JSON file of "
         "paths; the default star4 (the fast stream's top-4 tokens at one depth) fills the same "
         "5-node verification block as --lookup 4 and measured best with the CPU kernels "
         "(BENCHMARKS.md); without the kernels, chain1 with --lookup 0 is the cheaper choice",
     )
-    p.add_argument("--draft-layers", type=int, default=0, help="fast layers used to draft (0 = all)")
+    p.add_argument("--draft-layers", type=int, default=None, help="fast layers used to draft (0 = all, the default)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (lossless check on every prompt)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -118,12 +128,13 @@ def main(argv=None):
     p.add_argument(
         "--lookup",
         type=int,
-        default=4,
-        help="prompt lookup: when the last --lookup-ngram (down to 2) tokens occurred earlier in the "
-        "prompt or the answer, verify the N tokens that followed them instead of an M2R2 draft "
+        default=None,
+        help="prompt lookup (--drafter m2r2; with --drafter pld, its tokens per draft): when the last "
+        "--lookup-ngram (down to 2) tokens occurred earlier in the prompt or the answer, verify the N "
+        "tokens that followed them instead of an M2R2 draft "
         "(default 4; 0 = M2R2 drafts only; lossless either way)",
     )
-    p.add_argument("--lookup-ngram", type=int, default=3, help="longest n-gram matched by --lookup (default 3)")
+    p.add_argument("--lookup-ngram", type=int, default=None, help="longest n-gram matched by --lookup (default 3)")
     p.add_argument(
         "--no-lookup-extend",
         action="store_true",
@@ -144,10 +155,12 @@ def main(argv=None):
         "on every prompt (speedup_vs_ref_ar; whether its greedy output equals the kernels' AR)",
     )
     p.add_argument("--no-progress", action="store_true")
+    from m2r2_jax.decoding.peer_drafters.options import KNOBS, add_drafter_args, draft_options
+
+    add_drafter_args(p)
     a = p.parse_args(argv)
     quiet_env()
 
-    from m2r2_jax.decoding.drafters import DraftOptions
     from m2r2_jax.errors import M2R2Error
     from m2r2_jax.evaluation.spec_eval import SpecEvalConfig
 
@@ -173,13 +186,15 @@ def main(argv=None):
         raise M2R2Error("--hf-baselines needs greedy decoding (--temperature 0) and --batch-size 1")
     # every decoding option is validated here, before anything is loaded or written
     ec = SpecEvalConfig(
-        draft=DraftOptions(
+        draft=draft_options(
+            a.drafter,
             tree=a.tree,
             draft_layers=a.draft_layers,
             lookup=a.lookup,
             lookup_ngram=a.lookup_ngram,
-            lookup_min_ngram=min(2, a.lookup_ngram),
-            extend=not a.no_lookup_extend,
+            lookup_min_ngram=None if a.lookup_ngram is None else min(2, a.lookup_ngram),
+            lookup_extend=False if a.no_lookup_extend else None,
+            **{k.dest: getattr(a, k.dest) for k in KNOBS},
         ),
         max_new_tokens=a.max_new_tokens,
         temperature=a.temperature,
@@ -195,11 +210,19 @@ def main(argv=None):
     from m2r2_jax.loading.registry import load_model
     from m2r2_jax.training.checkpoint import load_m2r2, resolve_checkpoint_dir
 
+    opts = ec.draft
+    if a.checkpoint and not opts.needs_m2r2:
+        raise M2R2Error(f"--checkpoint applies to --drafter m2r2, not --drafter {opts.name}")
     items = load_eval_set(a.dataset, limit=a.limit)
-    ckpt = a.checkpoint or str(Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT)
-    resolve_checkpoint_dir(ckpt)  # fail before loading the model
+    ckpt = None
+    if opts.needs_m2r2:
+        ckpt = a.checkpoint or str(Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT)
+        resolve_checkpoint_dir(ckpt)  # fail before loading the model
     m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype)
-    mc, m2r2, draft_ids, meta = load_m2r2(ckpt, m.cfg, m.params, a.model, base_fingerprint=m.fingerprint)
+    bundle, mc, meta = None, None, {}
+    if opts.needs_m2r2:
+        mc, m2r2, draft_ids, meta = load_m2r2(ckpt, m.cfg, m.params, a.model, base_fingerprint=m.fingerprint)
+        bundle = M2R2Bundle(mc, m2r2, draft_ids, meta)
     backend, params = decode_setup(m, a.cpu_kernel)
     if a.ref_ar and not backend.kernels:
         raise M2R2Error("--ref-ar compares the CPU kernels' AR with XLA's: it needs the kernels on (--cpu-kernel)")
@@ -212,7 +235,7 @@ def main(argv=None):
         print(f"resuming from {journal}", file=sys.stderr)
     res = run_spec_eval(
         m,
-        M2R2Bundle(mc, m2r2, draft_ids, meta),
+        bundle,
         items,
         ec,
         backend=backend,
@@ -224,7 +247,7 @@ def main(argv=None):
         progress=not a.no_progress,
         journal_key=dict(
             model=a.model,
-            checkpoint=str(Path(ckpt).resolve()),
+            checkpoint=str(Path(ckpt).resolve()) if ckpt else None,
             dataset=a.dataset,
             limit=a.limit,
             dtype=a.dtype,
@@ -239,14 +262,13 @@ def main(argv=None):
         dataset=a.dataset,
         limit=a.limit,
         dtype=m.cfg.dtype,
-        rate=mc.rate,
-        num_fast_layers=mc.n_fast(m.cfg.num_layers),
+        rate=mc.rate if mc else None,
+        num_fast_layers=mc.n_fast(m.cfg.num_layers) if mc else None,
         cpu_kernel=backend.kernels,
     )
     res["machine"] = machine_info()
-    png = render_png(
-        res, title=f"{a.model} on {a.dataset}: tree {ec.draft.tree.name}, T={a.temperature}, B={a.batch_size}"
-    )
+    what = f"tree {opts.tree.name}" if opts.name == "m2r2" else f"drafter {opts.name}"
+    png = render_png(res, title=f"{a.model} on {a.dataset}: {what}, T={a.temperature}, B={a.batch_size}")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))

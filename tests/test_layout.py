@@ -26,6 +26,7 @@ RANK = {
     "aot": 6,
     "roofline": 0,
     "stats": 0,
+    "distill_cache": 0,
 }
 
 

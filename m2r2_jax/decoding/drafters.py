@@ -13,6 +13,11 @@ A drafter is a static object (hashable config: part of the jitted loop's closure
 `propose` reads the cache and never writes it. Verification, acceptance, the lossless checks and
 the cost accounting (verify.py, speculative.py) are the same for every drafter: a new one (a peer's
 drafter, a test fixture) plugs in by implementing these.
+
+A drafter that keeps state across steps (Lookahead's n-gram pool and Jacobi window) sets `stateful`
+and implements `init_state` (after prefill) and `update_state` (after each verification, from the
+full model's argmax at every node of the block, `StepResult`); the loop carries that pytree in its
+state and hands it to `propose` as `view.dstate`. Stateless drafters never see any of this.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from jax import lax
 
 from m2r2_jax.backend import XLA, Backend
 from m2r2_jax.config import ModelConfig
-from m2r2_jax.decoding.state import DraftView, Proposal
+from m2r2_jax.decoding.state import DraftView, Proposal, StepResult
 from m2r2_jax.decoding.trees import DraftTree, build_tree, chain
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.m2r2 import stream as S
@@ -44,12 +49,21 @@ class Drafter:
     needs_text: bool = False
     lookahead: int = 0
     block: int = 0  # verify at least this many nodes (a composite pads its parts to one block)
+    stateful: bool = False  # carries `init_state`'s pytree through the loop
 
     def prepare(self, base, *sources) -> Any:
         return None
 
     def propose(self, dparams, base, view: DraftView) -> Proposal:
         raise NotImplementedError
+
+    def init_state(self, dparams, base, view: DraftView) -> Any:
+        """The carried state after prefill (stateful drafters; `view.dstate` is None here)."""
+        return None
+
+    def update_state(self, dparams, dstate, view: DraftView, prop: Proposal, step: StepResult) -> Any:
+        """The state after one verification step (rows with `view.active` False must keep theirs)."""
+        return dstate
 
     @property
     def block_size(self) -> int:
@@ -314,6 +328,8 @@ class DraftOptions:
     lookup_ngram: int = 3
     lookup_min_ngram: int = 2
     extend: bool = True
+    name = "m2r2"  # `--drafter` name (peer_drafters.options.DRAFTERS); the other drafters' options match
+    needs_m2r2 = True  # drafts with a trained M2R2 checkpoint
 
     def __post_init__(self):
         from m2r2_jax.decoding.trees import get_tree
@@ -331,3 +347,17 @@ class DraftOptions:
         if not self.lookup:
             return m
         return M2R2WithLookup(m, PromptLookup(self.lookup, self.lookup_ngram, self.lookup_min_ngram), self.extend)
+
+    def prepare(self, spec, base, m2r2) -> Any:
+        """The drafter's jit argument: `spec.prepare` over the checkpoint (an `M2R2Bundle`)."""
+        return spec.prepare(base, m2r2.params, np.asarray(m2r2.draft_ids))
+
+    def describe(self) -> dict:
+        return dict(
+            tree=self.tree.name,
+            draft_layers=self.draft_layers,
+            lookup=self.lookup,
+            lookup_ngram=self.lookup_ngram,
+            lookup_min_ngram=self.lookup_min_ngram,
+            extend=self.extend,
+        )

@@ -28,7 +28,7 @@ from m2r2_jax.decoding.compiled import CompileCache
 from m2r2_jax.decoding.drafters import Drafter
 from m2r2_jax.decoding.generate import bucket, pad_prompts, prefill, round_cache, stop_tuple
 from m2r2_jax.decoding.sampling import SamplingConfig, sample_probs, select
-from m2r2_jax.decoding.state import DraftView, SpecState, SpecStats
+from m2r2_jax.decoding.state import DraftView, SpecState, SpecStats, StepResult
 from m2r2_jax.decoding.verify import TreeTables, accept_greedy, accept_sampling, compact, node_accepted, verify
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.model import decoder as D
@@ -103,16 +103,22 @@ def speculative_fn(
         if drafter.needs_text:
             text = jnp.zeros((B, P + max_new + W + drafter.lookahead), jnp.int32).at[:, :P].set(tokens)
             text = jax.vmap(lambda h, c, n: h.at[n].set(c))(text, cur, lengths)
+        done = jnp.isin(cur, stop_ids) | (max_new <= 1)
+        dstate = None
+        if drafter.stateful:
+            view0 = DraftView(cache=cache, pos=lengths, cur=cur, text=text, text_len=lengths + 1, active=~done)
+            dstate = drafter.init_state(dparams, base, view0)
         state = SpecState(
             pos=lengths,
             cur=cur,
             cache=cache,
             out=jnp.zeros((B, max_new + W), jnp.int32).at[:, 0].set(cur),
             n_out=jnp.ones((B,), jnp.int32),
-            done=jnp.isin(cur, stop_ids) | (max_new <= 1),
+            done=done,
             key=key,
             stats=_init_stats(B, tt),
             text=text,
+            dstate=dstate,
         )
 
         def accept(tree, toks, logits, sub):
@@ -128,7 +134,13 @@ def speculative_fn(
             active = ~st.done
             key, sub = jax.random.split(st.key)
             view = DraftView(
-                cache=st.cache, pos=st.pos, cur=st.cur, text=st.text, text_len=lengths + st.n_out, active=active
+                cache=st.cache,
+                pos=st.pos,
+                cur=st.cur,
+                text=st.text,
+                text_len=lengths + st.n_out,
+                active=active,
+                dstate=st.dstate,
             )
             prop = drafter.propose(dparams, base, view)
             logits, cache = verify(cfg, backend, base, tt, prop.tree, prop.tokens, st.cache, st.pos)
@@ -149,6 +161,12 @@ def speculative_fn(
             if text is not None:
                 text = jnp.where(active[:, None], put(text, emitted, lengths + st.n_out), text)
             n_out = st.n_out + jnp.where(active, n_new, 0)
+            dstate = st.dstate
+            if drafter.stateful:
+                target = jnp.argmax(logits, -1).astype(jnp.int32)
+                dstate = drafter.update_state(
+                    dparams, dstate, view, prop, StepResult(target, a, path, emitted, jnp.where(active, n_new, 0))
+                )
             return SpecState(
                 pos=jnp.where(active, st.pos + a + 1, st.pos),
                 cur=jnp.where(active, bonus, st.cur),
@@ -159,6 +177,7 @@ def speculative_fn(
                 key=key,
                 stats=_update_stats(st.stats, tt, active, prop.tree, a, correct),
                 text=text,
+                dstate=dstate,
             )
 
         st = lax.while_loop(lambda st: ~jnp.all(st.done), body, state)
@@ -296,6 +315,8 @@ class SpeculativeDecoder:
             text_len=pos,
             active=jnp.ones((batch,), bool),
         )
+        if first.stateful:  # a stateful drafter proposes from its state (e.g. Lookahead's pool and window)
+            view = view.replace(dstate=jax.jit(first.init_state)(dparams, base, view))
         draft = jax.jit(lambda b, q, v: first.propose(q, b, v).tokens)
         # the cache is donated, as in the decode loop, where it is updated in place: an undonated cache
         # would be copied (all layers' K/V) on every call and counted as verification

@@ -32,6 +32,7 @@ class SpecState:
     key: jax.Array  # PRNG key (sampling)
     stats: SpecStats
     text: jax.Array | None  # [B, H] prompt + emitted tokens (only when the drafter reads the text)
+    dstate: object = None  # a stateful drafter's own carried state (Drafter.init_state); None otherwise
 
 
 @struct.dataclass
@@ -44,6 +45,18 @@ class DraftView:
     text: jax.Array | None  # [B, H] the text so far (when the drafter asked for it)
     text_len: jax.Array  # [B] its length (prompt + emitted)
     active: jax.Array  # [B] rows still decoding
+    dstate: object = None  # the drafter's carried state (stateful drafters only)
+
+
+@struct.dataclass
+class StepResult:
+    """What a stateful drafter learns from one verification step (`Drafter.update_state`)."""
+
+    target: jax.Array  # [B, Tv] the full model's argmax at every node of the block (also when sampling)
+    accepted: jax.Array  # [B] drafted tokens accepted (a)
+    path: jax.Array  # [B, W] the accepted node ids, root first
+    emitted: jax.Array  # [B, W] the tokens emitted this step (the accepted drafts, then the bonus token)
+    n_new: jax.Array  # [B] how many of them count (a + 1, fewer at a stop token or max_new)
 
 
 @struct.dataclass

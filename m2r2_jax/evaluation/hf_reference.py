@@ -14,6 +14,10 @@ def hf_reference_model(m):
         import transformers as tf
     except ImportError as e:
         raise M2R2Error(f"the HF reference needs torch and transformers: {e}") from None
+    if getattr(m, "derived_from", ""):
+        raise M2R2Error(
+            f"no HF reference for a model derived from {m.derived_from!r} (e.g. MoEfied): it has no HF checkpoint"
+        )
     if m.kind == "gguf":
         d, f = os.path.split(m.source)
         ref = tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)

@@ -233,7 +233,7 @@ class Journal:
 class SpecEvalConfig:
     """What an eval run decodes with, validated once (decoding/sampling checks happen in their own configs)."""
 
-    draft: DraftOptions = DraftOptions()
+    draft: Any = DraftOptions()  # M2R2's DraftOptions, or a peer's options (peer_drafters.options.draft_options)
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
@@ -268,7 +268,8 @@ def run_spec_eval(
     progress: bool = True,
 ) -> dict:
     """AR vs speculative on every turn of every item; see the module doc. `model` has `.cfg`, `.params`,
-    `.tokenizer` (a `LoadedModel`); `m2r2` is an `M2R2Bundle` or `load_m2r2`'s tuple.
+    `.tokenizer` (a `LoadedModel`); `m2r2` is an `M2R2Bundle` or `load_m2r2`'s tuple (unused, may be None,
+    when `ec.draft` is a training-free peer's options: decoding/peer_drafters/options.py).
 
     `backend` and `decode_params`: what both loops decode with (default XLA and `model.params`; e.g. the
     CPU kernels and the params packed for them). `ref_ar_params`: the plain AR loop is also timed on
@@ -281,9 +282,8 @@ def run_spec_eval(
     batches already in it are taken from it, not rerun, provided it was written by the same run."""
     from tqdm import tqdm
 
-    b = M2R2Bundle.of(m2r2)
     opts = ec.draft
-    tree = opts.tree
+    b = M2R2Bundle.of(m2r2) if opts.needs_m2r2 else None  # the training-free peers draft without it
     items = list(items)
     if not items:
         raise M2R2Error("no eval items given")
@@ -294,11 +294,17 @@ def run_spec_eval(
     base = model.params if decode_params is None else decode_params
     gen = Generator(cfg, backend=backend)
     ref_gen = Generator(cfg) if ref_ar_params is not None else None
-    drafter = opts.drafter(cfg, b.mc, backend)
+    drafter = opts.drafter(cfg, b.mc if b else None, backend)
     spec = SpeculativeDecoder(cfg, drafter, backend)
-    m2r2_drafter = getattr(drafter, "m2r2", drafter)
-    hf = None if hf_ref is None else HFBaselines(hf_ref, m2r2_drafter.depth, ec.max_new_tokens, cfg.eos_token_ids)
-    dparams = spec.prepare(base, b.params, np.asarray(b.draft_ids))
+    tree = drafter.trees[0]  # the first kind of step's tree: the per-depth and per-node statistics
+    depth = getattr(getattr(drafter, "m2r2", drafter), "depth", None)  # M2R2's draft layers (None: a peer)
+    # HF's early-exit assistant exits where our fast stream drafts from (a peer: half the depth)
+    hf = (
+        None
+        if hf_ref is None
+        else HFBaselines(hf_ref, depth or cfg.num_layers // 2, ec.max_new_tokens, cfg.eos_token_ids)
+    )
+    dparams = opts.prepare(spec, base, b)
     D = tree.max_depth
     depth_hits = np.zeros(D + 1, np.int64)
     node_tries = np.zeros(tree.size, np.int64)
@@ -308,7 +314,7 @@ def run_spec_eval(
     per_prompt: list[dict] = []
     t_start = time.perf_counter()
     jr = None
-    lookup = opts.lookup
+    lookup = opts.lookup if opts.name == "m2r2" else 0  # prompt lookup on top of M2R2 drafts
     extend = "m2r2+lookup" in drafter.kinds
     if journal is not None:
         header = dict(
@@ -318,16 +324,18 @@ def run_spec_eval(
             top_p=ec.top_p,
             seed=ec.seed,
             batch_size=ec.batch_size,
-            draft_layers=m2r2_drafter.depth,
+            draft_layers=depth,
             ar_block=ec.ar_block,
             hf=hf is not None,
-            lookup=[lookup, opts.lookup_ngram, opts.lookup_min_ngram],
+            lookup=[lookup, getattr(opts, "lookup_ngram", None), getattr(opts, "lookup_min_ngram", None)],
             lookup_extend=extend,
             backend=backend.name,
             ref_ar=ref_ar_params is not None,
             items=[[it.id, it.category, len(it.turns)] for it in items],
             **(journal_key or {}),
         )
+        if opts.name != "m2r2":  # (absent for M2R2, so journals written before peers existed still resume)
+            header.update(drafter=opts.name, draft_options=opts.describe())
         jr = Journal(journal, header)
         if resume and jr.path.exists():
             jr.load()
@@ -497,7 +505,7 @@ def run_spec_eval(
             tree_size=tree.size,
             tree_depth=D,
             tree_paths=[list(p) for p in tree.paths],
-            draft_layers=m2r2_drafter.depth,
+            draft_layers=depth,
             max_new_tokens=ec.max_new_tokens,
             temperature=ec.temperature,
             top_p=ec.top_p,
@@ -505,7 +513,9 @@ def run_spec_eval(
             batch_size=ec.batch_size,
             greedy=greedy,
             items=len(items),
-            drafters="M2R2 + prompt lookup" if lookup else "M2R2",
+            drafters=("M2R2 + prompt lookup" if lookup else "M2R2") if opts.name == "m2r2" else opts.name,
+            drafter=opts.name,
+            draft_options=opts.describe(),
             backend=backend.name,
         ),
         "overall_speedup": tot["speedup"],

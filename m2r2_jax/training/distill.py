@@ -25,11 +25,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from m2r2_jax.distill_cache import FORMAT, MANIFEST, load_distill_cache, read_manifest, shard_files
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.model.params import params_fingerprint
 
-MANIFEST = "manifest.json"
-FORMAT = "m2r2-distill-cache/1"
 PROBE = "Hello! Please answer briefly: what is 2 + 2?"
 
 
@@ -101,25 +100,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(out_dir: str | Path) -> dict | None:
-    p = Path(out_dir) / MANIFEST
-    if not p.is_file():
-        return None
-    try:
-        man = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise M2R2Error(f"corrupt distill cache manifest {p}: {e}") from None
-    if not isinstance(man, dict) or man.get("format") != FORMAT:
-        raise M2R2Error(f"{p} is not a distill cache manifest ({FORMAT})")
-    return man
-
-
-def _shard_files(out: Path, man: dict) -> list[Path]:
-    files = [out / s["file"] for s in man.get("shards", [])]
-    for f in files:
-        if not f.is_file():
-            raise M2R2Error(f"distill cache {out}: shard {f.name} is listed in the manifest but missing")
-    return files
+# ----------------------------------------------------------------------------- build
 
 
 def _done_prompts(files: list[Path]) -> set[str]:
@@ -128,32 +109,6 @@ def _done_prompts(files: list[Path]) -> set[str]:
         with open(f, encoding="utf-8") as fh:
             done.update(json.loads(line)["prompt"] for line in fh if line.strip())
     return done
-
-
-def load_distill_cache(out_dir: str | Path):
-    """The finished shards of a cache as one `datasets.Dataset`."""
-    import datasets
-
-    out = Path(out_dir)
-    man = read_manifest(out)
-    if man is None:
-        raise M2R2Error(f"no distill cache at {out} (missing {MANIFEST})")
-    files = _shard_files(out, man)
-    if not files:
-        feats = datasets.Features(
-            {
-                "prompt_ids": datasets.List(datasets.Value("int64")),
-                "answer_ids": datasets.List(datasets.Value("int64")),
-                "prompt": datasets.Value("string"),
-            }
-        )
-        return datasets.Dataset.from_dict({"prompt_ids": [], "answer_ids": [], "prompt": []}, features=feats)
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    return datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
-
-
-# ----------------------------------------------------------------------------- build
 
 
 def _cache_len(cfg, prompt_len: int, max_new: int) -> int | None:
@@ -211,7 +166,7 @@ def build_distill_cache(
                 f"distill cache {out} was made with another model or settings "
                 f"(differs: {', '.join(diff)}); use a new out_dir"
             )
-    done = _done_prompts(_shard_files(out, man))
+    done = _done_prompts(shard_files(out, man))
 
     # encode the prompts still to do; skip the too long ones
     t0 = time.perf_counter()
