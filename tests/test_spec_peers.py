@@ -410,3 +410,23 @@ def test_harness_runs_a_peer(tiny, tmp_path):
     header = json.loads(j.read_text().splitlines()[0])["header"]
     assert header["drafter"] == "lookahead" and header["draft_options"] == {"window": 3, "ngram": 3, "guesses": 3}
     json.dumps(res)
+
+
+def test_compare_specs():
+    """eval.compare's drafter specs: names of eval.speculative's drafters, `m2r2+lookup` the only
+    combination; each drafter gets only its own knobs; M2R2 alone means prompt lookup off."""
+    from m2r2_jax.evaluation.compare import parse_specs, spec_options
+
+    assert parse_specs("m2r2, m2r2+lookup,pld") == ("m2r2", "m2r2+lookup", "pld")
+    for bad, msg in (
+        ("", "at least one"),
+        ("eagle9", "unknown drafter"),
+        ("pld+lookup", "combine"),
+        ("pld,pld", "twice"),
+    ):
+        with pytest.raises(M2R2Error, match=msg):
+            parse_specs(bad)
+    knobs = dict(la_window=3, lookup=None, tree=None)
+    assert spec_options("m2r2", knobs).lookup == 0 and spec_options("m2r2+lookup", knobs).lookup == 4
+    assert spec_options("lookahead", knobs).window == 3
+    assert spec_options("pld", knobs).k == 4
