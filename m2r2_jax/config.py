@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from m2r2_jax.errors import M2R2Error
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "smollm2", "mixtral", "qwen2_moe", "olmoe", "granitemoe")
-ROUTERS = ("softmax_topk", "topk_softmax")
+ROUTERS = ("softmax_topk", "topk_softmax", "topk_unit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,9 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one always-on expert, sigmoid-gated; 0 = none
     norm_topk_prob: bool = False  # softmax_topk: renormalise the k kept probabilities to sum to 1
     # "softmax_topk": softmax over all experts, keep the top k (Mixtral, Qwen2-MoE, OLMoE);
-    # "topk_softmax": keep the top k logits, softmax over those (GraniteMoE)
+    # "topk_softmax": keep the top k logits, softmax over those (GraniteMoE);
+    # "topk_unit": keep the top k logits, each combine weight 1 (a MoEfied dense FFN, training/moefy.py:
+    # the experts are slices of one SwiGLU, so all experts at weight 1 sum to the dense output)
     router: str = "softmax_topk"
     dense_layers: tuple[int, ...] = ()  # moe: layers with a dense MLP instead (Qwen2-MoE mlp_only_layers)
     qk_norm: bool = False  # OLMoE: RMSNorm over the whole q and k projections, before the head split

@@ -27,6 +27,7 @@ RANK = {
     "roofline": 0,
     "stats": 0,
     "distill_cache": 0,
+    "orbax_paths": 0,
 }
 
 

@@ -1,7 +1,7 @@
 """Model aliases and the one entry point `load_model(name)`.
 
-`name` is an alias (`smollm2-135m`), a `.gguf` file, a local HF safetensors
-directory, or a hub id (downloaded through huggingface_hub when online).
+`name` is an alias (`smollm2-135m`; `smollm2-135m-moe`, the same model MoEfied: loading/moefied.py), a
+`.gguf` file, a local HF safetensors directory, or a hub id (downloaded through huggingface_hub when online).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def _smollm2_gguf() -> str:
 
 
 ALIASES = {"smollm2-135m": _smollm2_gguf}
+# models derived from a dense alias by a small shipped asset: alias -> (dense alias, asset under m2r2_jax/assets)
+DERIVED = {"smollm2-135m-moe": ("smollm2-135m", "smollm2-135m-moe")}  # loading/moefied.py (MoEfication)
 
 
 def resolve(name: str) -> tuple[str, str]:
@@ -54,6 +56,7 @@ class LoadedModel:
     source: str
     kind: str
     fingerprint: str = ""  # params_fingerprint of the source weights at float32, whatever param_dtype
+    derived_from: str = ""  # a DERIVED alias: the dense model it was built from (`source` is that model's file)
 
     @property
     def name(self) -> str:
@@ -117,6 +120,12 @@ def load_model(
     mesh=None,
     tokenizer: bool = True,
 ) -> LoadedModel:
+    if name in DERIVED:
+        from m2r2_jax.loading.moefied import load_moefied
+
+        base, asset = DERIVED[name]
+        kw = dict(dtype=dtype, param_dtype=param_dtype, matmul_dtype=matmul_dtype, mesh=mesh, tokenizer=tokenizer)
+        return load_moefied(base, asset, **kw)
     kind, path = resolve(name)
     cfg, params_np = _read(kind, path)
     kw = {}

@@ -116,13 +116,13 @@ class DecoderLayer(nn.Module):
         D, dt, eps = c.hidden_size, c.jnp_param_dtype, c.rms_norm_eps
         x = L.rms_norm(h, ones(self, "attn_norm", (D,), ("norm",), dt), eps)
         upd, state = Attention(c, name="attn")(x, cos, sin, attend, adapters)
-        h = h + _residual(c, upd, None if gains is None else gains[0].astype(h.dtype))
+        h = h + residual_update(c, upd, None if gains is None else gains[0].astype(h.dtype))
         x = L.rms_norm(h, ones(self, "mlp_norm", (D,), ("norm",), dt), eps)
         upd = MLP_SLOT[c.layer_mlp(self.index)](c, name="mlp")(x, adapters)
-        return h + _residual(c, upd, None if gains is None else gains[1].astype(h.dtype)), state
+        return h + residual_update(c, upd, None if gains is None else gains[1].astype(h.dtype)), state
 
 
-def _residual(c: ModelConfig, upd, gain):
+def residual_update(c: ModelConfig, upd, gain):
     """A residual update, scaled by GraniteMoE's residual_multiplier and then by a fast layer's gain."""
     if c.residual_multiplier != 1.0:
         upd = upd * c.residual_multiplier

@@ -15,7 +15,10 @@ and the rows are put back in (token, slot) order and combined with the routing w
 ragged_dot as a grouped matmul; XLA:CPU (jax 0.10) expands it into a product masked per group, E times
 the work: exact, not fast. The experts' leading axis is the logical axis `expert` (sharding.RULES:
 expert parallelism). `dense_experts` runs every expert on every token and masks by the routing weights:
-a plain reference for tests, E/k times the work.
+E/k times the work, the reference for tests, and on the CPU the faster of the two (ragged_dot there
+costs k dense FFNs, this one, one): `impl="auto"`, the default, picks it on the CPU backend and
+ragged_dot elsewhere (measured on XLA:CPU, N=2048, D=576, 8 experts of 192: top-2 1.14 s ragged vs
+0.85 s dense, top-6 3.07 s vs 0.84 s).
 
 Routing is recorded with `sow` in the "intermediates" collection (a no-op unless `apply` is given
 `mutable=["intermediates"]`; decoder.forward_routing does that) under the layer's mlp:
@@ -37,15 +40,17 @@ from m2r2_jax.model import layers as L
 from m2r2_jax.model.declare import Adapters, declare
 from m2r2_jax.model.mlp import DenseMLP
 
-IMPLS = ("ragged", "dense")
+IMPLS = ("auto", "ragged", "dense")
 
 
 def route(cfg: ModelConfig, logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Router logits [N, E] (f32) -> (expert ids [N, k] int32, combine weights [N, k] f32, probs [N, E])."""
     k = cfg.experts_per_token
     probs = jax.nn.softmax(logits, axis=-1)
-    if cfg.router == "topk_softmax":
+    if cfg.router in ("topk_softmax", "topk_unit"):
         top, ids = lax.top_k(logits, k)
+        if cfg.router == "topk_unit":  # a MoEfied dense FFN: a chosen expert's slice counts in full
+            return ids, jnp.ones_like(top), probs
         return ids, jax.nn.softmax(top, axis=-1), probs
     w, ids = lax.top_k(probs, k)
     if cfg.norm_topk_prob:
@@ -91,10 +96,11 @@ def dense_experts(x, ids, weights, gate, up, down, mm=None) -> jax.Array:
 
 
 class MoEMLP(nn.Module):
-    """The sparse MLP. `impl`: "ragged" (ragged_dot over expert-sorted tokens) or "dense" (the reference)."""
+    """The sparse MLP. `impl`: "ragged" (ragged_dot over expert-sorted tokens), "dense" (every expert on
+    every token, masked) or "auto" (dense on the CPU backend, ragged elsewhere: see the module doc)."""
 
     cfg: ModelConfig
-    impl: str = "ragged"
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, adapters: Adapters | None = None):
@@ -116,7 +122,8 @@ class MoEMLP(nn.Module):
         self.sow("intermediates", "expert_ids", ids.reshape(lead + (k,)))
         self.sow("intermediates", "expert_weights", weights.reshape(lead + (k,)))
         self.sow("intermediates", "router_probs", probs.reshape(lead + (E,)))
-        experts = ragged_experts if self.impl == "ragged" else dense_experts
+        impl = self.impl if self.impl != "auto" else "dense" if jax.default_backend() == "cpu" else "ragged"
+        experts = ragged_experts if impl == "ragged" else dense_experts
         y = experts(x2, ids, weights, gate, up, down, mm).astype(x.dtype)
         if c.shared_expert_intermediate_size:
             shared = DenseMLP(c, features=c.shared_expert_intermediate_size, name="shared")(x2)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from m2r2_jax.errors import M2R2Error
+from m2r2_jax.orbax_paths import ckpt_path, restore_error
 
 
 def base_identity(model_name: str, cfg, params, fingerprint: str | None = None) -> dict:
@@ -30,17 +31,6 @@ def base_identity(model_name: str, cfg, params, fingerprint: str | None = None) 
         c.pop(k, None)
     fp = fingerprint or params_fingerprint(params)
     return {"model": model_name, "config": json.loads(json.dumps(c)), "fingerprint": fp}
-
-
-def ckpt_path(p):
-    """A checkpoint location: a local path (made absolute) or a remote one such as gs://bucket/run,
-    as etils.epath paths (what Orbax reads and writes through)."""
-    from etils import epath
-
-    s = str(p)
-    if "://" in s:
-        return epath.Path(s)
-    return epath.Path(Path(s).expanduser().absolute())
 
 
 def _ocp():
@@ -82,7 +72,7 @@ class Checkpointer:
         try:
             r = self.mngr.restore(step, args=args)
         except Exception as e:
-            raise M2R2Error(f"cannot restore checkpoint step {step} from {self.dir}: {_restore_error(e)}") from None
+            raise M2R2Error(f"cannot restore checkpoint step {step} from {self.dir}: {restore_error(e)}") from None
         return r.params, r.opt_state, r.extra, dict(r.meta)
 
     def read_meta(self, step: int) -> dict:
@@ -123,12 +113,6 @@ def read_meta(step_dir: Path) -> dict:
         if not isinstance(meta.get(k), dict):
             raise M2R2Error(f"corrupt checkpoint metadata {f}: no {k!r} object")
     return meta
-
-
-def _restore_error(e: Exception) -> str:
-    """The checkpoint library's error: its first line, without the TensorStore spec it may dump."""
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return msg.split(" See full TensorStore details")[0]
 
 
 def check_compatible(meta: dict, base_id: dict, m2r2_cfg: dict | None, where: str) -> None:
@@ -202,5 +186,5 @@ def load_m2r2(path: str | Path, cfg, base_params, model_name: str, mesh=None, ba
                 ),
             )
     except Exception as e:
-        raise M2R2Error(f"cannot restore M2R2 params from {step_dir}: {_restore_error(e)}") from None
+        raise M2R2Error(f"cannot restore M2R2 params from {step_dir}: {restore_error(e)}") from None
     return mc, r.params, r.extra["draft_ids"], meta

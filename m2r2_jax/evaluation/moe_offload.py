@@ -1,0 +1,530 @@
+"""M2R2's third use, measured: ahead-of-time expert loading on an MoE base. The fast stream runs first
+for each token and predicts, from its states, the experts every later MoE layer will route to, so
+their weights can be moved into fast memory while the earlier layers compute. Against: on-demand
+loading, an LRU cache, and LRU + the next-layer gate (Mixtral-offloading / Pre-gated MoE).
+
+1. Routing traces (moe_trace.py): greedy decoding of the eval prompts, host-driven (moe_decode.py),
+   recording per decode step and MoE layer l:
+     needed     the router's top-k experts (what the layer computed with)
+     gate_pred  layer l's router on MoE layer l-1's MLP input, i.e. rms_norm(h after layer l-1's
+                attention, layer l-1's mlp_norm): the normalised state layer l-1's own router and
+                experts read, one layer ahead (row 0 has none)
+     m2r2_pred  layer l's router on its mlp_norm of the fast state aligned with layer l (alignment
+                "floor" / "nearest" / "ceil", moe_decode.aligned_state; "auto" keeps the one with the
+                highest recall@k), available at step 0: the fast stream runs before the slow layers,
+                and its compute is charged to m2r2_aot's per-token time (measured; projected)
+   Recall@k by look-ahead distance (MoE layers between a prediction's availability and its use): m2r2
+   at distance l for layer l; the gate at distance d = layer l's router on layer l-d's MLP input
+   (d = 1 is gate_pred); the previous token's experts at the same layer as a baseline.
+2. `sim`: the traces replayed by offload.simulate at the link presets, with per-layer compute times
+   (a) measured here (the host-driven decode's pieces, float32 on this CPU) and (b) projected for an
+   accelerator by a roofline model (roofline.py: max(FLOPs / peak, bytes / HBM bandwidth) per piece, no
+   launch overhead; weights and KV in bf16): a model, not a measurement.
+3. `real`: the experts in an ExpertStore file on disk (read cold), an ExpertCache of a fraction of
+   them, and the decode driven by offload.run_real: each MoE layer's FFN computed from the weights the
+   cache returns. The tokens must equal the RAM-resident decode's under every policy (checked), and
+   that decode the plain one's (decoding.generate.Generator; `plain_decode_match`). The prompts run
+   back to back through one cache (as a server's would); ondemand runs once (it keeps nothing, so the
+   fraction does not matter). Prefill runs with every expert resident, outside the measurement.
+
+The fast layers' weights (attention + the whole dense FFN of a stream trained on the dense model a
+MoEfied base was built from) stay resident, outside the cache's budget; `memory_matched` gives LRU
+that memory as extra cache instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.evaluation.moe_decode import ALIGNMENTS, MoEDecoder, ram_experts, ram_provider
+from m2r2_jax.evaluation.moe_trace import Collected, build_trace, collect, predictions, recall_report
+from m2r2_jax.offload import (
+    LINKS,
+    POLICIES,
+    ExpertLayout,
+    ExpertStore,
+    Link,
+    RoutingTrace,
+    build_schedule,
+    capacity_slots,
+    measure_cold_warm,
+    run_real,
+    simulate,
+)
+
+MODES = ("sim", "real")
+COMPUTE = ("measured", "projected")
+LINK_ALIASES = {"nvme": "nvme4"}  # --link nvme: PCIe 4.0 x4 NVMe -> RAM
+
+
+def link_of(name: str) -> Link:
+    key = LINK_ALIASES.get(name, name)
+    if key not in LINKS:
+        raise M2R2Error(f"unknown link {name!r}: choose from {', '.join([*LINKS, *LINK_ALIASES])}")
+    return LINKS[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEOffloadConfig:
+    policies: tuple[str, ...] = POLICIES  # ondemand is always run (the speed-up baseline)
+    cache_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    mode: str = "sim"
+    links: tuple[str, ...] = ("pcie4",)  # sim only
+    compute: tuple[str, ...] = COMPUTE  # sim only: measured here / projected for `chip`
+    chip: str = "h100"
+    max_new_tokens: int = 32
+    alignment: str = "auto"  # auto | floor | nearest | ceil
+    width: int = 0  # experts predicted (and prefetched) per layer; 0 = the model's top-k
+    projected_bytes_per_param: int = 2  # the accelerator's weights and KV (bf16)
+    repeats: int = 1  # real only: every run this many times, round-robin; the fastest of each is kept
+
+    def __post_init__(self):
+        bad = [p for p in self.policies if p not in POLICIES]
+        if bad or not self.policies:
+            raise M2R2Error(f"unknown policy {bad or '(none)'}: choose from {', '.join(POLICIES)}")
+        if "ondemand" not in self.policies:
+            object.__setattr__(self, "policies", ("ondemand", *self.policies))
+        if not self.cache_fractions:
+            raise M2R2Error("no cache fraction given")
+        for f in self.cache_fractions:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+                raise M2R2Error(f"cache fraction must be in (0, 1], got {f!r}")
+        if self.mode not in MODES:
+            raise M2R2Error(f"unknown mode {self.mode!r}: choose from {', '.join(MODES)}")
+        for name in self.links:
+            link_of(name)
+        if not self.links:
+            raise M2R2Error("no link given")
+        bad = [c for c in self.compute if c not in COMPUTE]
+        if bad or not self.compute:
+            raise M2R2Error(f"unknown compute source {bad or '(none)'}: choose from {', '.join(COMPUTE)}")
+        from m2r2_jax.roofline import CHIPS
+
+        if self.chip not in CHIPS:
+            raise M2R2Error(f"unknown chip {self.chip!r}: choose from {', '.join(CHIPS)}")
+        if self.alignment not in ("auto", *ALIGNMENTS):
+            raise M2R2Error(f"unknown alignment {self.alignment!r}: choose from auto, {', '.join(ALIGNMENTS)}")
+        for name, lo in (("max_new_tokens", 2), ("width", 0), ("projected_bytes_per_param", 1), ("repeats", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise M2R2Error(f"{name} must be an integer >= {lo}, got {v!r}")
+
+    @property
+    def needs_fast(self) -> bool:
+        return "m2r2_aot" in self.policies
+
+
+# ----------------------------------------------------------------------------- compute times
+
+
+@dataclasses.dataclass(frozen=True)
+class Times:
+    """Per decode step: layer_ms[l] = MoE layer l's experts' FFN + everything up to the next MoE
+    layer's router; token_ms = the rest (embedding, the first layer's attention, head); fast_ms = the
+    fast stream and its predictions (charged to m2r2_aot only)."""
+
+    source: str
+    layer_ms: tuple[float, ...]
+    token_ms: float
+    fast_ms: float
+
+    def as_dict(self) -> dict:
+        return dict(
+            source=self.source,
+            layer_ms=list(self.layer_ms),
+            token_ms=self.token_ms,
+            fast_ms=self.fast_ms,
+            per_token_ms=sum(self.layer_ms) + self.token_ms,
+        )
+
+
+def measured_times(col: Collected) -> Times:
+    ms = col.ms
+    return Times(
+        "measured on this CPU (float32, host-driven pieces, RAM-resident experts)",
+        tuple(ms["layer"]),
+        ms["begin"] + ms["finish"],
+        ms["fast"],
+    )
+
+
+def projected_times(dec: MoEDecoder, chip_name: str, context: float, b: int) -> Times:
+    """A roofline model of each piece on `chip_name` at `b` bytes per weight and KV element: per piece
+    max(FLOPs / peak, bytes / HBM bandwidth), pieces summed, no launch or host overhead."""
+    from m2r2_jax.roofline import CHIPS, step_ms
+
+    chip, cfg = CHIPS[chip_name], dec.cfg
+    Dm, q, kv, hd = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.head_dim
+
+    def t(params: float, extra_flops: float = 0.0, extra_bytes: float = 0.0) -> float:
+        return step_ms(2 * params + extra_flops, params * b + extra_bytes, chip)["ms"]
+
+    def attention(c) -> float:  # projections + scores / values over the context; K/V read and one slot written
+        return t(Dm * (q + 2 * kv) + q * Dm, 4 * c.num_heads * hd * context, 2 * kv * (context + 1) * b)
+
+    router = Dm * cfg.num_experts
+    experts = cfg.experts_per_token * 3 * Dm * cfg.moe_intermediate_size + 3 * Dm * cfg.shared_expert_intermediate_size
+    moe = dec.moe
+    layer = []
+    for l, i in enumerate(moe):
+        nxt = moe[l + 1] if l + 1 < len(moe) else cfg.num_layers
+        dense = sum(attention(cfg) + t(3 * Dm * cfg.intermediate_size) for _ in range(i + 1, nxt))
+        layer.append(t(experts) + dense + (attention(cfg) + t(router) if l + 1 < len(moe) else 0.0))
+    head = t(cfg.vocab_size * Dm)
+    lead = sum(attention(cfg) + t(3 * Dm * cfg.intermediate_size) for _ in range(moe[0]))
+    token = t(0, 0, Dm * b) + lead + attention(cfg) + t(router) + head
+    fast = 0.0
+    if dec.fast is not None:
+        fc = dec.fast.cfg
+        fast = sum(attention(fc) + t(3 * Dm * fc.intermediate_size) for _ in dec.fast.layers) + t(len(moe) * router)
+    return Times(
+        f"projected: roofline model of {chip.name} ({b}-byte weights and KV; not measured)", tuple(layer), token, fast
+    )
+
+
+# ----------------------------------------------------------------------------- 2. sim
+
+
+def _row(policy: str, frac: float, m, base_tps: float, **extra) -> dict:
+    return dict(
+        policy=policy,
+        cache_fraction=frac,
+        hit_rate=m.hit_rate,
+        recall=m.prefetch_recall,
+        stall_ms_per_token=m.stall_ms_per_token,
+        tokens_per_second=m.tokens_per_s,
+        speedup_vs_ondemand=m.tokens_per_s / base_tps,
+        ms_per_token=m.ms_per_token,
+        loads=m.loads,
+        bytes_moved=m.bytes_moved,
+        dropped_prefetches=m.dropped_prefetches,
+        **extra,
+    )
+
+
+def run_sim(
+    trace: RoutingTrace,
+    ec: MoEOffloadConfig,
+    times: dict[str, Times],
+    expert_bytes: dict[str, int],
+    fast_fraction: float,
+) -> tuple[list[dict], list[dict]]:
+    """-> (rows per link x compute x fraction x policy, memory-matched rows: LRU given the fast
+    layers' resident bytes as extra cache, against m2r2_aot)."""
+    rows, matched = [], []
+    for link_name in ec.links:
+        link = link_of(link_name)
+        for src in ec.compute:
+            tm, nb = times[src], expert_bytes[src]
+
+            def sim(policy, frac):
+                tok = tm.token_ms + (tm.fast_ms if policy == "m2r2_aot" else 0.0)
+                return simulate(build_schedule(policy, trace, frac), link, nb, tm.layer_ms, tok)
+
+            base = sim("ondemand", 1.0)
+            for frac in ec.cache_fractions:
+                for p in ec.policies:
+                    m = base if p == "ondemand" else sim(p, frac)
+                    rows.append(_row(p, frac, m, base.tokens_per_s, link=link.name, compute=src))
+                if "m2r2_aot" in ec.policies and "lru" in ec.policies:
+                    more = min(1.0, frac + fast_fraction)
+                    a, b = sim("lru", more), sim("m2r2_aot", frac)
+                    matched.append(
+                        dict(
+                            link=link.name,
+                            compute=src,
+                            cache_fraction=frac,
+                            lru_cache_fraction=more,
+                            lru_tokens_per_second=a.tokens_per_s,
+                            m2r2_aot_tokens_per_second=b.tokens_per_s,
+                        )
+                    )
+    return rows, matched
+
+
+# ----------------------------------------------------------------------------- 3. real
+
+
+def filesystem_of(path: Path) -> str:
+    """The filesystem type holding `path` (from /proc/mounts: the longest mount point above it)."""
+    p = str(path.resolve())
+    best, kind = "", "unknown"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3:
+                mnt = parts[1].replace("\\040", " ")
+                if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+RAM_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def write_store(dec: MoEDecoder, path: Path) -> ExpertStore:
+    kind = filesystem_of(path.parent)
+    if kind in RAM_FILESYSTEMS:
+        raise M2R2Error(f"expert store {path}: {path.parent} is on {kind} (RAM): cold reads need a disk path")
+    cfg = dec.cfg
+    ex = ram_experts(cfg, dec.params)
+    layout = ExpertLayout(dec.num_moe_layers, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+    return ExpertStore.write(path, layout, ram_provider(ex))
+
+
+class _Driver:
+    """compute_fn / token_fn for offload.run_real over the prompts' decode steps back to back (the
+    expert cache carries over from one prompt to the next, as a server's would)."""
+
+    def __init__(self, dec: MoEDecoder, seqs, fast_src, width: int, expect_pred):
+        self.dec, self.fast_src, self.width, self.expect = dec, fast_src, width, expect_pred
+        self.seqs = [s.copy() for s in seqs]
+        self.p = self.t = 0
+        self.pred_mismatch = 0
+        self._skip_done()
+        self.step = self._begin() if self.p < len(self.seqs) else None
+
+    def _skip_done(self):
+        while self.p < len(self.seqs) and self.seqs[self.p].done:
+            self.p += 1
+
+    def _begin(self):
+        st = self.dec.begin(self.seqs[self.p], self.fast_src, self.width)
+        if self.fast_src is not None and self.expect is not None:
+            self.pred_mismatch += not np.array_equal(st.fast_pred, self.expect[self.t])
+        return st
+
+    def compute(self, l: int, weights) -> None:
+        self.dec.layer(self.step, l, weights)
+
+    def token(self, t: int) -> None:
+        self.dec.finish(self.step)
+        self.t += 1
+        self._skip_done()
+        if self.p < len(self.seqs):
+            self.step = self._begin()
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [list(s.out) for s in self.seqs]
+
+
+def run_real_mode(
+    dec: MoEDecoder,
+    col: Collected,
+    trace: RoutingTrace,
+    ec: MoEOffloadConfig,
+    store: ExpertStore,
+    fast_src,
+    width: int,
+    progress: bool = False,
+) -> tuple[list[dict], bool, dict]:
+    """-> (rows, whether every run decoded exactly the RAM-resident decode's tokens, details)."""
+    from tqdm import tqdm
+
+    seqs = [dec.start(p, ec.max_new_tokens) for p in col.prompts]
+    runs = [("ondemand", 1.0)] + [(p, f) for f in ec.cache_fractions for p in ec.policies if p != "ondemand"]
+    disk = measure_cold_warm(store)
+    disk_link = Link("this disk (measured cold reads)", disk["cold_gb_s"] * 1e9, 0.0)
+    got, identical, mismatches = {}, True, {}
+    todo = runs * ec.repeats  # round-robin: a slow spell of this shared machine hits every policy alike
+    for policy, frac in tqdm(todo, desc="real mode", disable=not progress):
+        sched = build_schedule(policy, trace, frac)
+        fast = policy == "m2r2_aot"
+        drv = _Driver(dec, seqs, fast_src if fast else None, width, trace.m2r2_pred if fast else None)
+        run = run_real(sched, store, drv.compute, drv.token)
+        same = drv.tokens == col.tokens
+        identical &= same
+        if fast:
+            mismatches[frac] = mismatches.get(frac, 0) + drv.pred_mismatch
+        if (policy, frac) in got and got[policy, frac][0].metrics.total_ms <= run.metrics.total_ms:
+            continue
+        sim = simulate(sched, disk_link, store.layout.stride, run.layer_ms, run.token_ms)
+        got[policy, frac] = (run, same, sim)
+    base = got["ondemand", 1.0][0].metrics.tokens_per_s
+    rows = []
+    for frac in ec.cache_fractions:
+        for p in ec.policies:
+            run, same, sim = got[p, 1.0] if p == "ondemand" else got[p, frac]
+            rows.append(
+                _row(
+                    p,
+                    frac,
+                    run.metrics,
+                    base,
+                    link="disk",
+                    compute="measured",
+                    tokens_identical=same,
+                    layer_ms_mean=float(np.mean(run.layer_ms)),
+                    token_ms=run.token_ms,
+                    sim_tokens_per_second_on_measured_disk=sim.tokens_per_s,
+                )
+            )
+    details = dict(
+        cold_warm_read=disk,
+        m2r2_live_prediction_mismatches=mismatches,
+        ondemand_shared_across_fractions=True,
+        repeats=ec.repeats,
+        kept="the fastest of the repeats of each run" if ec.repeats > 1 else "the one run",
+    )
+    return rows, identical, details
+
+
+# ----------------------------------------------------------------------------- the whole eval
+
+
+def run_moe_offload(
+    dec: MoEDecoder,
+    prompts: Sequence[Sequence[int]],
+    ec: MoEOffloadConfig,
+    store_path: Path | None = None,
+    plain_tokens: Sequence[Sequence[int]] | None = None,
+    progress: bool = False,
+) -> dict:
+    """The eval on token-id prompts; `plain_tokens`: the plain decode's (decoding.generate.Generator)
+    tokens per prompt, which the host-driven decode must equal. -> the result dict (eval.moe_offload)."""
+    cfg = dec.cfg
+    k, L_, E = cfg.experts_per_token, dec.num_moe_layers, cfg.num_experts
+    width = ec.width or k
+    if width > E:
+        raise M2R2Error(f"width {width} exceeds the {E} experts per layer")
+    for f in ec.cache_fractions:
+        capacity_slots(f, L_, E, k)  # refuses a fraction too small to hold one layer's experts
+    if ec.needs_fast and dec.fast is None:
+        raise M2R2Error("m2r2_aot needs a fast stream (an M2R2 checkpoint)")
+    col = collect(dec, prompts, ec.max_new_tokens, progress)
+    preds = predictions(dec, col, width)
+    rec = recall_report(col, preds, k, E)
+    alignment = None
+    if dec.fast is not None:
+        alignment = ec.alignment
+        if alignment == "auto":
+            alignment = max(ALIGNMENTS, key=lambda a: rec["m2r2_alignments"][a])
+        rec["m2r2_alignment"] = alignment
+        rec["m2r2_by_distance"] = rec["m2r2"][alignment]
+    trace = build_trace(dec, col, preds, alignment, width)
+    plain_ok = None if plain_tokens is None else [list(a) == list(b) for a, b in zip(col.tokens, plain_tokens)]
+    expert_f32 = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+    all_expert_bytes = L_ * E * expert_f32
+    fast_bytes = dec.fast.resident_bytes if dec.fast is not None else 0
+    times = {"measured": measured_times(col)}
+    if ec.mode == "sim" and "projected" in ec.compute:
+        times["projected"] = projected_times(dec, ec.chip, float(col.context.mean()) + 1, ec.projected_bytes_per_param)
+    out = dict(mode=ec.mode)
+    if ec.mode == "sim":
+        nbytes = {"measured": expert_f32, "projected": expert_f32 // 4 * ec.projected_bytes_per_param}
+        rows, matched = run_sim(trace, ec, times, nbytes, fast_bytes / all_expert_bytes)
+        identical = all(plain_ok) if plain_ok is not None else None
+        out.update(results=rows, identical_outputs=identical, memory_matched=matched, expert_bytes=nbytes)
+    else:
+        if store_path is None:
+            raise M2R2Error("real mode needs a path for the expert store")
+        fs = filesystem_of(Path(store_path).parent)
+        with write_store(dec, Path(store_path)) as store:
+            src = dec.state_index(alignment) if alignment is not None else None
+            rows, same, details = run_real_mode(dec, col, trace, ec, store, src, width, progress)
+            details.update(
+                path=str(store_path),
+                filesystem=fs,
+                file_bytes=store.layout.file_bytes,
+                record_bytes=store.layout.stride,
+            )
+        identical = same and (all(plain_ok) if plain_ok is not None else True)
+        out.update(results=rows, identical_outputs=identical, store=details)
+    out.update(
+        recall=rec,
+        plain_decode_match=plain_ok,
+        compute_ms={name: t.as_dict() for name, t in times.items()},
+        trace=dict(
+            prompts=len(col.prompts),
+            decode_steps=int(col.needed.shape[0]),
+            moe_layers=L_,
+            experts=E,
+            top_k=k,
+            prefetch_width=width,
+            mean_context=float(col.context.mean()) + 1,
+        ),
+        fast_stream=None
+        if dec.fast is None
+        else dict(
+            fast_layers=len(dec.fast.layers),
+            base_layers=dec.fast.mc.base_layers(cfg.num_layers),
+            targets=dec.fast.mc.targets_of(cfg.num_layers),
+            resident_bytes=fast_bytes,
+            resident_as_fraction_of_all_experts=fast_bytes / all_expert_bytes,
+            note="the fast layers (attention + the whole dense FFN, adapters merged) stay resident; their bytes "
+            "are not part of the expert cache's budget (memory_matched gives LRU that memory as extra cache)",
+        ),
+        experts=dict(count=L_ * E, bytes_each_float32=expert_f32, bytes_all_float32=all_expert_bytes),
+        definitions=dict(
+            hit_rate="needs whose expert had landed in the cache when its layer asked, over all T * L * k needs",
+            recall="needs named by a prefetch request of the same token before their layer ran (schedule recall)",
+            stall_ms_per_token="time layers waited for their experts, per decode step",
+            tokens_per_second="decode steps / (compute + stalls); speed-up over ondemand on the same trace",
+            recall_at_k="share of a layer's k used experts among the predictor's top k, by look-ahead distance "
+            "(MoE layers between the prediction's availability and its use)",
+        ),
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- the PNG
+
+
+def render_png(res: dict, title: str = "") -> bytes:
+    """Speed-up over ondemand vs cache fraction, one line per policy; panels: links across, compute down."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    links = list(dict.fromkeys(r["link"] for r in res["results"]))
+    comps = list(dict.fromkeys(r["compute"] for r in res["results"]))
+    fig = Figure(figsize=(4.2 * len(links), 3.5 * len(comps) + 0.4), dpi=110)
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(len(comps), len(links), squeeze=False)
+    for (ci, comp), (li, link) in itertools.product(enumerate(comps), enumerate(links)):
+        ax = grid[ci][li]
+        rows = [r for r in res["results"] if (r["link"], r["compute"]) == (link, comp)]
+        for p in dict.fromkeys(r["policy"] for r in rows):
+            pts = sorted((r["cache_fraction"], r["speedup_vs_ondemand"]) for r in rows if r["policy"] == p)
+            ax.plot([a for a, _ in pts], [b for _, b in pts], "o-", label=p)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("cache fraction of all experts")
+        ax.set_ylabel("speed-up over ondemand")
+        ax.set_title(f"{link}, {comp} compute", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def format_table(res: dict) -> str:
+    head = ("link", "compute", "frac", "policy", "hit", "recall", "stall ms", "tok/s", "speedup")
+    rows = [head]
+    for r in res["results"]:
+        rows.append(
+            (
+                r["link"],
+                r["compute"],
+                f"{r['cache_fraction']:g}",
+                r["policy"],
+                f"{r['hit_rate']:.3f}",
+                f"{r['recall']:.3f}",
+                f"{r['stall_ms_per_token']:.3f}",
+                f"{r['tokens_per_second']:.1f}",
+                f"{r['speedup_vs_ondemand']:.2f}",
+            )
+        )
+    w = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+    return "\n".join(" ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) for r in rows)

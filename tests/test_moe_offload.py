@@ -1,0 +1,199 @@
+"""Expert offloading on a real (tiny, random) MoE model: the routing traces of the host-driven decode
+(evaluation/moe_trace.py, moe_decode.py), the real mode's tokens from cached weights, the sim mode's
+rows (moe_offload.py) and the CLI's option checks (eval/moe_offload.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2r2_jax.config import ModelConfig
+from m2r2_jax.decoding.generate import GenerateConfig, Generator
+from m2r2_jax.errors import M2R2Error
+from m2r2_jax.evaluation import moe_offload as MO
+from m2r2_jax.evaluation import moe_trace as MT
+from m2r2_jax.evaluation.moe_decode import MoEDecoder, aligned_state, merged_fast_stream, ram_experts
+from m2r2_jax.loading.moefied import moe_config, moefy_params
+from m2r2_jax.m2r2.config import M2R2Config
+from m2r2_jax.m2r2.params import m2r2_spec
+from m2r2_jax.model import decoder as D
+from m2r2_jax.model.params import abstract_params, model_spec
+from m2r2_jax.offload import ExpertStore, build_schedule, run_real
+
+E, K, NEW = 4, 2, 8
+PROMPTS = [[5, 17, 33, 9, 4], [7, 8, 9], list(range(20, 34))]
+
+
+def _random(abstract, seed: int, scale: float):
+    """Random float32 params of the given shapes (norms near 1): much faster than the modules' init."""
+    rng = np.random.default_rng(seed)
+
+    def one(a):
+        if len(a.shape) == 1:
+            return (1.0 + 0.1 * rng.standard_normal(a.shape)).astype(np.float32)
+        return (scale * rng.standard_normal(a.shape)).astype(np.float32)
+
+    return jax.tree.map(one, abstract)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A 4-layer SwiGLU model MoEfied into 4 experts (top-2; layer 1 stays dense) and a random fast
+    stream (rate 2: two fast layers) trained, as it were, on the dense model."""
+    dense = ModelConfig(
+        arch="llama",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        eos_token_ids=(2,),
+    ).validate()
+    dp = _random(abstract_params(model_spec(dense)), 0, 0.3)
+    rng = np.random.default_rng(1)
+    perm = np.stack([rng.permutation(64) for _ in range(4)])
+    router = rng.standard_normal((4, 32, E)).astype(np.float32)
+    cfg = moe_config(dense, E, K, dense_layers=(1,))
+    params = moefy_params(dense, dp, perm, router, dense_layers=(1,))
+    mc = M2R2Config(rate=2, layer_map="skip", rank=4)
+    fast = merged_fast_stream(dense, mc, dp, _random(abstract_params(m2r2_spec(dense, mc)), 2, 0.1))
+    plain = [Generator(cfg).generate(params, [p], GenerateConfig(max_new_tokens=NEW)).new_ids[0] for p in PROMPTS]
+    return cfg, params, MoEDecoder(cfg, params, fast), plain
+
+
+@pytest.fixture(scope="module")
+def collected(model):
+    _, _, dec, _ = model
+    return MT.collect(dec, PROMPTS, NEW)
+
+
+def test_trace_is_the_routing_forward_routing_reports(model, collected):
+    cfg, params, dec, plain = model
+    assert dec.moe == (0, 2, 3)
+    assert collected.tokens == plain  # the host-driven decode is the plain greedy decode
+    fr = jax.jit(lambda p, t: D.forward_routing(cfg, p, t, D.init_cache(cfg, 1, 64), jnp.zeros((1,), jnp.int32)))
+    at = 0
+    for prompt, toks, n in zip(PROMPTS, collected.tokens, collected.steps):
+        assert n == len(toks) - 1  # every generated token but the last is a decode step's input
+        seq = prompt + toks[:-1]
+        _, _, routing = fr(params, jnp.asarray([seq + [0] * (32 - len(seq))]))  # one shape: one compile
+        assert sorted(routing) == [0, 2, 3]
+        want = np.stack([np.asarray(routing[i]["expert_ids"][0, len(prompt) : len(prompt) + n]) for i in (0, 2, 3)], 1)
+        np.testing.assert_array_equal(collected.needed[at : at + n], want)
+        at += n
+    assert at == collected.needed.shape[0] and collected.states.shape[1:] == (3, 32)
+
+
+def test_alignment_of_fast_states():
+    t = [0, 3, 6, 9]  # h^0 and three fast states aligned with slow layers 3, 6, 9
+    assert [aligned_state(t, j, "floor") for j in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [aligned_state(t, j, "nearest") for j in range(9)] == [0, 0, 1, 1, 1, 2, 2, 2, 3]
+    assert [aligned_state(t, j, "ceil") for j in range(9)] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def test_recall_and_trace_predictions(model, collected):
+    _, _, dec, _ = model
+    preds = MT.predictions(dec, collected, K)
+    rep = MT.recall_report(collected, preds, K, E)
+    assert rep["chance"] == K / E
+    assert [r["distance"] for r in rep["gate"]["by_distance"]] == [1, 2]
+    assert [r["distance"] for r in rep["m2r2"]["floor"]] == [0, 1, 2]
+    assert all(0.0 <= r["recall"] <= 1.0 for rows in rep["m2r2"].values() for r in rows)
+    tr = MT.build_trace(dec, collected, preds, "nearest", K)
+    np.testing.assert_array_equal(tr.m2r2_pred, preds["m2r2"]["nearest"])
+    # gate_pred for MoE layer l is MoE layer l's router on MoE layer l-1's MLP input
+    x = collected.x[:, 1]
+    logits = np.einsum("td,de->te", x, np.asarray(dec.routers[2]))
+    assert (np.sort(tr.gate_pred[:, 2], -1) == np.sort(np.argsort(-logits, -1)[:, :K], -1)).all()
+
+
+def test_real_mode_decodes_the_plain_tokens_from_cached_weights(model, tmp_path):
+    cfg, params, dec, plain = model
+    ec = MO.MoEOffloadConfig(mode="real", max_new_tokens=NEW, cache_fractions=(K / (3 * E), 0.5), repeats=2)
+    res = MO.run_moe_offload(dec, PROMPTS, ec, store_path=tmp_path / "experts.bin", plain_tokens=plain)
+    assert res["identical_outputs"] is True and res["plain_decode_match"] == [True] * 3
+    assert len(res["results"]) == 2 * 4 and all(r["tokens_identical"] for r in res["results"])
+    assert res["store"]["m2r2_live_prediction_mismatches"] == {K / (3 * E): 0, 0.5: 0}
+    base = [r for r in res["results"] if r["policy"] == "ondemand"]
+    assert all(r["hit_rate"] == 0 and r["speedup_vs_ondemand"] == 1.0 for r in base)
+    # the FFN really reads the store: corrupt one layer's experts there and the tokens change
+    col = MT.collect(dec, PROMPTS, NEW)
+    tr = MT.build_trace(dec, col, MT.predictions(dec, col, K), "floor", K)
+    ex = ram_experts(cfg, params)
+    bad = ExpertStore.write(
+        tmp_path / "bad.bin",
+        _layout(cfg),
+        lambda l, e: {p: ex[l][p][e] * (-30.0 if (l == 0 and p == "down") else 1.0) for p in ("gate", "up", "down")},
+    )
+    seqs = [dec.start(p, NEW) for p in PROMPTS]
+    drv = MO._Driver(dec, seqs, None, K, None)
+    try:
+        run_real(build_schedule("lru", tr, 0.5), bad, drv.compute, drv.token)
+    except M2R2Error as e:  # the corrupted FFN may route the decode elsewhere than the schedule
+        assert "router chose" in str(e)
+    else:
+        assert drv.tokens != plain
+    bad.close()
+
+
+def _layout(cfg):
+    from m2r2_jax.offload import ExpertLayout
+
+    return ExpertLayout(3, E, cfg.hidden_size, cfg.moe_intermediate_size)
+
+
+def test_sim_mode_rows(model):
+    _, _, dec, plain = model
+    ec = MO.MoEOffloadConfig(mode="sim", links=("pcie4", "nvme"), max_new_tokens=NEW, cache_fractions=(0.5, 1.0))
+    res = MO.run_moe_offload(dec, PROMPTS, ec, plain_tokens=plain)
+    assert len(res["results"]) == 2 * 2 * 2 * 4 and res["identical_outputs"] is True
+    keys = {
+        "policy",
+        "cache_fraction",
+        "hit_rate",
+        "recall",
+        "stall_ms_per_token",
+        "tokens_per_second",
+        "speedup_vs_ondemand",
+    }
+    assert all(keys <= set(r) for r in res["results"])
+    full = [r for r in res["results"] if r["cache_fraction"] == 1.0 and r["policy"] == "m2r2_aot"]
+    assert all(r["recall"] == res["recall"]["m2r2_alignments"][res["recall"]["m2r2_alignment"]] for r in full)
+    proj = res["compute_ms"]["projected"]
+    assert len(proj["layer_ms"]) == 3 and proj["fast_ms"] > 0 and "not measured" in proj["source"]
+    assert MO.render_png(res).startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--cache-fraction", "0.5,1.5"], "cache fraction must be in (0, 1]"),
+        (["--cache-fraction", "half"], "expected numbers"),
+        (["--policies", "lru,belady"], "unknown policy"),
+        (["--mode", "fast"], "unknown mode"),
+        (["--link", "pcie9"], "unknown link"),
+        (["--mode", "real", "--link", "pcie4"], "--link applies to --mode sim"),
+        (["--compute", "guessed"], "unknown compute source"),
+        (["--chip", "tpu9"], "unknown chip"),
+        (["--alignment", "middle"], "unknown alignment"),
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["--max-new-tokens", "1"], "max_new_tokens must be an integer >= 2"),
+        (["--checkpoint", "no/such/dir"], "checkpoint not found"),
+        (["--out", "no/such/dir/x.json"], "does not exist"),
+    ],
+)
+def test_cli_refuses_bad_options_with_one_line(argv, msg, tmp_path, capsys, monkeypatch):
+    from eval.moe_offload import main
+    from m2r2_jax.cli import run_main
+
+    monkeypatch.chdir(tmp_path)
+    if "--out" not in argv:
+        argv = [*argv, "--out", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as e:
+        run_main(main, ["--dataset", "mt_bench", *argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and msg in err and err.startswith("error:") and "\n" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
