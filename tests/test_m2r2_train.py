@@ -542,3 +542,61 @@ def test_auc_equals_pairwise_count():
         want = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
         assert auc(score, label) == pytest.approx(want)
     assert np.isnan(auc(np.ones(5), np.ones(5)))  # one class only: undefined
+
+
+def test_time_based_checkpoints(tiny_model, tmp_path):
+    """`save_minutes` saves on wall clock even when `save_every` would not (here: every step)."""
+    from m2r2_jax.training.checkpoint import latest_step
+
+    m, recs = _model(tiny_model), _records(4)
+    train(_tc(tmp_path / "t", steps=6, save_every=1000, save_minutes=1e-9), model=m, records=recs, progress=False, stop_at=3)
+    assert latest_step(tmp_path / "t" / "checkpoints") == 3
+    train(_tc(tmp_path / "n", steps=6, save_every=1000, save_minutes=0), model=m, records=recs, progress=False, stop_at=3)
+    assert latest_step(tmp_path / "n" / "checkpoints") == 1  # Orbax always keeps the first step; no time-based saves
+    with pytest.raises(M2R2Error, match="save_minutes"):
+        _tc(tmp_path, save_minutes=-1)
+
+
+_TERM_CHILD = r"""
+import sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from test_m2r2_train import _model, _records, _tc
+from m2r2_jax.loading.hf_safetensors import load_hf_checkpoint
+from m2r2_jax.training.trainer import train
+from pathlib import Path
+cfg, params, _ = load_hf_checkpoint({tiny!r})
+r = train(_tc(Path({out!r}), steps=100000, save_every=100000, save_minutes=0), model=_model((cfg, params)),
+          records=_records(16), progress=False)
+print("STOPPED_AT", r.step)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_returns(tiny_llama_dir, tmp_path):
+    """SIGTERM mid-run: the step in flight finishes, a checkpoint of it is written (though neither
+    save_every nor save_minutes is due) and training returns normally."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from m2r2_jax.training.checkpoint import latest_step
+
+    root = str(Path(__file__).resolve().parents[1])
+    out = tmp_path / "term"
+    code = _TERM_CHILD.format(root=root, tests=str(Path(__file__).parent), tiny=str(tiny_llama_dir), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    stopped = int(stdout.decode().split("STOPPED_AT")[1].split()[0])
+    assert stopped >= 2 and latest_step(out / "checkpoints") == stopped

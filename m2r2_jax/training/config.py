@@ -59,6 +59,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
     checkpoint_dir: str = ""  # "" = out_dir/checkpoints; may be a gs:// path (Orbax, through etils.epath)
     save_every: int = 50
+    save_minutes: float = 10.0  # also save when this much wall clock passed since the last save (0 = off)
     keep: int = 2
     log_every: int = 1
     async_save: bool = True
@@ -76,6 +77,8 @@ class TrainConfig:
             raise M2R2Error(f"lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.end_lr_ratio <= 1:
             raise M2R2Error(f"end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
+        if not 0 <= self.save_minutes < float("inf"):
+            raise M2R2Error(f"save_minutes must be a finite number >= 0, got {self.save_minutes}")
         if self.weight_decay < 0 or self.clip_norm <= 0:
             raise M2R2Error(f"need weight_decay >= 0 and clip_norm > 0 (got {self.weight_decay}, {self.clip_norm})")
 

@@ -89,6 +89,28 @@ class TrainResult:
     draft_ids: np.ndarray
 
 
+
+class _StopFlag:
+    """SIGTERM -> `set` (the training loop saves and returns) instead of dying mid-step; the previous
+    handler comes back after training. Only in the main thread (signals cannot be set elsewhere)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.set, self._old = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._on)
+
+    def _on(self, signum, frame):
+        self.set = True
+
+    def restore(self):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
 def train(
     tc: TrainConfig,
     *,
@@ -177,8 +199,12 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=tc.steps, initial=step, desc="train", dynamic_ncols=True)
+    # a checkpoint at least every `save_minutes`, and one when the process is told to stop (SIGTERM,
+    # as a session or a preemptible VM ends): the step in flight finishes, is saved, and training returns
+    stop = _StopFlag()
+    last_save = time.monotonic()
     try:
-        while step < end:
+        while step < end and not stop.set:
             t0 = time.perf_counter()
             idx = stream.indices_at(pos)
             bt, bm = global_batch(tokens, idx, sh["batch"]), global_batch(mask, idx, sh["batch"])
@@ -208,8 +234,11 @@ def train(
                     agree=f"{float(met['agreement']):.3f}",
                     tok_s=f"{met['tokens_per_second']:.0f}",
                 )
-            ckpt.save(step, m2r2, opt_state, {"draft_ids": draft_ids}, meta_now(), force=(step == tc.steps))
+            due = tc.save_minutes > 0 and time.monotonic() - last_save >= 60 * tc.save_minutes
+            if ckpt.save(step, m2r2, opt_state, {"draft_ids": draft_ids}, meta_now(), force=(step == tc.steps or due or stop.set)):
+                last_save = time.monotonic()
     finally:
+        stop.restore()
         if bar is not None:
             bar.close()
         ckpt.close()
