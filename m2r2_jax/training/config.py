@@ -28,6 +28,7 @@ class DataConfig:
     max_prompt_tokens: int = 192
     max_new_tokens: int = 192
     distill_batch_size: int = 16
+    distill_shard_size: int = 64  # answers per shard file: what an interrupted run can lose at most
     heldout_prompts: int = 64  # the last N prompts are kept out of training (alignment eval)
     loss_on_prompt: bool = False  # also train on prompt positions (the teacher is defined there too)
     teacher_cache_dir: str = ""  # non-empty: cache the frozen base's slow states per example there
@@ -35,7 +36,7 @@ class DataConfig:
     teacher_cache_dtype: str = "bfloat16"  # bfloat16 | float32 (storage of the cached intermediate states)
 
     def __post_init__(self):
-        _at_least(self, ("num_prompts", "max_prompt_tokens", "max_new_tokens", "distill_batch_size"), 1, "data.")
+        _at_least(self, ("num_prompts", "max_prompt_tokens", "max_new_tokens", "distill_batch_size", "distill_shard_size"), 1, "data.")
         _at_least(self, ("heldout_prompts",), 0, "data.")
         if self.teacher_cache_dtype not in ("bfloat16", "float32"):
             raise M2R2Error(f"data.teacher_cache_dtype={self.teacher_cache_dtype!r}: expected bfloat16 or float32")

@@ -56,6 +56,7 @@ def distilled_records(tc: TrainConfig, model, progress: bool = True) -> list[dic
         max_prompt_tokens=d.max_prompt_tokens,
         max_new_tokens=d.max_new_tokens,
         batch_size=d.distill_batch_size,
+        shard_size=d.distill_shard_size,
         progress=progress,
     )
     return [dict(r) for r in ds]
