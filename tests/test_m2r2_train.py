@@ -549,9 +549,17 @@ def test_time_based_checkpoints(tiny_model, tmp_path):
     from m2r2_jax.training.checkpoint import latest_step
 
     m, recs = _model(tiny_model), _records(4)
-    train(_tc(tmp_path / "t", steps=6, save_every=1000, save_minutes=1e-9), model=m, records=recs, progress=False, stop_at=3)
+    train(
+        _tc(tmp_path / "t", steps=6, save_every=1000, save_minutes=1e-9),
+        model=m,
+        records=recs,
+        progress=False,
+        stop_at=3,
+    )
     assert latest_step(tmp_path / "t" / "checkpoints") == 3
-    train(_tc(tmp_path / "n", steps=6, save_every=1000, save_minutes=0), model=m, records=recs, progress=False, stop_at=3)
+    train(
+        _tc(tmp_path / "n", steps=6, save_every=1000, save_minutes=0), model=m, records=recs, progress=False, stop_at=3
+    )
     assert latest_step(tmp_path / "n" / "checkpoints") == 1  # Orbax always keeps the first step; no time-based saves
     with pytest.raises(M2R2Error, match="save_minutes"):
         _tc(tmp_path, save_minutes=-1)

@@ -36,7 +36,12 @@ class DataConfig:
     teacher_cache_dtype: str = "bfloat16"  # bfloat16 | float32 (storage of the cached intermediate states)
 
     def __post_init__(self):
-        _at_least(self, ("num_prompts", "max_prompt_tokens", "max_new_tokens", "distill_batch_size", "distill_shard_size"), 1, "data.")
+        _at_least(
+            self,
+            ("num_prompts", "max_prompt_tokens", "max_new_tokens", "distill_batch_size", "distill_shard_size"),
+            1,
+            "data.",
+        )
         _at_least(self, ("heldout_prompts",), 0, "data.")
         if self.teacher_cache_dtype not in ("bfloat16", "float32"):
             raise M2R2Error(f"data.teacher_cache_dtype={self.teacher_cache_dtype!r}: expected bfloat16 or float32")

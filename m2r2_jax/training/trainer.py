@@ -90,7 +90,6 @@ class TrainResult:
     draft_ids: np.ndarray
 
 
-
 class _StopFlag:
     """SIGTERM -> `set` (the training loop saves and returns) instead of dying mid-step; the previous
     handler comes back after training. Only in the main thread (signals cannot be set elsewhere)."""
@@ -111,6 +110,7 @@ class _StopFlag:
 
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+
 
 def train(
     tc: TrainConfig,
@@ -236,7 +236,9 @@ def train(
                     tok_s=f"{met['tokens_per_second']:.0f}",
                 )
             due = tc.save_minutes > 0 and time.monotonic() - last_save >= 60 * tc.save_minutes
-            if ckpt.save(step, m2r2, opt_state, {"draft_ids": draft_ids}, meta_now(), force=(step == tc.steps or due or stop.set)):
+            if ckpt.save(
+                step, m2r2, opt_state, {"draft_ids": draft_ids}, meta_now(), force=(step == tc.steps or due or stop.set)
+            ):
                 last_save = time.monotonic()
     finally:
         stop.restore()
