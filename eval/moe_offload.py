@@ -5,7 +5,8 @@ links (sim) or run for real against an expert file on this machine's disk (real)
     python -m eval.moe_offload --model smollm2-135m-moe --dataset NAME_OR_PATH [--limit N] \
         [--max-new-tokens N] [--cache-fraction 0.25,0.5,0.75] \
         [--policies ondemand,lru,gate_prefetch,m2r2_aot] [--mode sim|real] \
-        [--link pcie4,nvme,pcie5] [--compute measured,projected] [--chip h100] \
+        [--link pcie4,nvme,pcie5] [--compute measured,projected] [--chip h100] [--launch-us 0,20] \
+        [--window auto|N] [--window-sweep N,...] [--top-k K] [--asset DIR] \
         [--checkpoint DIR] [--store FILE] [--repeats N] --out FILE.json [--plot FILE.png]
 
 The fast stream is an M2R2 checkpoint trained on the dense model an MoEfied base was built from
@@ -23,6 +24,7 @@ from pathlib import Path
 from m2r2_jax.cli import quiet_env, run_main
 
 DEFAULT_CHECKPOINT = "m2r2_jax/assets/smollm2-135m-r3"
+CALIBRATION_SET = "self_instruct/seed_tasks.jsonl"  # a training-prompt source (data/prompts.py), not an eval set
 
 
 def _floats(flag: str, text: str) -> tuple[float, ...]:
@@ -38,6 +40,26 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    from m2r2_jax.errors import M2R2Error
+
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise M2R2Error(f"{flag} {text!r}: expected integers separated by commas") from None
+
+
+def _window(text: str) -> int | None:
+    from m2r2_jax.errors import M2R2Error
+
+    if text.strip() == "auto":
+        return None
+    w = _ints("--window", text)
+    if len(w) != 1:
+        raise M2R2Error(f"--window {text!r}: expected auto or one number of layers")
+    return w[0]
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.moe_offload", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m-moe", help="an MoE model: alias, .gguf, HF dir or hub id")
@@ -51,7 +73,22 @@ def parse(argv=None):
     p.add_argument("--link", default=None, help="sim: comma-separated link presets (default pcie4,nvme,pcie5)")
     p.add_argument("--compute", default="measured,projected", help="sim: per-layer compute measured here / projected")
     p.add_argument("--chip", default="h100", help="sim: the accelerator of the projected compute (roofline.py)")
-    p.add_argument("--alignment", default="auto", help="fast state per slow layer: auto, floor, nearest, ceil")
+    p.add_argument(
+        "--launch-us", default="0", help="sim: per-layer launch overhead(s) added to the projected compute, us"
+    )
+    p.add_argument("--window", default="auto", help="m2r2_aot look-ahead in MoE layers (auto: as far as fits)")
+    p.add_argument("--window-sweep", default="", help="sim: m2r2_aot also at these windows (JSON window_sweep)")
+    p.add_argument("--top-k", type=int, default=None, help="experts per token of a MoEfied alias (default: its own)")
+    p.add_argument("--asset", default=None, help="a MoEfied alias's asset directory instead of its shipped one")
+    p.add_argument(
+        "--alignment", default="calibrated", help="fast state per MoE layer: calibrated, floor, nearest, ceil"
+    )
+    p.add_argument(
+        "--calibration-set",
+        default=None,
+        help="prompts that calibrate the alignment (default: the Self-Instruct seed tasks, a training source)",
+    )
+    p.add_argument("--calibration", type=int, default=4, help="calibration prompts (their first turns)")
     p.add_argument("--store", default=None, help="real: the expert file (default: next to --out; a disk, not tmpfs)")
     p.add_argument("--repeats", type=int, default=1, help="real: runs of each policy (round-robin; fastest kept)")
     p.add_argument("--keep-store", action="store_true", help="real: keep the expert file afterwards")
@@ -70,8 +107,9 @@ def check_path(f: Path, flag: str) -> None:
         raise M2R2Error(f"{flag}: {f} is a directory")
 
 
-def moe_record(name: str, m) -> dict:
-    """The MoE's shape and, for a MoEfied alias, the build of its asset (an alias may be rebuilt later)."""
+def moe_record(name: str, m, asset: str | None = None) -> dict:
+    """The MoE's shape and, for a MoEfied alias, the build of its asset (an alias may be rebuilt later;
+    `asset`: the directory used instead of the alias's own)."""
     c = m.cfg
     rec = dict(
         experts=c.num_experts,
@@ -87,8 +125,8 @@ def moe_record(name: str, m) -> dict:
     if name in derived:
         from m2r2_jax.loading.moefied import ASSETS, read_moe_meta
 
-        meta = read_moe_meta(ASSETS / derived[name][1])
-        rec["asset"] = {k: meta.get(k) for k in ("build", "held_out_mean")}
+        meta = read_moe_meta(Path(asset) if asset else ASSETS / derived[name][1])
+        rec["asset"] = {k: v for k, v in meta.items() if k != "base"}  # its build, metrics, expert storage
     return rec
 
 
@@ -100,8 +138,20 @@ def main(argv=None):
 
     if a.limit < 1:
         raise M2R2Error(f"--limit must be >= 1, got {a.limit}")
+    if a.calibration < 1 and a.alignment == "calibrated":
+        raise M2R2Error(f"--calibration must be >= 1 for the calibrated alignment, got {a.calibration}")
     if a.mode == "real" and a.link is not None:
         raise M2R2Error("--link applies to --mode sim: real mode reads this machine's disk")
+    if a.top_k is not None or a.asset is not None:
+        from m2r2_jax.loading.registry import DERIVED
+
+        flag = "--top-k" if a.top_k is not None else "--asset"
+        if a.model not in DERIVED:
+            raise M2R2Error(f"{flag} applies to a MoEfied alias ({', '.join(DERIVED)}), not {a.model}")
+        if a.top_k is not None and a.top_k < 1:
+            raise M2R2Error(f"--top-k must be >= 1, got {a.top_k}")
+        if a.asset is not None and not Path(a.asset).is_dir():
+            raise M2R2Error(f"--asset {a.asset}: no such directory")
     ec = MoEOffloadConfig(
         policies=_names(a.policies),
         cache_fractions=_floats("--cache-fraction", a.cache_fraction),
@@ -112,6 +162,9 @@ def main(argv=None):
         max_new_tokens=a.max_new_tokens,
         alignment=a.alignment,
         repeats=a.repeats,
+        window=_window(a.window),
+        window_sweep=_ints("--window-sweep", a.window_sweep),
+        launch_us=_floats("--launch-us", a.launch_us),
     )
     name = Path(a.dataset).stem if Path(a.dataset).suffix else a.dataset.replace("/", "_").replace(":", "_")
     out = Path(a.out) if a.out else Path("runs") / "moe_offload" / f"{name}_{ec.mode}.json"
@@ -144,7 +197,23 @@ def main(argv=None):
     from m2r2_jax.loading.tokenizer import encode_chat
 
     items = load_eval_set(a.dataset, limit=a.limit)
-    m = load_model(a.model)
+    cal_items = []
+    if ec.needs_fast and ec.alignment == "calibrated":
+        from m2r2_jax.data import data_root
+
+        cal_set = a.calibration_set or str(data_root() / CALIBRATION_SET)
+        cal_items = load_eval_set(cal_set, limit=a.calibration)
+        texts = {" ".join(t.lower().split()) for it in load_eval_set(a.dataset) for t in it.turns}  # all of it
+        if any(" ".join(it.turns[0].lower().split()) in texts for it in cal_items):
+            raise M2R2Error(f"--calibration-set {cal_set}: it shares prompts with the evaluated set")
+    if a.top_k is not None or a.asset is not None:
+        from m2r2_jax.loading.moefied import load_moefied
+        from m2r2_jax.loading.registry import DERIVED
+
+        base, shipped = DERIVED[a.model]
+        m = load_moefied(base, a.asset or shipped, top_k=a.top_k)
+    else:
+        m = load_model(a.model)
     if m.cfg.mlp_type != "moe":
         raise M2R2Error(f"--model {a.model} is not an MoE model (its MLPs are {m.cfg.mlp_type})")
     fast, meta = None, {}
@@ -162,12 +231,15 @@ def main(argv=None):
         fast = merged_fast_stream(dense.cfg, mc, dense.params, m2r2)
         del dense, m2r2
     prompts = [encode_chat(m.tokenizer, [{"role": "user", "content": it.turns[0]}]) for it in items]
+    cal = [encode_chat(m.tokenizer, [{"role": "user", "content": it.turns[0]}]) for it in cal_items]
     gen = Generator(m.cfg)
     plain = [gen.generate(m.params, [p], GenerateConfig(max_new_tokens=ec.max_new_tokens)).new_ids[0] for p in prompts]
     dec = MoEDecoder(m.cfg, m.params, fast)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        res = run_moe_offload(dec, prompts, ec, store_path=store, plain_tokens=plain, progress=not a.no_progress)
+        res = run_moe_offload(
+            dec, prompts, ec, store_path=store, plain_tokens=plain, progress=not a.no_progress, calibration=cal
+        )
     finally:
         if store is not None and not a.keep_store:
             store.unlink(missing_ok=True)
@@ -185,10 +257,16 @@ def main(argv=None):
         chip=ec.chip,
         max_new_tokens=ec.max_new_tokens,
         alignment=ec.alignment,
+        calibration=[it.id for it in cal_items],
         repeats=ec.repeats,
+        window="auto" if ec.window is None else ec.window,
+        window_sweep=list(ec.window_sweep),
+        launch_us=list(ec.launch_us) if ec.mode == "sim" else None,
+        top_k_override=a.top_k,
+        asset_override=a.asset,
         command="python -m eval.moe_offload " + " ".join(sys.argv[1:] if argv is None else argv),
     )
-    res["config"]["moe"] = moe_record(a.model, m)
+    res["config"]["moe"] = moe_record(a.model, m, a.asset)
     res["machine"] = machine_info()
     plot.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))

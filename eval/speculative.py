@@ -2,14 +2,15 @@
 tokens/s, speed-up, tau and losslessness per category, acceptance by tree depth.
 
     python -m eval.speculative --model smollm2-135m [--checkpoint DIR] --dataset NAME_OR_PATH \
-        [--drafter m2r2|pld|draft_verify|lookahead|rest] [--tree NAME] [--draft-layers N] \
+        [--drafter m2r2|pld|draft_verify|lookahead|rest|medusa|eagle|eagle2] [--tree NAME] [--draft-layers N] \
         [--temperature T] [--top-p P] [--seed S] [--max-new-tokens N] [--limit K] [--batch-size B] \
         [--out FILE.json] [--plot FILE.png] [--resume]
 
 --drafter picks what drafts in the same loop (verification, acceptance, the lossless check and the
 cost breakdown are the same for all): m2r2 (the trained fast stream, default; with --lookup), pld
 (prompt lookup alone), or a training-free peer: draft_verify (the base with layers skipped,
---skip-layers / --exit-layer, --dv-*), lookahead (--la-*), rest (--rest-datastore DIR, --rest-*).
+--skip-layers / --exit-layer, --dv-*), lookahead (--la-*), rest (--rest-datastore DIR, --rest-*); or a
+trained peer: medusa (--medusa-checkpoint DIR), eagle / eagle2 (--eagle-checkpoint DIR, --eagle-*).
 
 Every finished item is appended to FILE.partial.jsonl next to --out; after an
 interruption, the same command with --resume carries on from there (the

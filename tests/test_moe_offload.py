@@ -22,6 +22,7 @@ from m2r2_jax.offload import ExpertStore, build_schedule, run_real
 
 E, K, NEW = 4, 2, 8
 PROMPTS = [[5, 17, 33, 9, 4], [7, 8, 9], list(range(20, 34))]
+CALIBRATION = [[11, 12, 13, 40], [60, 61]]  # other prompts: they pick the calibrated alignment
 
 
 def _random(abstract, seed: int, scale: float):
@@ -94,6 +95,33 @@ def test_alignment_of_fast_states():
     assert [aligned_state(t, j, "ceil") for j in range(9)] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
 
 
+def test_calibrated_alignment_is_the_best_state_per_layer(model, collected):
+    _, _, dec, _ = model
+    src, rec = MT.calibrate_alignment(dec, collected, K)
+    assert rec.shape == (3, 3) and np.array_equal(src, rec.argmax(0))  # states h^0, h_f^1, h_f^2 x 3 MoE layers
+    preds = MT.predictions(dec, collected, K, {"calibrated": src})
+    floor = dec.state_index("floor")
+    for l in range(3):  # the recall table agrees with the predictions of a fixed map at its states
+        got = (preds["m2r2"]["floor"][:, l, :, None] == collected.needed[:, l, None, :]).any(1).mean()
+        assert rec[floor[l], l] == pytest.approx(got)
+    per_layer = [
+        (preds["m2r2"]["calibrated"][:, l, :, None] == collected.needed[:, l, None, :]).any(1).mean() for l in range(3)
+    ]
+    assert per_layer == pytest.approx(rec.max(0).tolist())
+
+
+def test_prediction_against_the_previous_tokens_experts():
+    needed = np.array([[[0, 1]], [[1, 2]], [[2, 3]]])
+    pred = np.array([[[0, 1]], [[1, 3]], [[0, 2]]])
+    prev = np.concatenate([needed[:1], needed[:-1]])
+    got = MT.predicted_vs_previous(pred, needed, prev, np.array([False, True, True]), 8)
+    # step 1: both {1} used, predicted only {3}, previous only {0}, neither {2, 4..7} with 2 used;
+    # step 2: both {2} used, predicted only {0}, previous only {1}, neither {3, 4..7} with 3 used
+    assert got["both"] == {"p_used": 1.0, "per_layer": 1.0}
+    assert got["predicted_only"] == {"p_used": 0.0, "per_layer": 1.0} == got["previous_only"]
+    assert got["neither"] == {"p_used": pytest.approx(0.2), "per_layer": 5.0}
+
+
 def test_recall_and_trace_predictions(model, collected):
     _, _, dec, _ = model
     preds = MT.predictions(dec, collected, K)
@@ -112,8 +140,11 @@ def test_recall_and_trace_predictions(model, collected):
 
 def test_real_mode_decodes_the_plain_tokens_from_cached_weights(model, tmp_path):
     cfg, params, dec, plain = model
-    ec = MO.MoEOffloadConfig(mode="real", max_new_tokens=NEW, cache_fractions=(K / (3 * E), 0.5), repeats=2)
+    ec = MO.MoEOffloadConfig(
+        mode="real", max_new_tokens=NEW, cache_fractions=(K / (3 * E), 0.5), repeats=2, alignment="ceil"
+    )
     res = MO.run_moe_offload(dec, PROMPTS, ec, store_path=tmp_path / "experts.bin", plain_tokens=plain)
+    assert res["recall"]["m2r2_state_per_layer"] == dec.state_index("ceil").tolist()  # a fixed map: no calibration
     assert res["identical_outputs"] is True and res["plain_decode_match"] == [True] * 3
     assert len(res["results"]) == 2 * 4 and all(r["tokens_identical"] for r in res["results"])
     assert res["store"]["m2r2_live_prediction_mismatches"] == {K / (3 * E): 0, 0.5: 0}
@@ -147,9 +178,19 @@ def _layout(cfg):
 
 def test_sim_mode_rows(model):
     _, _, dec, plain = model
-    ec = MO.MoEOffloadConfig(mode="sim", links=("pcie4", "nvme"), max_new_tokens=NEW, cache_fractions=(0.5, 1.0))
-    res = MO.run_moe_offload(dec, PROMPTS, ec, plain_tokens=plain)
-    assert len(res["results"]) == 2 * 2 * 2 * 4 and res["identical_outputs"] is True
+    ec = MO.MoEOffloadConfig(
+        mode="sim",
+        links=("pcie4", "nvme"),
+        max_new_tokens=NEW,
+        cache_fractions=(0.5, 1.0),
+        launch_us=(0.0, 20.0),
+        window_sweep=(0, 1),
+    )
+    res = MO.run_moe_offload(dec, PROMPTS, ec, plain_tokens=plain, calibration=CALIBRATION)
+    # links x compute (measured, projected, projected+20us) x fractions x policies
+    assert len(res["results"]) == 2 * 3 * 2 * 4 and res["identical_outputs"] is True
+    assert {r["compute"] for r in res["results"]} == {"measured", "projected", "projected+20us"}
+    assert len(res["window_sweep"]) == 2 * 3 * 2 * 2 and {r["window"] for r in res["window_sweep"]} == {0, 1}
     keys = {
         "policy",
         "cache_fraction",
@@ -160,10 +201,20 @@ def test_sim_mode_rows(model):
         "speedup_vs_ondemand",
     }
     assert all(keys <= set(r) for r in res["results"])
+    # with the whole cache the window reaches every layer but the first (whose needs are known at its
+    # own step): the schedule's recall is the predictor's over layers 1.. (width = k)
     full = [r for r in res["results"] if r["cache_fraction"] == 1.0 and r["policy"] == "m2r2_aot"]
-    assert all(r["recall"] == res["recall"]["m2r2_alignments"][res["recall"]["m2r2_alignment"]] for r in full)
-    proj = res["compute_ms"]["projected"]
+    by_layer = res["recall"]["m2r2_by_distance"]
+    want = sum(r["recall"] * r["needs"] for r in by_layer if r["distance"] >= 1) / sum(r["needs"] for r in by_layer)
+    assert full and all(r["recall"] == pytest.approx(want) and r["window"] == 2 for r in full)
+    proj, more = res["compute_ms"]["projected"], res["compute_ms"]["projected+20us"]
     assert len(proj["layer_ms"]) == 3 and proj["fast_ms"] > 0 and "not measured" in proj["source"]
+    # 20 us per decoder layer (4), per fast layer (2) and the head: where each runs
+    assert more["per_token_ms"] - proj["per_token_ms"] == pytest.approx(0.02 * 5)
+    assert more["fast_ms"] - proj["fast_ms"] == pytest.approx(0.02 * 2)
+    aot = [r for r in res["results"] if r["policy"] == "m2r2_aot"]
+    assert all(r["speedup_fast_stream_free"] >= r["speedup_vs_ondemand"] for r in aot)
+    assert res["recall"]["m2r2_alignment"] == "calibrated" and res["recall"]["calibration"]["prompts"] == 2
     assert MO.render_png(res).startswith(b"\x89PNG")
 
 
@@ -179,6 +230,17 @@ def test_sim_mode_rows(model):
         (["--compute", "guessed"], "unknown compute source"),
         (["--chip", "tpu9"], "unknown chip"),
         (["--alignment", "middle"], "unknown alignment"),
+        (["--window", "near"], "expected integers"),
+        (["--window", "1,2"], "expected auto or one number"),
+        (["--window", "-1"], "window must be a number of layers"),
+        (["--window-sweep", "1,x"], "expected integers"),
+        (["--launch-us", "-5"], "launch overhead must be microseconds"),
+        (["--model", "smollm2-135m", "--top-k", "2"], "--top-k applies to a MoEfied alias"),
+        (["--top-k", "0"], "--top-k must be >= 1"),
+        (["--asset", "no/such/asset"], "no such directory"),
+        (["--model", "smollm2-135m", "--asset", "."], "--asset applies to a MoEfied alias"),
+        (["--calibration", "0"], "--calibration must be >= 1"),
+        (["--calibration-set", "mt_bench"], "shares prompts with the evaluated set"),
         (["--limit", "0"], "--limit must be >= 1"),
         (["--max-new-tokens", "1"], "max_new_tokens must be an integer >= 2"),
         (["--checkpoint", "no/such/dir"], "checkpoint not found"),

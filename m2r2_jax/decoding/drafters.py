@@ -18,6 +18,14 @@ A drafter that keeps state across steps (Lookahead's n-gram pool and Jacobi wind
 and implements `init_state` (after prefill) and `update_state` (after each verification, from the
 full model's argmax at every node of the block, `StepResult`); the loop carries that pytree in its
 state and hands it to `propose` as `view.dstate`. Stateless drafters never see any of this.
+
+A drafter that reads the full model's final hidden states (Medusa's heads, EAGLE's features) sets
+`needs_hidden`: the loop then takes them from the prefill and verification forwards it runs anyway
+(no extra forward) and hands `view.hidden` (the state at slot pos - 1, whose logits chose cur),
+`view.prompt_hidden` (every prompt slot, in `init_state`) and `StepResult.hidden` (the accepted
+path's nodes), all before the final norm (state.py). A drafter that builds its tree per step (EAGLE-2)
+sets `dynamic` and returns the tree's tables with each proposal (`Proposal.layout`); its `trees`
+then only fix the static shapes (Tv nodes, depth, children per node) its trees stay within.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ class Drafter:
     lookahead: int = 0
     block: int = 0  # verify at least this many nodes (a composite pads its parts to one block)
     stateful: bool = False  # carries `init_state`'s pytree through the loop
+    needs_hidden: bool = False  # reads the full model's final hidden states (view.hidden, ...)
+    dynamic: bool = False  # its proposals carry their own per-row tree (Proposal.layout)
 
     def prepare(self, base, *sources) -> Any:
         return None

@@ -8,7 +8,11 @@ the cache):
   3. accept: greedy or by rejection sampling, under the tree that laid the block out;
   4. compact: the accepted nodes' K/V move to contiguous slots; pos += accepted + 1.
 Rows advance independently (per-row positions), so a batch equals its rows one by one. The loop
-state is a named dataclass (state.py).
+state is a named dataclass (state.py). For drafters that read the full model's final hidden states
+(`Drafter.needs_hidden`: Medusa, EAGLE) the prefill and the verification forward also return them
+(`prefill_hidden`, `verify.verify_hidden`: the same forwards, no extra one), and the loop carries the
+state at slot pos - 1; a dynamic drafter's per-row tree (`Proposal.layout`) is verified and accepted
+under its own tables.
 """
 
 from __future__ import annotations
@@ -26,10 +30,18 @@ from m2r2_jax.backend import XLA, Backend
 from m2r2_jax.config import ModelConfig
 from m2r2_jax.decoding.compiled import CompileCache
 from m2r2_jax.decoding.drafters import Drafter
-from m2r2_jax.decoding.generate import bucket, pad_prompts, prefill, round_cache, stop_tuple
+from m2r2_jax.decoding.generate import PREFILL_CHUNK, bucket, pad_prompts, prefill, round_cache, stop_tuple
 from m2r2_jax.decoding.sampling import SamplingConfig, sample_probs, select
-from m2r2_jax.decoding.state import DraftView, SpecState, SpecStats, StepResult
-from m2r2_jax.decoding.verify import TreeTables, accept_greedy, accept_sampling, compact, node_accepted, verify
+from m2r2_jax.decoding.state import DraftView, SpecState, SpecStats, StepResult, TreeLayout
+from m2r2_jax.decoding.verify import (
+    TreeTables,
+    accept_greedy,
+    accept_sampling,
+    compact,
+    node_accepted,
+    verify,
+    verify_hidden,
+)
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.model import decoder as D
 
@@ -60,14 +72,22 @@ def _init_stats(B: int, tt: TreeTables) -> SpecStats:
     )
 
 
-def _update_stats(s: SpecStats, tt: TreeTables, active, tree, a, correct) -> SpecStats:
+def _update_stats(
+    s: SpecStats, tt: TreeTables, active, tree, a, correct, layout: TreeLayout | None = None
+) -> SpecStats:
+    """(A dynamic tree's node statistics are per block slot, under each step's own tree.)"""
     t0 = tt.trees[0]
     B = a.shape[0]
     act = active.astype(jnp.int32)
     kind = (jnp.arange(len(tt.trees)) == tree).astype(jnp.int32)[None]  # [1, nK]
     first = act * (tree == 0).astype(jnp.int32)
-    ok = node_accepted(jnp.asarray(t0.ancestor_mask), correct[:, : t0.size])
-    parent_ok = jnp.take_along_axis(ok, jnp.broadcast_to(jnp.asarray(np.maximum(t0.parent, 0))[None], (B, t0.size)), 1)
+    if layout is None:
+        anc = jnp.asarray(t0.ancestor_mask)
+        par = jnp.broadcast_to(jnp.asarray(np.maximum(t0.parent, 0))[None], (B, t0.size))
+    else:
+        anc, par = layout.mask[:, : t0.size, : t0.size], layout.parent[:, : t0.size]
+    ok = node_accepted(anc, correct[:, : t0.size])
+    parent_ok = jnp.take_along_axis(ok, par, 1)
     return SpecStats(
         steps=s.steps + act,
         accepted=s.accepted + act * a,
@@ -77,6 +97,37 @@ def _update_stats(s: SpecStats, tt: TreeTables, active, tree, a, correct) -> Spe
         node_tries=s.node_tries + first[:, None] * parent_ok.astype(jnp.int32),
         node_hits=s.node_hits + first[:, None] * (parent_ok & correct[:, : t0.size]).astype(jnp.int32),
     )
+
+
+def prefill_hidden(
+    cfg: ModelConfig, params, tokens, lengths, cache, chunk: int = PREFILL_CHUNK, backend: Backend = XLA
+):
+    """`generate.prefill` (the same chunks, the same last-token logits), also returning every prompt
+    slot's final hidden state: -> (logits [B, V], cache, hidden [B, P, D] before the final norm; slots
+    past the longest prompt's last chunk stay zero)."""
+    B, P = tokens.shape
+    C = chunk if (P > chunk and P % chunk == 0) else P
+    if C == P:
+        h, cache, _ = D.forward_hidden(cfg, params, tokens, cache, jnp.zeros((B,), jnp.int32), backend=backend)
+        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
+        return D.logits_from_hidden(cfg, params, last)[:, 0], cache, h
+    n_chunks = (jnp.max(lengths) + C - 1) // C
+
+    def body(st):
+        i, cache, last, hs = st
+        s = i * C
+        h, cache, _ = D.forward_hidden(
+            cfg, params, lax.dynamic_slice(tokens, (0, s), (B, C)), cache, jnp.full((B,), s, jnp.int32), backend=backend
+        )
+        j = lengths - 1 - s
+        hj = jnp.take_along_axis(h, jnp.clip(j, 0, C - 1)[:, None, None], axis=1)
+        last = jnp.where(((j >= 0) & (j < C))[:, None, None], hj.astype(last.dtype), last)
+        return i + 1, cache, last, lax.dynamic_update_slice(hs, h.astype(hs.dtype), (0, s, 0))
+
+    last0 = jnp.zeros((B, 1, cfg.hidden_size), cfg.jnp_dtype)
+    hs0 = jnp.zeros((B, P, cfg.hidden_size), cfg.jnp_dtype)
+    _, cache, last, hs = lax.while_loop(lambda st: st[0] < n_chunks, body, (jnp.int32(0), cache, last0, hs0))
+    return D.logits_from_hidden(cfg, params, last)[:, 0], cache, hs
 
 
 def speculative_fn(
@@ -96,7 +147,12 @@ def speculative_fn(
     def run(base, dparams, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
         B, P = tokens.shape
         cache = D.init_cache(cfg, B, cache_len)
-        logits, cache = prefill(cfg, base, tokens, lengths, cache, backend=backend)
+        hidden = prompt_hidden = None
+        if drafter.needs_hidden:
+            logits, cache, prompt_hidden = prefill_hidden(cfg, base, tokens, lengths, cache, backend=backend)
+            hidden = jnp.take_along_axis(prompt_hidden, (lengths - 1)[:, None, None], 1)[:, 0]
+        else:
+            logits, cache = prefill(cfg, base, tokens, lengths, cache, backend=backend)
         key, sub = jax.random.split(key)
         cur = select(logits, sub, greedy, temperature, top_k, top_p)
         text = None
@@ -106,7 +162,16 @@ def speculative_fn(
         done = jnp.isin(cur, stop_ids) | (max_new <= 1)
         dstate = None
         if drafter.stateful:
-            view0 = DraftView(cache=cache, pos=lengths, cur=cur, text=text, text_len=lengths + 1, active=~done)
+            view0 = DraftView(
+                cache=cache,
+                pos=lengths,
+                cur=cur,
+                text=text,
+                text_len=lengths + 1,
+                active=~done,
+                hidden=hidden,
+                prompt_hidden=prompt_hidden,
+            )
             dstate = drafter.init_state(dparams, base, view0)
         state = SpecState(
             pos=lengths,
@@ -119,16 +184,17 @@ def speculative_fn(
             stats=_init_stats(B, tt),
             text=text,
             dstate=dstate,
+            hidden=hidden,
         )
 
-        def accept(tree, toks, logits, sub):
+        def accept(tree, toks, logits, sub, layout):
             if greedy:
-                return accept_greedy(tt, tree, toks, jnp.argmax(logits, -1).astype(jnp.int32))
+                return accept_greedy(tt, tree, toks, jnp.argmax(logits, -1).astype(jnp.int32), layout)
             if filtered:
                 probs = jax.vmap(lambda lg: sample_probs(lg, temperature, top_k, top_p), 1, 1)(logits)
             else:
                 probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6), -1)
-            return accept_sampling(tt, tree, toks, probs, sub)
+            return accept_sampling(tt, tree, toks, probs, sub, layout)
 
         def body(st: SpecState) -> SpecState:
             active = ~st.done
@@ -141,10 +207,15 @@ def speculative_fn(
                 text_len=lengths + st.n_out,
                 active=active,
                 dstate=st.dstate,
+                hidden=st.hidden,
             )
             prop = drafter.propose(dparams, base, view)
-            logits, cache = verify(cfg, backend, base, tt, prop.tree, prop.tokens, st.cache, st.pos)
-            a, path, bonus, correct = accept(prop.tree, prop.tokens, logits, sub)
+            lay = prop.layout
+            if drafter.needs_hidden or lay is not None:
+                logits, cache, hv = verify_hidden(cfg, backend, base, tt, prop.tree, prop.tokens, st.cache, st.pos, lay)
+            else:
+                logits, cache = verify(cfg, backend, base, tt, prop.tree, prop.tokens, st.cache, st.pos)
+            a, path, bonus, correct = accept(prop.tree, prop.tokens, logits, sub, lay)
             cache = compact(cache, st.pos, path)
             # emit the accepted path's tokens, then the bonus token; stop at a stop token or max_new
             k = jnp.arange(W)[None]
@@ -161,12 +232,16 @@ def speculative_fn(
             if text is not None:
                 text = jnp.where(active[:, None], put(text, emitted, lengths + st.n_out), text)
             n_out = st.n_out + jnp.where(active, n_new, 0)
+            hidden, path_h = st.hidden, None
+            if drafter.needs_hidden:  # the accepted path's states; the deepest is the next step's pos - 1
+                path_h = jnp.take_along_axis(hv, path[:, :, None], 1)  # [B, W, D]
+                deepest = jnp.take_along_axis(path_h, a[:, None, None], 1)[:, 0]
+                hidden = jnp.where(active[:, None], deepest.astype(st.hidden.dtype), st.hidden)
             dstate = st.dstate
             if drafter.stateful:
                 target = jnp.argmax(logits, -1).astype(jnp.int32)
-                dstate = drafter.update_state(
-                    dparams, dstate, view, prop, StepResult(target, a, path, emitted, jnp.where(active, n_new, 0))
-                )
+                step = StepResult(target, a, path, emitted, jnp.where(active, n_new, 0), path_h)
+                dstate = drafter.update_state(dparams, dstate, view, prop, step)
             return SpecState(
                 pos=jnp.where(active, st.pos + a + 1, st.pos),
                 cur=jnp.where(active, bonus, st.cur),
@@ -175,9 +250,10 @@ def speculative_fn(
                 n_out=n_out,
                 done=st.done | (first_stop < W) | (n_out >= max_new),
                 key=key,
-                stats=_update_stats(st.stats, tt, active, prop.tree, a, correct),
+                stats=_update_stats(st.stats, tt, active, prop.tree, a, correct, lay),
                 text=text,
                 dstate=dstate,
+                hidden=hidden,
             )
 
         st = lax.while_loop(lambda st: ~jnp.all(st.done), body, state)
@@ -251,6 +327,10 @@ class SpeculativeDecoder:
         if not prompts:
             raise M2R2Error("no prompts given")
         B, lens = len(prompts), [len(p) for p in prompts]
+        if self.drafter.dynamic and self.backend.block_attention is not None and B > 1:
+            raise M2R2Error(
+                f"a dynamic draft tree with the {self.backend.name} block attention needs batch size 1 (got {B})"
+            )
         P, S_ = self.plan(lens, sc.max_new_tokens)
         s = sc.sampling
         filtered = (s.top_k > 0) or (s.top_p < 1.0)
@@ -307,6 +387,7 @@ class SpeculativeDecoder:
         pos = jnp.full((batch,), fill, jnp.int32)
         cur = jnp.ones((batch,), jnp.int32)
         first = getattr(drafter, "m2r2", drafter)  # a composite's M2R2 part: what M2R2 steps draft with
+        hd = (batch, cfg.hidden_size)
         view = DraftView(
             cache=cache,
             pos=pos,
@@ -314,6 +395,8 @@ class SpeculativeDecoder:
             text=jnp.zeros((batch, fill + 64), jnp.int32),
             text_len=pos,
             active=jnp.ones((batch,), bool),
+            hidden=jnp.zeros(hd, cfg.jnp_dtype) if first.needs_hidden else None,
+            prompt_hidden=jnp.zeros((batch, fill, cfg.hidden_size), cfg.jnp_dtype) if first.needs_hidden else None,
         )
         if first.stateful:  # a stateful drafter proposes from its state (e.g. Lookahead's pool and window)
             view = view.replace(dstate=jax.jit(first.init_state)(dparams, base, view))

@@ -11,6 +11,11 @@ forward and one acceptance serve every kind of step with the same shapes.
            plus the bonus token; sampling: recursive rejection sampling over each node's ranked
            children (lossless for one-hot proposals);
   compact  the accepted nodes' K/V move to contiguous slots pos+1 .. pos+a.
+
+A dynamic drafter (EAGLE-2) builds its tree per step and row: its proposal carries the tables as data
+(`state.TreeLayout`, [B, ...]); verification then masks each row with its own ancestor mask and
+acceptance reads its rows' tables, with the same static Tv / W / K as the drafter's static trees.
+`verify_hidden` also returns the final hidden states of the block (for drafters that read them).
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2r2_jax.backend import Backend
+from m2r2_jax.decoding.state import TreeLayout
 from m2r2_jax.decoding.trees import DraftTree
+from m2r2_jax.errors import M2R2Error
 from m2r2_jax.model import decoder as D
 from m2r2_jax.model import layers as L
+from m2r2_jax.model.attention import CacheAttention
+from m2r2_jax.model.modules import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +76,15 @@ class TreeTables:
                     k = t.parent[k]
         return cls(trees, Tv, W, mask, depth, parent, children, path)
 
+    def layout(self, tree: int, B: int) -> TreeLayout:
+        """Static tree `tree`'s tables as a per-row layout (what a dynamic drafter's composite hands
+        the loop when one of its static trees drafted)."""
+
+        def rows(x):
+            return jnp.broadcast_to(jnp.asarray(x[tree])[None], (B,) + x.shape[1:])
+
+        return TreeLayout(rows(self.mask), rows(self.depth), rows(self.parent), rows(self.children), rows(self.path))
+
     def __hash__(self):
         return hash((self.trees, self.block))
 
@@ -89,10 +107,59 @@ def verify(cfg, backend: Backend, base, tt: TreeTables, tree, toks, cache, pos):
     )
 
 
-def accept_greedy(tt: TreeTables, tree, toks, target):
+def verify_hidden(
+    cfg, backend: Backend, base, tt: TreeTables, tree, toks, cache, pos, layout: TreeLayout | None = None
+):
+    """`verify`, also returning the block's final hidden states: -> (logits [B, Tv, V] f32, cache,
+    hidden [B, Tv, D] before the final norm). The logits are computed exactly as `verify` computes them.
+    With a `layout` (a dynamic tree) each row is masked by its own ancestor mask; the block-attention
+    kernels take one mask for the batch, so there the batch must be one row."""
+    if layout is None:
+        depth = jnp.asarray(tt.depth)[tree]
+        h, cache, _ = D.forward_hidden(
+            cfg,
+            base,
+            toks,
+            cache,
+            pos,
+            positions=pos[:, None] + depth[None],
+            local_mask=jnp.asarray(tt.mask)[tree],
+            backend=backend,
+        )
+        return D.logits_from_hidden(cfg, base, h), cache, h
+    B, T = toks.shape
+    start = pos.astype(jnp.int32)
+    if backend.block_attention is not None:
+        if B != 1:
+            raise M2R2Error("a dynamic draft tree with the block-attention kernels needs batch size 1")
+        mask = layout.mask[0]
+    else:  # per row: the cached prefix, then the block under the row's own ancestor mask
+        rel = jnp.arange(cache.length)[None, :] - start[:, None]  # [B, S]
+        loc = jnp.take_along_axis(
+            layout.mask, jnp.broadcast_to(jnp.clip(rel, 0, T - 1)[:, None], (B, T, cache.length)), 2
+        )
+        mask = (rel < 0)[:, None] | (((rel >= 0) & (rel < T))[:, None] & loc)
+    cos, sin = D.rope_for(cfg, start[:, None] + layout.depth)
+    h, states, _, _ = Transformer(cfg).apply(
+        D.variables(base), toks, cos, sin, lambda i: CacheAttention(cfg, backend, cache.k[i], cache.v[i], start, mask)
+    )
+    ks, vs = list(cache.k), list(cache.v)
+    for i, (k, v) in states.items():
+        ks[i], vs[i] = k, v
+    return D.logits_from_hidden(cfg, base, h), D.KVCache(ks, vs), h
+
+
+def accept_greedy(tt: TreeTables, tree, toks, target, layout: TreeLayout | None = None):
     """target [B, Tv]: the full model's argmax at each node.
     -> (accepted depth a [B], path [B, W] node ids root..deepest accepted, bonus [B], correct [B, Tv])."""
     Tv = tt.block
+    if layout is not None:  # the same, each row under its own tables
+        correct = (toks == jnp.take_along_axis(target, layout.parent, 1)).at[:, 0].set(True)
+        ok = node_accepted(layout.mask, correct)
+        best = jnp.argmax(jnp.where(ok, layout.depth * Tv + (Tv - jnp.arange(Tv))[None], -1), -1)
+        path = jnp.take_along_axis(layout.path, best[:, None, None], 1)[:, 0]
+        bonus = jnp.take_along_axis(target, best[:, None], 1)[:, 0]
+        return jnp.take_along_axis(layout.depth, best[:, None], 1)[:, 0], path, bonus, correct
     par, anc = jnp.asarray(tt.parent)[tree], jnp.asarray(tt.mask)[tree]
     depth = jnp.asarray(tt.depth)[tree]
     correct = (toks == target[:, par]).at[:, 0].set(True)
@@ -105,17 +172,22 @@ def accept_greedy(tt: TreeTables, tree, toks, target):
 
 
 def node_accepted(anc, correct):
-    """anc [Tv, Tv], correct [B, Tv] -> [B, Tv]: the node and all its ancestors matched."""
-    return jnp.all(jnp.where(anc[None], correct[:, None, :], True), -1)
+    """anc [Tv, Tv] (or per row [B, Tv, Tv]), correct [B, Tv] -> [B, Tv]: the node and all its
+    ancestors matched."""
+    return jnp.all(jnp.where(anc[None] if anc.ndim == 2 else anc, correct[:, None, :], True), -1)
 
 
-def accept_sampling(tt: TreeTables, tree, toks, probs, key):
+def accept_sampling(tt: TreeTables, tree, toks, probs, key, layout: TreeLayout | None = None):
     """Recursive rejection sampling with one-hot (top-k) proposals; exact for the base distribution.
-    probs [B, Tv, V]: the sampling distribution at each node. -> (a, path [B, W], bonus, correct)."""
-    children = jnp.asarray(tt.children)[tree]
-    paths = jnp.asarray(tt.path)[tree]
+    probs [B, Tv, V]: the sampling distribution at each node. -> (a, path [B, W], bonus, correct).
+    The proposals only have to be fixed before the target is sampled (any deterministic draft, a
+    dynamic tree's included)."""
+    if layout is None:
+        children, paths, axis = jnp.asarray(tt.children)[tree], jnp.asarray(tt.path)[tree], None
+    else:
+        children, paths, axis = layout.children, layout.path, 0
 
-    def row(toks, probs, key):
+    def row(toks, probs, key, children, paths):
         node, alive, a = jnp.int32(0), jnp.bool_(True), jnp.int32(0)
         p = probs[0]
         for _ in range(tt.width):
@@ -138,7 +210,7 @@ def accept_sampling(tt: TreeTables, tree, toks, probs, key):
         return a, paths[node], bonus.astype(jnp.int32)
 
     keys = jax.random.split(key, toks.shape[0])
-    a, path, bonus = jax.vmap(row)(toks, probs, keys)
+    a, path, bonus = jax.vmap(row, (0, 0, 0, axis, axis))(toks, probs, keys, children, paths)
     return a, path, bonus, jnp.zeros(toks.shape, bool)
 
 

@@ -6,7 +6,8 @@ the same call, so each speed-up is a ratio measured in one run), with its own jo
 
 Drafter specs: a `--drafter` name of eval.speculative (decoding/peer_drafters/options.py DRAFTERS) for
 the drafter alone (M2R2 alone is `m2r2`: prompt lookup off), or `NAME+lookup` for it combined with
-prompt lookup (today M2R2 only: `m2r2+lookup` is eval.speculative's default command).
+prompt lookup (`COMBINES`: M2R2, Kangaroo, the 2-model drafter, Medusa, EAGLE, EAGLE-2; `m2r2+lookup`
+is eval.speculative's default command).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 
 from m2r2_jax.errors import M2R2Error
 
-COMBINES = ("m2r2",)  # drafters that combine with prompt lookup in one loop
+COMBINES = ("m2r2", "kangaroo", "sps", "medusa", "eagle", "eagle2")  # combine with prompt lookup in one loop
 
 
 def parse_specs(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -48,7 +49,7 @@ def spec_options(spec: str, knobs: dict | None = None):
 
     name, _, extra = spec.partition("+")
     own = {k: v for k, v in (knobs or {}).items() if k in DRAFTERS[name][1] and v is not None}
-    if name == "m2r2":
+    if name in COMBINES:
         own["lookup"] = own.get("lookup", 4) if extra else 0
     return draft_options(name, **own)
 
@@ -129,6 +130,8 @@ def run_compare(
             progress=progress,
         )
         b = budgets.get(name, {}) if opts.needs_m2r2 or name in budgets else dict(trainable_params=0, train_minutes=0)
+        if name not in budgets and hasattr(opts, "budget"):  # a trained peer: its checkpoint's meta
+            b = opts.budget()
         row = _row(res, b.get("trainable_params"), b.get("train_minutes"))
         row["options"] = opts.describe() if hasattr(opts, "describe") else {}
         done.write_text(json.dumps(row, default=str))

@@ -9,17 +9,22 @@ loading, an LRU cache, and LRU + the next-layer gate (Mixtral-offloading / Pre-g
      gate_pred  layer l's router on MoE layer l-1's MLP input, i.e. rms_norm(h after layer l-1's
                 attention, layer l-1's mlp_norm): the normalised state layer l-1's own router and
                 experts read, one layer ahead (row 0 has none)
-     m2r2_pred  layer l's router on its mlp_norm of the fast state aligned with layer l (alignment
-                "floor" / "nearest" / "ceil", moe_decode.aligned_state; "auto" keeps the one with the
-                highest recall@k), available at step 0: the fast stream runs before the slow layers,
-                and its compute is charged to m2r2_aot's per-token time (measured; projected)
+     m2r2_pred  layer l's router on its mlp_norm of the fast state aligned with layer l: "calibrated"
+                (per MoE layer the fast state with the best recall@k on the traces of calibration
+                prompts, never the evaluated ones) or a fixed map ("floor" / "nearest" / "ceil",
+                moe_decode.aligned_state); available at step 0: the fast stream runs before the slow
+                layers, and its compute is charged to m2r2_aot's per-token time
    Recall@k by look-ahead distance (MoE layers between a prediction's availability and its use): m2r2
    at distance l for layer l; the gate at distance d = layer l's router on layer l-d's MLP input
    (d = 1 is gate_pred); the previous token's experts at the same layer as a baseline.
 2. `sim`: the traces replayed by offload.simulate at the link presets, with per-layer compute times
    (a) measured here (the host-driven decode's pieces, float32 on this CPU) and (b) projected for an
-   accelerator by a roofline model (roofline.py: max(FLOPs / peak, bytes / HBM bandwidth) per piece, no
-   launch overhead; weights and KV in bf16): a model, not a measurement.
+   accelerator by a roofline model (roofline.py: max(FLOPs / peak, bytes / HBM bandwidth) per piece;
+   weights and KV in bf16) plus a stated per-layer launch overhead (`launch_us`, one source per value;
+   0 = none): a model, not a measurement. All policies but ondemand hold the same cache fraction, and
+   every prefetch overlaps compute (the link works while layers run). m2r2_aot's rows also carry the
+   same schedule with the fast stream's time not charged (`speedup_fast_stream_free`): a bound for a
+   fast stream whose cost is shared with another use (drafting), not a result.
 3. `real`: the experts in an ExpertStore file on disk (read cold), an ExpertCache of a fraction of
    them, and the decode driven by offload.run_real: each MoE layer's FFN computed from the weights the
    cache returns. The tokens must equal the RAM-resident decode's under every policy (checked), and
@@ -43,7 +48,14 @@ import numpy as np
 
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.evaluation.moe_decode import ALIGNMENTS, MoEDecoder, ram_experts, ram_provider
-from m2r2_jax.evaluation.moe_trace import Collected, build_trace, collect, predictions, recall_report
+from m2r2_jax.evaluation.moe_trace import (
+    Collected,
+    build_trace,
+    calibrate_alignment,
+    collect,
+    predictions,
+    recall_report,
+)
 from m2r2_jax.offload import (
     LINKS,
     POLICIES,
@@ -51,6 +63,7 @@ from m2r2_jax.offload import (
     ExpertStore,
     Link,
     RoutingTrace,
+    aot_window,
     build_schedule,
     capacity_slots,
     measure_cold_warm,
@@ -79,10 +92,13 @@ class MoEOffloadConfig:
     compute: tuple[str, ...] = COMPUTE  # sim only: measured here / projected for `chip`
     chip: str = "h100"
     max_new_tokens: int = 32
-    alignment: str = "auto"  # auto | floor | nearest | ceil
+    alignment: str = "calibrated"  # calibrated (on calibration prompts) | floor | nearest | ceil
     width: int = 0  # experts predicted (and prefetched) per layer; 0 = the model's top-k
     projected_bytes_per_param: int = 2  # the accelerator's weights and KV (bf16)
     repeats: int = 1  # real only: every run this many times, round-robin; the fastest of each is kept
+    window: int | None = None  # m2r2_aot's look-ahead in MoE layers (None: as far as the cache holds)
+    window_sweep: tuple[int, ...] = ()  # sim only: m2r2_aot also at these windows (JSON `window_sweep`)
+    launch_us: tuple[float, ...] = (0.0,)  # sim, projected compute: per-layer launch overhead(s), one source each
 
     def __post_init__(self):
         bad = [p for p in self.policies if p not in POLICIES]
@@ -108,16 +124,32 @@ class MoEOffloadConfig:
 
         if self.chip not in CHIPS:
             raise M2R2Error(f"unknown chip {self.chip!r}: choose from {', '.join(CHIPS)}")
-        if self.alignment not in ("auto", *ALIGNMENTS):
-            raise M2R2Error(f"unknown alignment {self.alignment!r}: choose from auto, {', '.join(ALIGNMENTS)}")
+        if self.alignment not in ("calibrated", *ALIGNMENTS):
+            raise M2R2Error(f"unknown alignment {self.alignment!r}: choose from calibrated, {', '.join(ALIGNMENTS)}")
         for name, lo in (("max_new_tokens", 2), ("width", 0), ("projected_bytes_per_param", 1), ("repeats", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise M2R2Error(f"{name} must be an integer >= {lo}, got {v!r}")
+        for w in (self.window, *self.window_sweep):
+            if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+                raise M2R2Error(f"window must be a number of layers >= 0 (or auto), got {w!r}")
+        if not self.launch_us or any(not isinstance(x, (int, float)) or not 0 <= x < 1e6 for x in self.launch_us):
+            raise M2R2Error(f"launch overhead must be microseconds in [0, 1e6), got {self.launch_us!r}")
 
     @property
     def needs_fast(self) -> bool:
         return "m2r2_aot" in self.policies
+
+    def sources(self) -> list[tuple[str, float | None]]:
+        """The sim's compute sources: (name, launch overhead in us; None = measured)."""
+        out = [("measured", None)] if "measured" in self.compute else []
+        if "projected" in self.compute:
+            out += [(projected_name(x), float(x)) for x in dict.fromkeys(self.launch_us)]
+        return out
+
+
+def projected_name(launch_us: float) -> str:
+    return "projected" if launch_us == 0 else f"projected+{launch_us:g}us"
 
 
 # ----------------------------------------------------------------------------- compute times
@@ -154,12 +186,15 @@ def measured_times(col: Collected) -> Times:
     )
 
 
-def projected_times(dec: MoEDecoder, chip_name: str, context: float, b: int) -> Times:
+def projected_times(dec: MoEDecoder, chip_name: str, context: float, b: int, launch_us: float = 0.0) -> Times:
     """A roofline model of each piece on `chip_name` at `b` bytes per weight and KV element: per piece
-    max(FLOPs / peak, bytes / HBM bandwidth), pieces summed, no launch or host overhead."""
+    max(FLOPs / peak, bytes / HBM bandwidth), pieces summed; plus `launch_us` per decoder layer (slow
+    or fast) and one for the head: the fixed cost of launching a layer's kernels and, with experts
+    offloaded, the host learning its router's choice. An assumption, stated with the results."""
     from m2r2_jax.roofline import CHIPS, step_ms
 
     chip, cfg = CHIPS[chip_name], dec.cfg
+    o = launch_us / 1e3
     Dm, q, kv, hd = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.head_dim
 
     def t(params: float, extra_flops: float = 0.0, extra_bytes: float = 0.0) -> float:
@@ -172,19 +207,25 @@ def projected_times(dec: MoEDecoder, chip_name: str, context: float, b: int) -> 
     experts = cfg.experts_per_token * 3 * Dm * cfg.moe_intermediate_size + 3 * Dm * cfg.shared_expert_intermediate_size
     moe = dec.moe
     layer = []
-    for l, i in enumerate(moe):
+    for l, i in enumerate(moe):  # every decoder layer's launch is counted once: where its attention runs
         nxt = moe[l + 1] if l + 1 < len(moe) else cfg.num_layers
         dense = sum(attention(cfg) + t(3 * Dm * cfg.intermediate_size) for _ in range(i + 1, nxt))
-        layer.append(t(experts) + dense + (attention(cfg) + t(router) if l + 1 < len(moe) else 0.0))
+        started = nxt - i if l + 1 < len(moe) else nxt - i - 1
+        layer.append(t(experts) + dense + (attention(cfg) + t(router) if l + 1 < len(moe) else 0.0) + o * started)
     head = t(cfg.vocab_size * Dm)
     lead = sum(attention(cfg) + t(3 * Dm * cfg.intermediate_size) for _ in range(moe[0]))
-    token = t(0, 0, Dm * b) + lead + attention(cfg) + t(router) + head
+    token = t(0, 0, Dm * b) + lead + attention(cfg) + t(router) + head + o * (moe[0] + 2)
     fast = 0.0
     if dec.fast is not None:
         fc = dec.fast.cfg
         fast = sum(attention(fc) + t(3 * Dm * fc.intermediate_size) for _ in dec.fast.layers) + t(len(moe) * router)
+        fast += o * len(dec.fast.layers)
+    over = f"+ {launch_us:g} us per layer launched (assumed)" if launch_us else "no launch or host overhead"
     return Times(
-        f"projected: roofline model of {chip.name} ({b}-byte weights and KV; not measured)", tuple(layer), token, fast
+        f"projected: roofline model of {chip.name} ({b}-byte weights and KV; {over}; not measured)",
+        tuple(layer),
+        token,
+        fast,
     )
 
 
@@ -208,30 +249,50 @@ def _row(policy: str, frac: float, m, base_tps: float, **extra) -> dict:
     )
 
 
+def _window(trace: RoutingTrace, frac: float, window: int | None) -> int:
+    k, L = trace.top_k, trace.num_layers
+    return aot_window(capacity_slots(frac, L, trace.num_experts, k), k, trace.m2r2_pred.shape[2], L, window)
+
+
 def run_sim(
     trace: RoutingTrace,
     ec: MoEOffloadConfig,
     times: dict[str, Times],
     expert_bytes: dict[str, int],
     fast_fraction: float,
-) -> tuple[list[dict], list[dict]]:
+) -> tuple[list[dict], list[dict], list[dict]]:
     """-> (rows per link x compute x fraction x policy, memory-matched rows: LRU given the fast
-    layers' resident bytes as extra cache, against m2r2_aot)."""
-    rows, matched = [], []
+    layers' resident bytes as extra cache, against m2r2_aot; m2r2_aot rows at the sweep's windows)."""
+    rows, matched, sweep = [], [], []
     for link_name in ec.links:
         link = link_of(link_name)
-        for src in ec.compute:
+        for src in times:
             tm, nb = times[src], expert_bytes[src]
 
-            def sim(policy, frac):
-                tok = tm.token_ms + (tm.fast_ms if policy == "m2r2_aot" else 0.0)
-                return simulate(build_schedule(policy, trace, frac), link, nb, tm.layer_ms, tok)
+            def sim(policy, frac, window=ec.window, fast=True):
+                tok = tm.token_ms + (tm.fast_ms if policy == "m2r2_aot" and fast else 0.0)
+                return simulate(build_schedule(policy, trace, frac, window), link, nb, tm.layer_ms, tok)
 
             base = sim("ondemand", 1.0)
             for frac in ec.cache_fractions:
                 for p in ec.policies:
                     m = base if p == "ondemand" else sim(p, frac)
-                    rows.append(_row(p, frac, m, base.tokens_per_s, link=link.name, compute=src))
+                    extra = {}
+                    if p == "m2r2_aot":  # and a bound: the same schedule with the fast stream's time not charged
+                        free = sim(p, frac, fast=False).tokens_per_s
+                        extra = dict(
+                            window=_window(trace, frac, ec.window),
+                            tokens_per_second_fast_stream_free=free,
+                            speedup_fast_stream_free=free / base.tokens_per_s,
+                        )
+                    rows.append(_row(p, frac, m, base.tokens_per_s, link=link.name, compute=src, **extra))
+                if "m2r2_aot" in ec.policies:
+                    for w in ec.window_sweep:
+                        m = sim("m2r2_aot", frac, w)
+                        eff = _window(trace, frac, w)
+                        sweep.append(
+                            _row("m2r2_aot", frac, m, base.tokens_per_s, link=link.name, compute=src, window=eff)
+                        )
                 if "m2r2_aot" in ec.policies and "lru" in ec.policies:
                     more = min(1.0, frac + fast_fraction)
                     a, b = sim("lru", more), sim("m2r2_aot", frac)
@@ -245,7 +306,7 @@ def run_sim(
                             m2r2_aot_tokens_per_second=b.tokens_per_s,
                         )
                     )
-    return rows, matched
+    return rows, matched, sweep
 
 
 # ----------------------------------------------------------------------------- 3. real
@@ -337,7 +398,7 @@ def run_real_mode(
     got, identical, mismatches = {}, True, {}
     todo = runs * ec.repeats  # round-robin: a slow spell of this shared machine hits every policy alike
     for policy, frac in tqdm(todo, desc="real mode", disable=not progress):
-        sched = build_schedule(policy, trace, frac)
+        sched = build_schedule(policy, trace, frac, ec.window)
         fast = policy == "m2r2_aot"
         drv = _Driver(dec, seqs, fast_src if fast else None, width, trace.m2r2_pred if fast else None)
         run = run_real(sched, store, drv.compute, drv.token)
@@ -366,6 +427,7 @@ def run_real_mode(
                     layer_ms_mean=float(np.mean(run.layer_ms)),
                     token_ms=run.token_ms,
                     sim_tokens_per_second_on_measured_disk=sim.tokens_per_s,
+                    **(dict(window=_window(trace, frac, ec.window)) if p == "m2r2_aot" else {}),
                 )
             )
     details = dict(
@@ -388,9 +450,11 @@ def run_moe_offload(
     store_path: Path | None = None,
     plain_tokens: Sequence[Sequence[int]] | None = None,
     progress: bool = False,
+    calibration: Sequence[Sequence[int]] | None = None,
 ) -> dict:
     """The eval on token-id prompts; `plain_tokens`: the plain decode's (decoding.generate.Generator)
-    tokens per prompt, which the host-driven decode must equal. -> the result dict (eval.moe_offload)."""
+    tokens per prompt, which the host-driven decode must equal; `calibration`: other prompts (never the
+    evaluated ones) whose traces pick the calibrated alignment. -> the result dict (eval.moe_offload)."""
     cfg = dec.cfg
     k, L_, E = cfg.experts_per_token, dec.num_moe_layers, cfg.num_experts
     width = ec.width or k
@@ -400,36 +464,58 @@ def run_moe_offload(
         capacity_slots(f, L_, E, k)  # refuses a fraction too small to hold one layer's experts
     if ec.needs_fast and dec.fast is None:
         raise M2R2Error("m2r2_aot needs a fast stream (an M2R2 checkpoint)")
+    calibrated = dec.fast is not None and ec.alignment == "calibrated"
+    if calibrated and not calibration:
+        raise M2R2Error("the calibrated alignment needs calibration prompts (or pick floor / nearest / ceil)")
+    maps, cal = {}, None
+    if calibrated:
+        cal_col = collect(dec, calibration, ec.max_new_tokens, progress)
+        src, cal_rec = calibrate_alignment(dec, cal_col, k)
+        maps["calibrated"] = src
+        cal = dict(
+            prompts=len(cal_col.prompts),
+            decode_steps=int(cal_col.needed.shape[0]),
+            state_per_layer=src.tolist(),
+            recall_per_state=cal_rec.round(4).tolist(),
+            recall=float(cal_rec.max(0).mean()),
+        )
     col = collect(dec, prompts, ec.max_new_tokens, progress)
-    preds = predictions(dec, col, width)
+    preds = predictions(dec, col, width, maps)
     rec = recall_report(col, preds, k, E)
     alignment = None
     if dec.fast is not None:
         alignment = ec.alignment
-        if alignment == "auto":
-            alignment = max(ALIGNMENTS, key=lambda a: rec["m2r2_alignments"][a])
         rec["m2r2_alignment"] = alignment
         rec["m2r2_by_distance"] = rec["m2r2"][alignment]
+        rec["m2r2_state_per_layer"] = (maps[alignment] if calibrated else dec.state_index(alignment)).tolist()
+        rec["fast_state_targets"] = dec.fast.targets()
+        rec["calibration"] = cal
     trace = build_trace(dec, col, preds, alignment, width)
     plain_ok = None if plain_tokens is None else [list(a) == list(b) for a, b in zip(col.tokens, plain_tokens)]
     expert_f32 = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
     all_expert_bytes = L_ * E * expert_f32
     fast_bytes = dec.fast.resident_bytes if dec.fast is not None else 0
-    times = {"measured": measured_times(col)}
-    if ec.mode == "sim" and "projected" in ec.compute:
-        times["projected"] = projected_times(dec, ec.chip, float(col.context.mean()) + 1, ec.projected_bytes_per_param)
+    ctx = float(col.context.mean()) + 1
+    times, nbytes = {}, {}
+    for name, launch in ec.sources() if ec.mode == "sim" else [("measured", None)]:
+        if launch is None:
+            times[name], nbytes[name] = measured_times(col), expert_f32
+        else:
+            times[name] = projected_times(dec, ec.chip, ctx, ec.projected_bytes_per_param, launch)
+            nbytes[name] = expert_f32 // 4 * ec.projected_bytes_per_param
     out = dict(mode=ec.mode)
     if ec.mode == "sim":
-        nbytes = {"measured": expert_f32, "projected": expert_f32 // 4 * ec.projected_bytes_per_param}
-        rows, matched = run_sim(trace, ec, times, nbytes, fast_bytes / all_expert_bytes)
+        rows, matched, sweep = run_sim(trace, ec, times, nbytes, fast_bytes / all_expert_bytes)
         identical = all(plain_ok) if plain_ok is not None else None
-        out.update(results=rows, identical_outputs=identical, memory_matched=matched, expert_bytes=nbytes)
+        out.update(
+            results=rows, identical_outputs=identical, memory_matched=matched, expert_bytes=nbytes, window_sweep=sweep
+        )
     else:
         if store_path is None:
             raise M2R2Error("real mode needs a path for the expert store")
         fs = filesystem_of(Path(store_path).parent)
         with write_store(dec, Path(store_path)) as store:
-            src = dec.state_index(alignment) if alignment is not None else None
+            src = None if alignment is None else np.asarray(rec["m2r2_state_per_layer"], np.int32)
             rows, same, details = run_real_mode(dec, col, trace, ec, store, src, width, progress)
             details.update(
                 path=str(store_path),
@@ -480,7 +566,9 @@ def run_moe_offload(
 
 
 def render_png(res: dict, title: str = "") -> bytes:
-    """Speed-up over ondemand vs cache fraction, one line per policy; panels: links across, compute down."""
+    """Speed-up over ondemand vs cache fraction, one line per policy (m2r2_aot's fast-stream-free bound
+    dotted); panels: links across, compute sources down. Last row: recall@k by look-ahead distance, and
+    stall ms per token by fraction for the first link and compute source."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -488,22 +576,62 @@ def render_png(res: dict, title: str = "") -> bytes:
 
     links = list(dict.fromkeys(r["link"] for r in res["results"]))
     comps = list(dict.fromkeys(r["compute"] for r in res["results"]))
-    fig = Figure(figsize=(4.2 * len(links), 3.5 * len(comps) + 0.4), dpi=110)
+    cols = max(2, len(links))
+    fig = Figure(figsize=(4.2 * cols, 3.3 * (len(comps) + 1) + 0.4), dpi=100)
     FigureCanvasAgg(fig)
-    grid = fig.subplots(len(comps), len(links), squeeze=False)
+    grid = fig.subplots(len(comps) + 1, cols, squeeze=False)
     for (ci, comp), (li, link) in itertools.product(enumerate(comps), enumerate(links)):
         ax = grid[ci][li]
         rows = [r for r in res["results"] if (r["link"], r["compute"]) == (link, comp)]
         for p in dict.fromkeys(r["policy"] for r in rows):
             pts = sorted((r["cache_fraction"], r["speedup_vs_ondemand"]) for r in rows if r["policy"] == p)
-            ax.plot([a for a, _ in pts], [b for _, b in pts], "o-", label=p)
+            (line,) = ax.plot([a for a, _ in pts], [b for _, b in pts], "o-", label=p)
+            free = sorted((r["cache_fraction"], r.get("speedup_fast_stream_free")) for r in rows if r["policy"] == p)
+            if all(b is not None for _, b in free):
+                ax.plot(
+                    [a for a, _ in free], [b for _, b in free], ":", color=line.get_color(), label=f"{p}, fast free"
+                )
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("cache fraction of all experts")
         ax.set_ylabel("speed-up over ondemand")
         ax.set_title(f"{link}, {comp} compute", fontsize=8)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
+    for li in range(len(links), cols):
+        for ci in range(len(comps)):
+            grid[ci][li].axis("off")
+    rc, ax = res.get("recall") or {}, grid[-1][0]
+    if rc:
+        gate = [(r["distance"], r["recall"]) for r in rc["gate"]["by_distance"]]
+        ax.plot(*zip(*gate), "o-", ms=3, label="gate: layer l's router on layer l-d's input")
+        if "m2r2_by_distance" in rc:
+            m = [(r["distance"], r["recall"]) for r in rc["m2r2_by_distance"]]
+            ax.plot(*zip(*m), "o-", ms=3, label=f"m2r2 ({rc['m2r2_alignment']}): for layer d, before layer 0")
+        if rc.get("previous_token") is not None:
+            ax.axhline(rc["previous_token"], color="grey", lw=0.8, ls="--", label="previous token, same layer")
+        ax.axhline(rc["chance"], color="black", lw=0.6, ls=":", label="chance")
+        ax.set_xlabel("look-ahead distance (MoE layers)")
+        ax.set_ylabel(f"recall@{rc['k']}")
+        ax.legend(fontsize=6)
+    ax = grid[-1][1]
+    rows = [r for r in res["results"] if (r["link"], r["compute"]) == (links[0], comps[0])]
+    pols = list(dict.fromkeys(r["policy"] for r in rows))
+    fracs = sorted({r["cache_fraction"] for r in rows})
+    for i, p in enumerate(pols):
+        ys = [
+            next(r["stall_ms_per_token"] for r in rows if r["policy"] == p and r["cache_fraction"] == f) for f in fracs
+        ]
+        ax.bar(
+            [x + (i - len(pols) / 2 + 0.5) * 0.8 / len(pols) for x in range(len(fracs))], ys, 0.8 / len(pols), label=p
+        )
+    ax.set_xticks(range(len(fracs)), [f"{f:g}" for f in fracs])
+    ax.set_xlabel("cache fraction")
+    ax.set_ylabel("stall ms per token")
+    ax.set_title(f"{links[0]}, {comps[0]} compute", fontsize=8)
+    ax.legend(fontsize=6)
+    for li in range(2, cols):
+        grid[-1][li].axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

@@ -10,7 +10,10 @@ Predictions (`predictions`), each a layer's router on a stand-in for its MLP inp
     gate at distance d   layer l's router on MoE layer l-d's MLP input x (d = 1: the next-layer gate of
                          Mixtral-offloading / Pre-gated MoE, available one layer ahead)
     m2r2 per alignment   layer l's router on its mlp_norm of the fast state aligned with it
-                         (moe_decode.aligned_state), available before layer 0
+                         (moe_decode.aligned_state: floor / nearest / ceil by the states' target
+                         layers; or `calibrated`: per MoE layer the fast state whose prediction had
+                         the best recall@k on calibration prompts, `calibrate_alignment`), available
+                         before layer 0
 
 and their recall@k by look-ahead distance (`recall_report`), plus the previous token's experts at the
 same layer as a baseline (what an LRU cache lives on). `build_trace` makes the offload package's
@@ -128,15 +131,35 @@ def _by_distance(rec: np.ndarray, dist: np.ndarray, valid: np.ndarray) -> list[d
     return out
 
 
-def predictions(dec: MoEDecoder, col: Collected, width: int) -> dict:
-    """{"gate": {d: [T, L, width]}, "m2r2": {alignment: [T, L, width]}} (the m2r2 part with a fast stream)."""
+def predictions(dec: MoEDecoder, col: Collected, width: int, extra: dict[str, np.ndarray] | None = None) -> dict:
+    """{"gate": {d: [T, L, width]}, "m2r2": {alignment: [T, L, width]}} (the m2r2 part with a fast
+    stream): the fixed alignments, and `extra` {name: [L] fast-state index per MoE layer}."""
     L_ = dec.num_moe_layers
     out = {"gate": {d: dec.gate_predictions(col.x, d, width) for d in range(1, L_)}, "m2r2": {}}
     if col.states is not None:
-        for how in ALIGNMENTS:
-            src = dec.state_index(how)
-            out["m2r2"][how] = np.stack([dec.predict(s, src, width) for s in col.states])
+        maps = {how: dec.state_index(how) for how in ALIGNMENTS} | dict(extra or {})
+        for how, src in maps.items():
+            out["m2r2"][how] = np.stack([dec.predict(s, np.asarray(src, np.int32), width) for s in col.states])
     return out
+
+
+def state_recall(dec: MoEDecoder, col: Collected, k: int) -> np.ndarray:
+    """[S, L]: recall@k of MoE layer l's router on each fast state s = 0..n (h^0, h_f^1, ...)."""
+    if col.states is None:
+        raise M2R2Error("no fast states were recorded (the decoder has no fast stream)")
+    S, L_ = col.states.shape[1], dec.num_moe_layers
+    out = np.zeros((S, L_))
+    for s in range(S):
+        pred = np.stack([dec.predict(x, np.full(L_, s, np.int32), k) for x in col.states])
+        out[s] = _recall(pred, col.needed).mean(0)
+    return out
+
+
+def calibrate_alignment(dec: MoEDecoder, col: Collected, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> ([L] the fast state with the best recall@k per MoE layer on these (calibration) traces,
+    ties to the earlier state; the [S, L] recalls it was chosen by)."""
+    rec = state_recall(dec, col, k)
+    return rec.argmax(0).astype(np.int32), rec
 
 
 def recall_report(col: Collected, preds: dict, k: int, num_experts: int) -> dict:
@@ -156,14 +179,37 @@ def recall_report(col: Collected, preds: dict, k: int, num_experts: int) -> dict
     prev = np.concatenate([col.needed[:1], col.needed[:-1]])
     r = _recall(prev, col.needed)
     rep["previous_token"] = float(r[~first].mean()) if (~first).any() else None
-    if preds["m2r2"]:
+    if preds["m2r2"]:  # distance = the layer: every prediction exists before layer 0
         means = {how: float(_recall(p[..., :k], col.needed).mean()) for how, p in preds["m2r2"].items()}
         rep["m2r2_alignments"] = means
         rep["m2r2"] = {
             how: _by_distance(_recall(p[..., :k], col.needed), layer, np.ones((T, L_), bool))
             for how, p in preds["m2r2"].items()
         }
+        rep["m2r2_vs_previous_token"] = {
+            how: predicted_vs_previous(p[..., :k], col.needed, prev, ~first, num_experts)
+            for how, p in preds["m2r2"].items()
+        }
     return rep
+
+
+def predicted_vs_previous(pred, needed, prev, valid, num_experts: int) -> dict:
+    """How a prediction and the previous token's experts (at the same layer) combine: over the steps
+    `valid` (those with a previous token), per MoE layer and expert, P(used | named by both / by the
+    prediction only / by the previous token only / by neither) and how many experts per layer fall in
+    each class. What a cache can gain from a predictor beyond recency is the `predicted only` row."""
+
+    def onehot(a):
+        o = np.zeros(a.shape[:2] + (num_experts,), bool)
+        np.put_along_axis(o, a, True, -1)
+        return o
+
+    used, p, q = onehot(needed)[valid], onehot(pred)[valid], onehot(prev)[valid]
+    steps = max(int(valid.sum()) * needed.shape[1], 1)
+    out = {}
+    for name, m in (("both", p & q), ("predicted_only", p & ~q), ("previous_only", ~p & q), ("neither", ~p & ~q)):
+        out[name] = dict(p_used=float(used[m].mean()) if m.any() else None, per_layer=float(m.sum() / steps))
+    return out
 
 
 def build_trace(dec: MoEDecoder, col: Collected, preds: dict, alignment: str | None, width: int) -> RoutingTrace:

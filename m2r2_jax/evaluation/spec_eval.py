@@ -314,7 +314,8 @@ def run_spec_eval(
     per_prompt: list[dict] = []
     t_start = time.perf_counter()
     jr = None
-    lookup = opts.lookup if opts.name == "m2r2" else 0  # prompt lookup on top of M2R2 drafts
+    # prompt lookup on top of another drafter's drafts (M2R2, Kangaroo, SpS; pld is lookup alone)
+    lookup = (getattr(opts, "lookup", 0) or 0) if opts.name != "pld" else 0
     extend = "m2r2+lookup" in drafter.kinds
     if journal is not None:
         header = dict(

@@ -18,6 +18,7 @@ from m2r2_jax.offload.engine import RealRun, run_real
 from m2r2_jax.offload.metrics import OffloadMetrics, speedups
 from m2r2_jax.offload.policies import (
     POLICIES,
+    aot_window,
     available_policies,
     build_schedule,
     gate_prefetch,
@@ -43,6 +44,7 @@ __all__ = [
     "Residency",
     "RoutingTrace",
     "Schedule",
+    "aot_window",
     "available_policies",
     "build_schedule",
     "capacity_slots",

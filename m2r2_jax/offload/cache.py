@@ -2,7 +2,8 @@
 
     with ExpertCache(store, capacity) as cache:
         cache.begin_token()
-        cache.begin_layer(l, experts_of_l)   # protects them; retain=False releases all earlier ones
+        cache.begin_layer(l, experts_of_l)   # protects them; releases wrong guesses for l (retain=False: all)
+        cache.hint([(l2, e), ...])           # evict="predicted": predictions that rank the victims
         cache.prefetch(l2, e)                # returns at once; the loader thread reads it
         w = cache.get(l, e)                  # blocks until resident (the wait is the stall)
 
@@ -50,9 +51,9 @@ class _Load:
 
 
 class ExpertCache:
-    def __init__(self, store: ExpertStore, capacity: int, retain: bool = True, cold: bool = True):
+    def __init__(self, store: ExpertStore, capacity: int, retain: bool = True, cold: bool = True, evict: str = "lru"):
         self._store, self._cold = store, cold
-        self._res = Residency(capacity, retain)
+        self._res = Residency(capacity, retain, evict)
         self._buf = np.empty((capacity, store.layout.stride // 4), np.float32)
         self._buf.fill(0.0)  # commit the pages now, not during the first loads
         self._cv = threading.Condition()
@@ -78,6 +79,11 @@ class ExpertCache:
             self._check_open()
             for key in self._res.begin_layer(layer, [(layer, int(e)) for e in experts]):
                 self._cancel(key)
+
+    def hint(self, keys) -> None:
+        """Predicted (layer, expert) pairs of this token that rank victims (evict="predicted"); no load."""
+        with self._cv:
+            self._res.hint([(int(layer), int(e)) for layer, e in keys])
 
     def prefetch(self, layer: int, expert: int) -> str:
         """'queued', 'present' (refreshed) or 'dropped' (every slot protected)."""

@@ -2,8 +2,9 @@
 cache (ExpertCache) around real compute supplied by the caller.
 
 For each token, for each MoE layer l, in the simulator's order: protect layer l's experts (and with
-retain=False release every earlier one), issue the step's prefetch requests, `get` each needed expert (the wait
-is the stall), then `compute_fn(l, {expert: {"gate", "up", "down"}})` in the trace's expert order.
+retain=False release every earlier one), learn the step's hints, issue the step's prefetch requests,
+`get` each needed expert (the wait is the stall), then `compute_fn(l, {expert: {"gate", "up", "down"}})`
+in the trace's expert order.
 After the last layer, `token_fn(t)` if given (the non-MoE per-token work). The outputs are whatever
 compute_fn returns, kept per step: a policy changes when weights arrive, never what they are, so the
 outputs must be identical under every policy (the tests check it bit for bit).
@@ -51,7 +52,7 @@ def run_real(
     outputs: list[list[Any]] = []
     compute_s = [0.0] * L
     token_s = 0.0
-    with ExpertCache(store, schedule.capacity, schedule.retain, cold=cold) as cache:
+    with ExpertCache(store, schedule.capacity, schedule.retain, cold=cold, evict=schedule.evict) as cache:
         t_start = time.perf_counter()
         for t in range(T):
             cache.begin_token()
@@ -59,6 +60,8 @@ def run_real(
             for l in range(L):
                 experts = [int(e) for e in schedule.needed[t, l]]
                 cache.begin_layer(l, experts)
+                if schedule.hints is not None:
+                    cache.hint(schedule.hints[t][l])
                 for layer, expert in schedule.requests[t][l]:
                     cache.prefetch(layer, expert)
                 weights = {e: cache.get(l, e) for e in experts}

@@ -4,11 +4,22 @@
     lru            an LRU cache of `capacity_fraction` of all experts, loading on a miss
     gate_prefetch  lru + at layer l, prefetch gate_pred[t, l+1] (layer l+1's router on layer l's
                    input: Mixtral-offloading's speculative next-layer gate, Pre-gated MoE)
-    m2r2_aot       lru + prefetch m2r2_pred[t, l] at step m2r2_avail[t, l], as soon as the fast stream
-                   has made it: usually several layers ahead. Requests made at the same step are
-                   ordered nearest layer first, then in the prediction's own (score) order
+    m2r2_aot       the fast stream's predictions m2r2_pred[t, l] (known at step m2r2_avail[t, l], usually
+                   0: before the token's first layer), capacity-aware:
+                     * a look-ahead window of W layers: at step s the predictions for layers s+1 .. s+W
+                       have been requested, layer s+W's issued as layer s starts (in layer order, each
+                       layer's in the prediction's score order), never before they are known and never
+                       for the current layer (its router has spoken: its needs are exact);
+                     * W = min(window, (capacity - k) // width): the window's predicted experts and the
+                       current layer's k fit in the cache together (window=None: as far as they fit);
+                     * eviction is residency's "predicted" rule (Belady-like over all the token's
+                       predictions, hinted when known, inside the window or not): what no prediction
+                       names goes first, then what is predicted furthest ahead; a prefetch never
+                       evicts an expert predicted nearer than its own, nor one the current layer needs
 
-A policy never changes what is computed, only when weights arrive.
+A policy never changes what is computed, only when weights arrive. Every policy but ondemand holds
+the same `capacity_fraction` of all experts; ondemand holds the current layer's k (nothing is reused,
+so more memory would not change it).
 """
 
 from __future__ import annotations
@@ -55,25 +66,47 @@ def gate_prefetch(trace: RoutingTrace, capacity_fraction: float) -> Schedule:
     return _lru_schedule("gate_prefetch", trace, capacity_fraction, requests)
 
 
-def m2r2_aot(trace: RoutingTrace, capacity_fraction: float) -> Schedule:
+def aot_window(capacity: int, top_k: int, width: int, num_layers: int, window: int | None = None) -> int:
+    """m2r2_aot's look-ahead in layers: `window` (None: unbounded) capped so that the window's `width`
+    predicted experts per layer fit in the cache beside the current layer's k, and by the layers ahead."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+        raise M2R2Error(f"m2r2_aot window must be a non-negative number of layers (or None: auto), got {window!r}")
+    fit = max(0, (capacity - top_k) // max(width, 1))
+    return min(fit, num_layers - 1, num_layers if window is None else window)
+
+
+def m2r2_aot(trace: RoutingTrace, capacity_fraction: float, window: int | None = None) -> Schedule:
     if trace.m2r2_pred is None:
         raise M2R2Error("m2r2_aot needs a trace with m2r2_pred and m2r2_avail (the fast stream's predictions)")
-    L = trace.num_layers
-    requests = []
-    for t in range(trace.num_tokens):
-        at = [[] for _ in range(L)]
-        for layer in range(L):  # ascending: at each step, the nearest layer's experts go first
-            at[trace.m2r2_avail[t, layer]].extend((layer, e) for e in trace.m2r2_pred[t, layer])
-        requests.append(tuple(_unique(r) for r in at))
-    return _lru_schedule("m2r2_aot", trace, capacity_fraction, tuple(requests))
+    T, L, k = trace.needed.shape
+    cap = capacity_slots(capacity_fraction, L, trace.num_experts, k)
+    W = aot_window(cap, k, trace.m2r2_pred.shape[2], L, window)
+    requests, hints = [], []
+    for t in range(T):
+        asked, known = [[] for _ in range(L)], [[] for _ in range(L)]
+        avail = trace.m2r2_avail[t]
+        for layer in range(1, L):  # ascending: at each step, the nearest layer's experts go first
+            pred = _unique((layer, e) for e in trace.m2r2_pred[t, layer])
+            known[avail[layer]].extend(pred)
+            step = max(int(avail[layer]), layer - W)
+            if step < layer:  # at its own step a layer's needs are known exactly: no guess to fetch
+                asked[step].extend(pred)
+        requests.append(tuple(tuple(r) for r in asked))
+        hints.append(tuple(tuple(h) for h in known))
+    return Schedule(
+        "m2r2_aot", trace.num_experts, trace.needed, tuple(requests), cap, evict="predicted", hints=tuple(hints)
+    )
 
 
 _BUILD = {"ondemand": ondemand, "lru": lru, "gate_prefetch": gate_prefetch, "m2r2_aot": m2r2_aot}
 
 
-def build_schedule(policy: str, trace: RoutingTrace, capacity_fraction: float) -> Schedule:
+def build_schedule(policy: str, trace: RoutingTrace, capacity_fraction: float, window: int | None = None) -> Schedule:
+    """`window`: m2r2_aot's look-ahead in layers (None: as far as the capacity allows); others ignore it."""
     if policy not in _BUILD:
         raise M2R2Error(f"unknown offload policy {policy!r}; choose from {', '.join(POLICIES)}")
+    if policy == "m2r2_aot":
+        return m2r2_aot(trace, capacity_fraction, window)
     return _BUILD[policy](trace, capacity_fraction)
 
 

@@ -15,11 +15,29 @@ it is evicted; admission order and hits keep an LRU order over entries. Rules:
     protected the request is dropped: a lower-priority prediction must not undo a higher-priority
     one, and a prefetch must never take an expert the layer about to run still needs. Ties cannot
     occur: the LRU order is total.
-  * A promise ends when its layer starts (from then the layer's real needs protect what it uses, and
-    a wrong prediction is fair game) or when the token ends (requests never cross tokens).
+  * A promise ends when its layer starts (from then the layer's real needs protect what it uses) or
+    when the token ends (requests never cross tokens).
+  * A wrong guess is released when its layer starts: an entry a prefetch admitted for layer j that
+    layer j does not need leaves the cache as j starts (its queued transfer is cancelled, a finished
+    one freed), in every prefetching policy alike. Otherwise, behind a slow link, guesses that are
+    already wrong would keep their slots and still queue for the wire ahead of the next useful
+    prefetches. (An expert the cache held before the guess named it is not a guess: it stays.)
   * retain=False (on-demand): at each layer start every entry is evicted, so each layer loads all its
     experts afresh (even a one-layer model's repeat of the last token's expert) and nothing is held
     beyond the layer that uses it.
+
+evict="predicted" (m2r2_aot) replaces the LRU victim and the promises with a Belady-like order over
+what the token's predictions say (`hint`: the (layer, expert) pairs predicted for this token, known
+before their layers run, requested or not; a prefetch request is a prediction too). With the current
+layer l, an entry is
+    needed     by layer l: never a victim;
+    predicted  for a later layer j > l of this token: used in j - l layers, if the prediction holds;
+    neither    not predicted to be used again in this token (a past layer's expert, an unnamed one).
+A victim is the least recently used `neither` entry; failing that, the `predicted` entry of the
+furthest layer (the least recently used among that layer's). A prefetch for layer j may only take a
+`neither` entry or a `predicted` one of a layer beyond j (it would be needed after j): otherwise it is
+DROPPED. A demand may take any `predicted` entry. Predictions are for the token being decoded: they
+end with it, and a past layer's prediction is void once the layer starts.
 """
 
 from __future__ import annotations
@@ -40,17 +58,25 @@ PRESENT = "present"  # prefetch of an entry already in the cache: refreshed, no 
 DROPPED = "dropped"  # prefetch refused: every slot is protected
 
 
+EVICTIONS = ("lru", "predicted")
+
+
 class Residency:
-    def __init__(self, capacity: int, retain: bool = True):
+    def __init__(self, capacity: int, retain: bool = True, evict: str = "lru"):
         if capacity < 1:
             raise M2R2Error(f"cache capacity must be at least one slot, got {capacity}")
+        if evict not in EVICTIONS:
+            raise M2R2Error(f"unknown eviction rule {evict!r}: choose from {', '.join(EVICTIONS)}")
         self.capacity = capacity
         self.retain = retain
+        self.evict = evict
         self._lru: OrderedDict[Key, int] = OrderedDict()  # key -> slot, least recently used first
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first: deterministic
         self._layer = -1
         self._needed: frozenset[Key] = frozenset()
         self._promised: set[Key] = set()
+        self._predicted: set[Key] = set()  # evict="predicted": this token's predictions for later layers
+        self._guesses: set[Key] = set()  # admitted by a prefetch, not demanded since
 
     def __contains__(self, key: Key) -> bool:
         return key in self._lru
@@ -66,51 +92,78 @@ class Residency:
 
     def begin_token(self) -> None:
         self._promised.clear()
+        self._predicted.clear()
+        self._layer = -1
 
     def begin_layer(self, layer: int, needed) -> list[Key]:
-        """Enter a layer step; returns the entries evicted (only with retain=False)."""
+        """Enter a layer step; returns the entries released (the caller cancels or frees their loads):
+        with retain=False every entry, else the wrong guesses for this layer."""
         self._layer, self._needed = layer, frozenset(needed)
         self._promised = {k for k in self._promised if k[0] > layer}  # a past layer's promise is void
+        self._predicted = {k for k in self._predicted if k[0] > layer}
         if self.retain:
-            return []
-        gone = list(self._lru)  # released after their layer computed, even if needed again now
+            gone = sorted(k for k in self._guesses if k[0] <= layer and k not in self._needed)
+        else:
+            gone = list(self._lru)  # released after their layer computed, even if needed again now
         for k in gone:
             self._free.append(self._lru.pop(k))
+            self._guesses.discard(k)
         return gone
+
+    def hint(self, keys) -> None:
+        """evict="predicted": (layer, expert) pairs predicted for this token (only later layers count)."""
+        self._predicted.update(k for k in keys if k[0] > self._layer)
 
     def prefetch(self, key: Key) -> Admission | str:
         """An Admission (load it into the slot), PRESENT or DROPPED."""
+        if self.evict == "predicted" and key[0] > self._layer:
+            self._predicted.add(key)
         if key in self._lru:
             self._lru.move_to_end(key)
             self._promised.add(key)
             return PRESENT
-        got = self._admit(key, self._needed | self._promised)
+        got = self._admit(key, self._needed | self._promised, horizon=key[0])
         if got is None:
             return DROPPED
         self._promised.add(key)
+        self._guesses.add(key)
         return got
 
     def demand(self, key: Key) -> Admission | None:
         """None when present (a hit in the bookkeeping sense; the load may still be pending)."""
+        self._guesses.discard(key)
         if key in self._lru:
             self._lru.move_to_end(key)
             return None
-        got = self._admit(key, self._needed)
+        got = self._admit(key, self._needed, horizon=self._layer)
         if got is None:
             raise M2R2Error(
                 f"no evictable slot for expert {key}: all {self.capacity} hold experts layer {self._layer} needs"
             )
         return got
 
-    def _admit(self, key: Key, protected) -> Admission | None:
+    def _victim(self, protected, horizon: int) -> Key | None:
+        if self.evict == "lru":
+            return next((k for k in self._lru if k not in protected), None)
+        # Belady-like: an entry no prediction of this token names, least recently used first; else the
+        # one predicted for the furthest layer beyond `horizon` (max keeps the first, i.e. the LRU, of ties)
+        pred = self._predicted
+        victim = next((k for k in self._lru if k not in self._needed and k not in pred), None)
+        if victim is None:
+            later = [k for k in self._lru if k in pred and k[0] > horizon and k not in self._needed]
+            victim = max(later, key=lambda k: k[0], default=None)
+        return victim
+
+    def _admit(self, key: Key, protected, horizon: int) -> Admission | None:
         victim = None
         if self._free:
             slot = self._free.pop()
         else:
-            victim = next((k for k in self._lru if k not in protected), None)
+            victim = self._victim(protected, horizon)
             if victim is None:
                 return None
             slot = self._lru.pop(victim)
             self._promised.discard(victim)
+            self._guesses.discard(victim)
         self._lru[key] = slot
         return Admission(slot, victim)

@@ -13,6 +13,12 @@ A step is (token t, MoE layer l); steps run in order t = 0.., l = 0..L-1. At eac
 `capacity_slots(fraction, L, E, k)`, the fraction of all experts that fits in fast memory, floored,
 and never below k (a layer must be able to hold its own experts). `retain=False` releases every
 expert after the layer that used it (the on-demand baseline: each need is a load).
+
+`evict` is residency.Residency's victim rule: "lru", or "predicted" (Belady-like over the token's
+predictions). With "predicted", `hints[t][l]` are the (layer, expert) predictions for later layers of
+token t that become known at step l (before that step's requests): they rank the victims whether or
+not they are ever requested, so a window of requests can stay short without the cache forgetting what
+lies beyond it.
 """
 
 from __future__ import annotations
@@ -49,23 +55,31 @@ class Schedule:
     requests: tuple[tuple[tuple[Key, ...], ...], ...]  # [T][L] -> ((layer, expert), ...), best first
     capacity: int  # slots, global across layers
     retain: bool = True
+    evict: str = "lru"  # residency.EVICTIONS
+    hints: tuple[tuple[tuple[Key, ...], ...], ...] | None = None  # [T][L], evict="predicted" only
 
     def __post_init__(self):
         if not isinstance(self.needed, np.ndarray) or self.needed.ndim != 3 or self.needed.dtype.kind not in "iu":
             raise M2R2Error(f"schedule {self.policy}: needed must be an int array [T, L, k] (RoutingTrace.needed)")
         T, L, k = self.needed.shape
-        if len(self.requests) != T or any(len(r) != L for r in self.requests):
-            raise M2R2Error(f"schedule {self.policy}: requests must be [T={T}][L={L}] tuples")
         if not k <= self.capacity <= L * self.num_experts:
             raise M2R2Error(f"schedule {self.policy}: capacity {self.capacity} outside [{k}, {L * self.num_experts}]")
-        for t, per_token in enumerate(self.requests):
-            for l, reqs in enumerate(per_token):
-                for layer, expert in reqs:
-                    if not (l <= layer < L and 0 <= expert < self.num_experts):
-                        raise M2R2Error(
-                            f"schedule {self.policy}: request ({layer}, {expert}) at token {t} step {l} must "
-                            f"name a layer in [{l}, {L}) and an expert in [0, {self.num_experts})"
-                        )
+        if self.evict not in ("lru", "predicted"):
+            raise M2R2Error(f"schedule {self.policy}: unknown eviction rule {self.evict!r} (lru, predicted)")
+        if self.hints is not None and self.evict != "predicted":
+            raise M2R2Error(f"schedule {self.policy}: hints rank victims only with evict='predicted'")
+        named = [("request", self.requests)] + ([("hint", self.hints)] if self.hints is not None else [])
+        for what, table in named:
+            if len(table) != T or any(len(r) != L for r in table):
+                raise M2R2Error(f"schedule {self.policy}: {what}s must be [T={T}][L={L}] tuples")
+            for t, per_token in enumerate(table):
+                for l, reqs in enumerate(per_token):
+                    for layer, expert in reqs:
+                        if not (l <= layer < L and 0 <= expert < self.num_experts):
+                            raise M2R2Error(
+                                f"schedule {self.policy}: {what} ({layer}, {expert}) at token {t} step {l} must "
+                                f"name a layer in [{l}, {L}) and an expert in [0, {self.num_experts})"
+                            )
 
     @property
     def num_tokens(self) -> int:

@@ -7,10 +7,11 @@ Time model (all in seconds inside, reported in ms):
     queued prefetch (it stalls the model; a prefetch can wait); a needed expert whose prefetch is still
     queued is moved to the demand queue, not loaded twice. When the channel frees at the very instant a
     step issues requests, the step's demand goes first.
-  * Step (t, l) starts at the clock `now`: its prefetch requests are queued at `now`, then its needs
-    are checked. Layer l computes for `layer_ms[l]` from the moment its last expert lands
-    (stall = that moment - now, 0 if all were resident). After the last layer, `token_ms` of non-MoE
-    work (embeddings, LM head, sampling; the attention and fast stream belong in layer_ms).
+  * Step (t, l) starts at the clock `now`: its hints (predictions that rank victims) are learnt, its
+    prefetch requests are queued at `now`, then its needs are checked. Layer l computes for
+    `layer_ms[l]` from the moment its last expert lands (stall = that moment - now, 0 if all were
+    resident). After the last layer, `token_ms` of non-MoE work (embeddings, LM head, sampling, and a
+    fast stream that runs before the token's first layer: the caller adds it for the policy it serves).
   * Residency (who evicts whom) is residency.Residency, shared with the real cache. An evicted entry's
     queued transfer is cancelled; one already on the wire completes and its bytes count.
   * The cache starts empty (cold). Prefetches still queued after the last token are moved and counted
@@ -125,7 +126,7 @@ def simulate(
     if expert_bytes <= 0 or link.bandwidth_bytes_per_s <= 0 or link.latency_s < 0 or token_ms < 0:
         raise M2R2Error(f"simulate: need expert_bytes > 0, bandwidth > 0, latency >= 0, token_ms >= 0 ({link})")
     ch = _Channel(link.transfer_s(expert_bytes))
-    res = Residency(schedule.capacity, schedule.retain)
+    res = Residency(schedule.capacity, schedule.retain, schedule.evict)
     xfer: dict = {}  # key -> its _Transfer, for every entry in `res`
     clock = stall = 0.0
     hits = dropped = 0
@@ -144,6 +145,8 @@ def simulate(
             need = schedule.need(t, l)
             for key in res.begin_layer(l, need):
                 ch.cancel(xfer.pop(key))
+            if schedule.hints is not None:
+                res.hint(schedule.hints[t][l])
             for key in schedule.requests[t][l]:
                 got = res.prefetch(key)
                 if isinstance(got, Admission):
@@ -186,9 +189,11 @@ def simulate_policies(
     layer_ms: float | Sequence[float],
     token_ms: float = 0.0,
     policies: Sequence[str] | None = None,
+    window: int | None = None,
 ) -> dict[str, OffloadMetrics]:
     """Every policy the trace supports (or `policies`) on the same link; pair with metrics.speedups."""
     names = available_policies(trace) if policies is None else policies
     return {
-        p: simulate(build_schedule(p, trace, capacity_fraction), link, expert_bytes, layer_ms, token_ms) for p in names
+        p: simulate(build_schedule(p, trace, capacity_fraction, window), link, expert_bytes, layer_ms, token_ms)
+        for p in names
     }

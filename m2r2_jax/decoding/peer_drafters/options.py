@@ -20,8 +20,11 @@ from typing import Any
 from m2r2_jax.backend import XLA, Backend
 from m2r2_jax.decoding.drafters import DraftOptions, PromptLookup
 from m2r2_jax.decoding.peer_drafters.draft_verify import DraftVerify, check_knobs, parse_layers
+from m2r2_jax.decoding.peer_drafters.eagle import Eagle2Options, EagleOptions
 from m2r2_jax.decoding.peer_drafters.lookahead import Lookahead
+from m2r2_jax.decoding.peer_drafters.medusa import MedusaOptions
 from m2r2_jax.decoding.peer_drafters.rest import Datastore, Rest
+from m2r2_jax.decoding.peer_drafters.trained_options import KangarooOptions, SpsOptions
 from m2r2_jax.errors import M2R2Error
 
 
@@ -186,6 +189,60 @@ DRAFTERS: dict[str, tuple[type, dict[str, str]]] = {
             "rest_limit": "limit",
         },
     ),
+    "medusa": (
+        MedusaOptions,
+        {
+            "medusa_checkpoint": "checkpoint",
+            "medusa_tree": "tree",
+            "lookup": "lookup",
+            "lookup_ngram": "lookup_ngram",
+            "lookup_min_ngram": "lookup_min_ngram",
+        },
+    ),
+    "eagle": (
+        EagleOptions,
+        {
+            "eagle_checkpoint": "checkpoint",
+            "eagle_tree": "tree",
+            "lookup": "lookup",
+            "lookup_ngram": "lookup_ngram",
+            "lookup_min_ngram": "lookup_min_ngram",
+        },
+    ),
+    "eagle2": (
+        Eagle2Options,
+        {
+            "eagle_checkpoint": "checkpoint",
+            "eagle2_topk": "topk",
+            "eagle2_depth": "depth",
+            "eagle2_nodes": "nodes",
+            "lookup": "lookup",
+            "lookup_ngram": "lookup_ngram",
+            "lookup_min_ngram": "lookup_min_ngram",
+        },
+    ),
+    "kangaroo": (
+        KangarooOptions,
+        {
+            "kangaroo_checkpoint": "checkpoint",
+            "kangaroo_max_draft": "max_steps",
+            "kangaroo_threshold": "threshold",
+            "lookup": "lookup",
+            "lookup_ngram": "lookup_ngram",
+            "lookup_min_ngram": "lookup_min_ngram",
+        },
+    ),
+    "sps": (
+        SpsOptions,
+        {
+            "sps_checkpoint": "checkpoint",
+            "sps_gamma": "max_steps",
+            "sps_threshold": "threshold",
+            "lookup": "lookup",
+            "lookup_ngram": "lookup_ngram",
+            "lookup_min_ngram": "lookup_min_ngram",
+        },
+    ),
 }
 
 KNOBS = (
@@ -207,6 +264,19 @@ KNOBS = (
     Knob("rest_min_ngram", int, "rest: shortest context suffix matched (default 2)"),
     Knob("rest_candidates", int, "rest: continuations retrieved per step (default 32)"),
     Knob("rest_limit", int, "rest: use the first N answers of the cache (default all)"),
+    Knob("medusa_checkpoint", str, "medusa: the trained heads (train.train_medusa's --out)"),
+    Knob("medusa_tree", str, "medusa: static tree, a preset or JSON file of rank paths (default medusa20)"),
+    Knob("eagle_checkpoint", str, "eagle, eagle2: the trained draft layer (train.train_eagle's --out)"),
+    Knob("eagle_tree", str, "eagle: static tree, a preset or JSON file of rank paths (default tree16)"),
+    Knob("eagle2_topk", int, "eagle2: children expanded per frontier node, and the frontier's width (default 4)"),
+    Knob("eagle2_depth", int, "eagle2: draft tree depth (default 4)"),
+    Knob("eagle2_nodes", int, "eagle2: drafted nodes kept for verification, by cumulative score (default 15)"),
+    Knob("kangaroo_checkpoint", str, "kangaroo: the trained adapter (train.train_kangaroo's --out)"),
+    Knob("kangaroo_max_draft", int, "kangaroo: max draft chain length (default 6)"),
+    Knob("kangaroo_threshold", float, "kangaroo: stop drafting below this top-1 probability (default 0.6)"),
+    Knob("sps_checkpoint", str, "sps: the distilled draft model (train.train_sps's --out)"),
+    Knob("sps_gamma", int, "sps: draft tokens per step (default 4)"),
+    Knob("sps_threshold", float, "sps: stop drafting below this top-1 probability (default 0 = never)"),
 )
 
 
