@@ -45,11 +45,15 @@ def _read_meta(step_dir: Path) -> dict:
     return meta
 
 
+SAVE_MINUTES = 10.0  # a checkpoint at least this often (wall clock), besides every 25 steps
+
+
 def _train(kind, cfg, base, records, c, params, opt, step, names, out_dir, fingerprint, progress, until):
     """The peers' shared training loop over a distillation cache (c: a peer config with layers, steps,
-    batch_size, seq_len, seed): Orbax checkpoints every 25 steps and at the end of a call, metrics (JSONL +
-    TensorBoard), exact resume. step(params, opt_state, base, tokens, mask) -> (params, opt_state,
-    *metrics named `names`). -> (params, summary, the last step's metrics)."""
+    batch_size, seq_len, seed): Orbax checkpoints every 25 steps, at least every SAVE_MINUTES and at the
+    end of a call, metrics (JSONL + TensorBoard), exact resume.
+    step(params, opt_state, base, tokens, mask) -> (params, opt_state, *metrics named `names`).
+    -> (params, summary, the last step's metrics)."""
     bad = [E for E in c.layers if not 1 <= E < cfg.num_layers]
     if bad:
         raise M2R2Error(f"exit layers must be in [1, {cfg.num_layers}), got {bad}")
@@ -73,15 +77,19 @@ def _train(kind, cfg, base, records, c, params, opt, step, names, out_dir, finge
     order = np.random.RandomState(c.seed).permutation(len(tokens) * (1 + c.steps * c.batch_size // len(tokens)))
     order %= len(tokens)
     end = c.steps if until is None else min(until, c.steps)
-    t0 = time.perf_counter()
+    t0 = t_saved = time.perf_counter()
     metrics = None
     for i in tqdm(range(start, end), desc=kind, disable=not progress, initial=start, total=c.steps):
         idx = order[i * c.batch_size : (i + 1) * c.batch_size]
         params, opt_state, *ms = step(params, opt_state, base, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
         metrics = dict(zip(names, ms))
         tr.log(i + 1, metrics)
-        el = spent + time.perf_counter() - t0
-        ck.save(i + 1, params, opt_state, {"seconds": np.float64(el)}, dict(meta, step=i + 1), force=i + 1 == end)
+        now = time.perf_counter()
+        force = i + 1 == end or now - t_saved >= 60.0 * SAVE_MINUTES
+        if ck.save(
+            i + 1, params, opt_state, {"seconds": np.float64(spent + now - t0)}, dict(meta, step=i + 1), force=force
+        ):
+            t_saved = now
     ck.close()
     tr.close()
     summary = dict(
@@ -233,8 +241,9 @@ def train_layerskip(
     progress: bool = True,
     until: int | None = None,
 ) -> dict:
-    """Train the adapters; Orbax checkpoints every 25 steps and at the end of a call, metrics (JSONL +
-    TensorBoard), exact resume (the schedule is defined on lc.steps; `until` stops a call early)."""
+    """Train the adapters; Orbax checkpoints every 25 steps, at least every SAVE_MINUTES and at the end of
+    a call, metrics (JSONL + TensorBoard), exact resume (the schedule is defined on lc.steps; `until` stops
+    a call early)."""
     opt = layerskip_optimizer(lc)
     ads, summary, _ = _train(
         "layerskip",
