@@ -1,6 +1,7 @@
 """Model aliases and the one entry point `load_model(name)`.
 
-`name` is an alias (`smollm2-135m`; `smollm2-135m-moe`, the same model MoEfied: loading/moefied.py), a
+`name` is an alias (`smollm2-135m`; `smollm2-135m-moe`, the same model MoEfied: 16 experts, top-4, experts
+retrained; `smollm2-135m-moe8`, the earlier 8 experts, top-6, routers only: loading/moefied.py), a
 `.gguf` file, a local HF safetensors directory, or a hub id (downloaded through huggingface_hub when online).
 """
 
@@ -34,7 +35,10 @@ def _smollm2_gguf() -> str:
 
 ALIASES = {"smollm2-135m": _smollm2_gguf}
 # models derived from a dense alias by a small shipped asset: alias -> (dense alias, asset under m2r2_jax/assets)
-DERIVED = {"smollm2-135m-moe": ("smollm2-135m", "smollm2-135m-moe")}  # loading/moefied.py (MoEfication)
+DERIVED = {  # loading/moefied.py (MoEfication)
+    "smollm2-135m-moe": ("smollm2-135m", "smollm2-135m-moe"),
+    "smollm2-135m-moe8": ("smollm2-135m", "smollm2-135m-moe8"),
+}
 
 
 def resolve(name: str) -> tuple[str, str]:

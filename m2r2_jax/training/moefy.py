@@ -192,6 +192,32 @@ def balanced_kmeans(profiles: np.ndarray, experts: int, iters: int = 12, seed: i
     return assign
 
 
+def contribution_mass(x, gate, up, down) -> np.ndarray:
+    """Per token its neurons' share of the FFN output [N, F]: |act_j| * ||down_j||, summing to 1 per
+    token (every token counts the same)."""
+    a = np.abs(np.asarray(_act(jnp.asarray(x), jnp.asarray(gate), jnp.asarray(up)))) * np.linalg.norm(down, axis=1)
+    return a / (a.sum(1, keepdims=True) + 1e-12)
+
+
+def refine_partition(mass: np.ndarray, assign: np.ndarray, experts: int, top_k: int, iters: int = 10) -> np.ndarray:
+    """Improve a balanced partition for top-k routing: alternately (1) each token picks the k experts
+    holding most of its contribution mass (`contribution_mass`), (2) each neuron moves to the expert in
+    whose picks it carries most mass, under the equal-size constraint (`balanced_assign`), until
+    nothing moves. Co-activation clusters are a good start but not what routing needs: measured on
+    SmolLM2 layers 14 / 26 (8 experts, top-2), the best 2 experts' FFN error falls from 0.74 / 0.66
+    with the clusters to 0.68 / 0.61 (a static 25% of the neurons: 0.70 / 0.67; the best 25% of the
+    neurons per token, no experts: 0.31 / 0.21)."""
+    for _ in range(iters):
+        em = np.stack([mass[:, assign == e].sum(1) for e in range(experts)], 1)  # [N, E]
+        pick = np.zeros_like(em)
+        np.put_along_axis(pick, np.argpartition(-em, top_k - 1, axis=1)[:, :top_k], 1.0, 1)
+        new = balanced_assign((pick.T @ mass).T)  # [F, E]: neuron j's mass captured in expert e
+        if np.array_equal(new, assign):
+            break
+        assign = new
+    return assign
+
+
 def assignment_perm(assign: np.ndarray, experts: int) -> np.ndarray:
     """cluster id per neuron [F] -> the permutation [F]: expert 0's neurons (ascending), then expert 1's, ..."""
     counts = np.bincount(assign, minlength=experts)
@@ -232,28 +258,38 @@ def router_loss(w, x, t):
     return -jnp.mean(jnp.sum(t * jax.nn.log_softmax(x @ w, -1), -1))
 
 
+@functools.cache
+def _router_opt(steps: int, lr: float):
+    return optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.05))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def _router_step(steps: int, lr: float, w, state, xb, tb):
+    """One Adam step of every layer's router (module-level: compiled once per shape, not per call)."""
+    (_, losses), g = jax.value_and_grad(lambda w: (jnp.sum(ls := jax.vmap(router_loss)(w, xb, tb)), ls), has_aux=True)(
+        w
+    )
+    upd, state = _router_opt(steps, lr).update(g, state, w)
+    return optax.apply_updates(w, upd), state, losses
+
+
+@jax.jit
+def _take(a, i):
+    return jnp.take(a, i, axis=1)
+
+
 def train_routers(x, t, steps: int, batch: int, lr: float, seed: int = 0, log=None, progress: bool = True):
     """x [L, N, D], t [L, N, E] -> routers [L, D, E] (one per layer, trained together: vmapped loss),
     the per-step mean loss. `log(step, metrics)` receives the loss per layer every 50 steps."""
     L, N, D = x.shape
-    opt = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.05))
     w = jnp.zeros((L, D, t.shape[-1]), jnp.float32)  # zero: every expert equally likely at the start
-    state = opt.init(w)
-    per_layer = jax.vmap(router_loss)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(w, state, xb, tb):
-        (_, losses), g = jax.value_and_grad(lambda w: (jnp.sum(ls := per_layer(w, xb, tb)), ls), has_aux=True)(w)
-        upd, state = opt.update(g, state, w)
-        return optax.apply_updates(w, upd), state, losses
-
+    state = _router_opt(steps, lr).init(w)
     xs, ts = jnp.asarray(x), jnp.asarray(t)
-    take = jax.jit(lambda a, i: jnp.take(a, i, axis=1))
     rng = np.random.default_rng(seed)
     history = []
     for s in tqdm(range(steps), desc="routers", disable=not progress):
         idx = jnp.asarray(rng.integers(0, N, min(batch, N)))
-        w, state, losses = step(w, state, take(xs, idx), take(ts, idx))
+        w, state, losses = _router_step(steps, lr, w, state, _take(xs, idx), _take(ts, idx))
         if s % 50 == 0 or s == steps - 1:
             lo = np.asarray(losses)
             history.append((s, float(lo.mean())))
