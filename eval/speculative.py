@@ -100,6 +100,21 @@ def main(argv=None):
         "(BENCHMARKS.md); without the kernels, chain1 with --lookup 0 is the cheaper choice",
     )
     p.add_argument("--draft-layers", type=int, default=None, help="fast layers used to draft (0 = all, the default)")
+    p.add_argument(
+        "--draft-stop",
+        type=float,
+        default=None,
+        help="M2R2's confidence stop: after each drafted depth a row goes on only while some node the next "
+        "depth would expand was drafted with probability >= P; once no row goes on, the remaining depths' "
+        "fast-stream passes are skipped (their nodes are verified as token 0). Default 0 = off (every depth "
+        "drafted, as before); a one-depth tree (star4) is unaffected",
+    )
+    p.add_argument(
+        "--draft-dtype",
+        default=None,
+        help="M2R2's draft weights: float32 (default: as loaded) or bfloat16 (merged fast layers and draft head "
+        "cast once, bf16 matmuls with f32 accumulation; verification unchanged, so still lossless)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (lossless check on every prompt)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -195,6 +210,8 @@ def main(argv=None):
             lookup_ngram=a.lookup_ngram,
             lookup_min_ngram=None if a.lookup_ngram is None else min(2, a.lookup_ngram),
             lookup_extend=False if a.no_lookup_extend else None,
+            draft_stop=a.draft_stop,
+            draft_dtype=a.draft_dtype,
             **{k.dest: getattr(a, k.dest) for k in KNOBS},
         ),
         max_new_tokens=a.max_new_tokens,
@@ -300,6 +317,11 @@ def main(argv=None):
         f"verify {_f(c['verify_ms'], '.1f')} + other {_f(c['other_ms'], '.1f')} ms; one AR token "
         f"{_f(c['ar_ms_per_token'], '.1f')} ms"
     )
+    if c.get("draft_passes_per_step") is not None and c.get("draft_passes_full"):
+        print(
+            f"M2R2 fast-stream passes per M2R2-drafted step: {_f(c['draft_passes_per_step'])} of "
+            f"{c['draft_passes_full']} (a full draft: {_f(c['draft_ms_full'], '.1f')} ms)"
+        )
     if res.get("lookup"):
         lk = res["lookup"]
         print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -131,3 +132,94 @@ def check_number(flag: str, v, lo=None, hi=None, integer: bool = False) -> None:
     if not ok or (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
         raise M2R2Error(f"{flag} must be a finite {'integer' if integer else 'number'}{rng}, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerTrainer:
+    """A trained speculative peer's trainer CLI (train.train_<kind>): its own flag (the config field it
+    sets, type, default, help), its default steps and lr, and whether --positions is a flag."""
+
+    flag: str
+    field: str
+    cast: type
+    default: float
+    help: str
+    steps: int
+    lr: float
+    positions: bool = False
+
+
+PEER_TRAINERS = {
+    "kangaroo": PeerTrainer("--exit-layer", "exit_layer", int, 3, "shallow base layers under the adapter", 200, 1e-3),
+    "sps": PeerTrainer("--layers", "num_layers", int, 3, "the draft model's layers", 200, 3e-4),
+    "medusa": PeerTrainer("--heads", "heads", int, 4, "Medusa heads", 400, 1e-3, True),
+    "eagle": PeerTrainer("--noise", "noise", float, 0.2, "uniform noise on the input features", 400, 5e-4, True),
+}
+
+
+def _peer_training(kind: str):
+    """-> (the peer's run config class, its training function, the summary key of its trained params)."""
+    from m2r2_jax.peers import eagle, kangaroo, medusa, sps
+    from m2r2_jax.training import medusa_eagle, spec_peers
+
+    return {
+        "kangaroo": (kangaroo.KangarooConfig, spec_peers.train_kangaroo, "adapter"),
+        "sps": (sps.SPSConfig, spec_peers.train_sps, "draft"),
+        "medusa": (medusa.MedusaConfig, medusa_eagle.train_medusa, "heads"),
+        "eagle": (eagle.EagleConfig, medusa_eagle.train_eagle, "draft"),
+    }[kind]
+
+
+def peer_trainer_main(kind: str, doc: str, argv=None) -> int:
+    """The trained speculative peers' trainer CLI (kind: kangaroo | sps | medusa | eagle; doc: the
+    script's docstring): a self-distillation cache in, Orbax checkpoints, metrics and summary.json under
+    --out; the same command resumes. Prints the summary as one JSON line."""
+    t = PEER_TRAINERS[kind]
+    p = argparse.ArgumentParser(prog=f"python -m train.train_{kind}", description=doc.split("\n")[0])
+    add_model_args(p, decode=False)
+    p.add_argument("--distill-dir", required=True, help="a self-distillation cache (train.train --distill-only)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, summary.json)")
+    p.add_argument(t.flag, type=t.cast, default=t.default, help=t.help + " (default %(default)s)")
+    p.add_argument("--steps", type=int, default=t.steps)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    if t.positions:
+        p.add_argument("--positions", type=int, default=96, help="loss positions per row that read the LM head")
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use the first N distilled answers")
+    p.add_argument("--budget-minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    p.add_argument("--save-minutes", type=float, default=10.0, help="checkpoint at least this often (<= 10)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    quiet_env()
+    import json
+    from pathlib import Path
+
+    from m2r2_jax.distill_cache import read_manifest
+    from m2r2_jax.training.spec_peers import RunLimits
+
+    config_cls, train, key = _peer_training(kind)
+    run = dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, seed=a.seed)
+    if t.positions:
+        run["positions"] = a.positions
+    c = config_cls(**{t.field: getattr(a, t.flag[2:].replace("-", "_"))}, **run)
+    limits = RunLimits(budget_minutes=a.budget_minutes, save_minutes=a.save_minutes)
+    if a.limit is not None and a.limit < 1:
+        raise M2R2Error(f"--limit must be >= 1, got {a.limit}")
+    if not Path(a.distill_dir).is_dir() or read_manifest(a.distill_dir) is None:
+        raise M2R2Error(f"--distill-dir: no self-distillation cache at {a.distill_dir}")
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise M2R2Error(f"--out {a.out} is a file")
+
+    from m2r2_jax.distill_cache import load_distill_cache
+    from m2r2_jax.loading.registry import load_model
+
+    ds = load_distill_cache(a.distill_dir)
+    n = len(ds) if a.limit is None else min(a.limit, len(ds))
+    records = [dict(prompt_ids=ds[i]["prompt_ids"], answer_ids=ds[i]["answer_ids"]) for i in range(n)]
+    m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype, tokenizer=False)
+    summary = train(m.cfg, m.params, records, c, a.out, a.model, m.fingerprint, limits, progress=not a.no_progress)
+    summary.pop(key)
+    print(json.dumps(summary))
+    return 0

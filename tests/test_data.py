@@ -2,6 +2,7 @@
 the self-distillation cache (resume, refusal) on a tiny random model."""
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -368,6 +369,41 @@ def test_distill_resume_equals_unbroken_run(tiny_model, full_cache, tmp_path, mo
     # a finished cache reruns without generating anything
     build_distill_cache(tiny_model, DISTILL_PROMPTS, out, **KW)
     assert read_manifest(out)["last_run"]["generated"] == 0
+
+
+def test_distill_pack_carries_a_run_across_checkouts(tiny_model, full_cache, tmp_path):
+    """A partial run packed (answers + prompt hashes, no prompt text), its cache deleted (a new
+    checkout), restored from the pack and finished: the same records as an unbroken run; the pack
+    holds no prompt text; a pack whose prompt is not among the prompts is refused, writing nothing."""
+    from m2r2_jax.training.distill_pack import read_pack, restore_cache, sync_pack
+
+    cache, pack = tmp_path / "cache", tmp_path / "pack"
+    build_distill_cache(tiny_model, DISTILL_PROMPTS, cache, max_shards=2, on_shard=lambda: sync_pack(cache, pack), **KW)
+    assert [s["file"] for s in read_pack(pack)["shards"]] == ["shard_00000.npz", "shard_00001.npz"]
+    assert not any(b"prompt 1" in p.read_bytes() for p in pack.iterdir())
+    shutil.rmtree(cache)
+    with pytest.raises(M2R2Error, match="not among the training prompts"):
+        restore_cache(pack, cache, [p for p in DISTILL_PROMPTS if p != "prompt 0 "], _encode)
+    assert not cache.exists()
+    assert restore_cache(pack, cache, DISTILL_PROMPTS, _encode) == 2
+    assert restore_cache(pack, cache, DISTILL_PROMPTS, _encode) == 0  # nothing left to restore
+    ds = build_distill_cache(tiny_model, DISTILL_PROMPTS, cache, on_shard=lambda: sync_pack(cache, pack), **KW)
+    assert read_manifest(cache)["last_run"]["generated"] == 2 and read_manifest(cache)["complete"]
+    assert ds.to_list() == full_cache[1].to_list()
+    assert len(read_pack(pack)["shards"]) == 3
+    # another run's cache under the same shard names is refused
+    with pytest.raises(M2R2Error, match="different shards under the same names"):
+        sync_pack(_renamed_rows(full_cache[0], tmp_path), pack)
+
+
+def _renamed_rows(src, tmp_path):
+    """A copy of a cache whose first shard has one row fewer (another run)."""
+    dst = tmp_path / "other"
+    shutil.copytree(src, dst)
+    man = json.loads((dst / "manifest.json").read_text())
+    man["shards"][0]["rows"] -= 1
+    (dst / "manifest.json").write_text(json.dumps(man))
+    return dst
 
 
 def test_distill_refuses_mismatched_cache(tiny_model, full_cache):

@@ -25,7 +25,7 @@ from m2r2_jax.training.spec_peers import RunLimits, train_kangaroo, train_sps
 from tests import test_spec_peers as _peers
 
 tiny, ar = _peers.tiny, _peers.ar  # its fixtures: the tiny model and its AR output on `_prompts()`
-SC, _prompts, _chi2_along_mode_path = _peers.SC, _peers._prompts, _peers._chi2_along_mode_path
+SC, _prompts, assert_sampling_exact = _peers.SC, _peers._prompts, _peers.assert_sampling_exact
 
 TRAIN = dict(steps=8, batch_size=4, seq_len=32, positions=16, lr=3e-3)
 
@@ -279,12 +279,4 @@ def test_sampling_exact(tiny, kind):
     out = np.asarray(r.new_ids)
     assert out.shape == (B, n) and sum(r.accepted) > B // 4
 
-    def probs_at(path, T=1.0):
-        lg = logits_after(prompt + path)[len(prompt) - 1 :] / T
-        p = np.exp(lg - lg.max(-1, keepdims=True))
-        return p / p.sum(-1, keepdims=True)
-
-    pv, dof, sizes = _chi2_along_mode_path(out, probs_at)
-    assert dof >= 8 and sizes[2] >= 100, (dof, sizes)
-    assert pv > 1e-3, (pv, dof, sizes)
-    assert _chi2_along_mode_path(out, lambda p: probs_at(p, 0.75))[0] < 1e-3
+    assert_sampling_exact(out, prompt, logits_after)

@@ -295,6 +295,22 @@ def _chi2_along_mode_path(out, probs_at):
     return chi2.sf(stat, dof), dof, sizes
 
 
+def assert_sampling_exact(out, prompt, logits_after):
+    """`out` [rows, n] sampled at temperature 1 after `prompt` follows the target's softmax (the
+    chi-square along the mode path, p > 1e-3, with enough rows and bins), and a reference tempered by
+    0.75 is refused (p < 1e-3): the test can fail. logits_after(seq) -> [len(seq), V] target logits."""
+
+    def probs_at(path, T=1.0):
+        lg = logits_after(prompt + path)[len(prompt) - 1 :] / T
+        p = np.exp(lg - lg.max(-1, keepdims=True))
+        return p / p.sum(-1, keepdims=True)
+
+    pv, dof, sizes = _chi2_along_mode_path(out, probs_at)
+    assert dof >= 8 and sizes[2] >= 100, (dof, sizes)
+    assert pv > 1e-3, (pv, dof, sizes)
+    assert _chi2_along_mode_path(out, lambda p: probs_at(p, 0.75))[0] < 1e-3
+
+
 @pytest.mark.parametrize("which", ["draft_verify", "lookahead", "rest"])
 def test_sampling_exact(tiny, which):
     """Temperature 1 on a peaked tiny model: 384 rows of one prompt (independent samples), the next-token
@@ -327,15 +343,7 @@ def test_sampling_exact(tiny, which):
     out = np.asarray(r.new_ids)
     assert out.shape == (B, n) and sum(r.accepted) > B // 4  # drafts were accepted
 
-    def probs_at(path, T=1.0):
-        lg = logits_after(prompt + path)[len(prompt) - 1 :] / T
-        p = np.exp(lg - lg.max(-1, keepdims=True))
-        return p / p.sum(-1, keepdims=True)
-
-    pv, dof, sizes = _chi2_along_mode_path(out, probs_at)
-    assert dof >= 8 and sizes[2] >= 100, (dof, sizes)
-    assert pv > 1e-3, (pv, dof, sizes)
-    assert _chi2_along_mode_path(out, lambda p: probs_at(p, 0.75))[0] < 1e-3
+    assert_sampling_exact(out, prompt, logits_after)
 
 
 # ----------------------------------------------------------------------------- knobs and the harness

@@ -14,12 +14,11 @@ drafts with it.
 
 from __future__ import annotations
 
-from m2r2_jax.cli import run_main
-from train.train_medusa import feature_peer_main
+from m2r2_jax.cli import peer_trainer_main, run_main
 
 
 def main(argv=None):
-    return feature_peer_main("eagle", __doc__, argv)
+    return peer_trainer_main("eagle", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ drafts with it.
 
 from __future__ import annotations
 
-from m2r2_jax.cli import run_main
-from train.train_sps import draft_main
+from m2r2_jax.cli import peer_trainer_main, run_main
 
 
 def main(argv=None):
-    return draft_main("kangaroo", __doc__, argv)
+    return peer_trainer_main("kangaroo", __doc__, argv)
 
 
 if __name__ == "__main__":

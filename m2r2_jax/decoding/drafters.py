@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from m2r2_jax import kernels as K
 from m2r2_jax.backend import XLA, Backend
 from m2r2_jax.config import ModelConfig
 from m2r2_jax.decoding.state import DraftView, Proposal, StepResult
@@ -88,18 +89,55 @@ def pad_block(x: jax.Array, n: int) -> jax.Array:
 # ----------------------------------------------------------------------------- M2R2
 
 
+def confident_step(going: jax.Array, step, carry):
+    """The chain drafters' confidence stop (Draft & Verify, Kangaroo, SpS, M2R2 with `stop`): `step(carry)`
+    runs only while some row of `going` [B] is still confident, else `carry` passes through unchanged, so
+    once every row has stopped the remaining draft steps cost nothing. Static shapes: the slots a skipped
+    step would have drafted keep their token 0 and are verified like any draft (accepted only where the
+    full model agrees: the loop stays lossless without a per-row length); a row that stopped while
+    another goes on keeps what the batch drafts for it (free: the block is verified whole)."""
+    return lax.cond(jnp.any(going), step, lambda c: c, carry)
+
+
+def check_stop(label: str, stop) -> None:
+    if isinstance(stop, bool) or not isinstance(stop, (int, float)) or not 0.0 <= stop < 1.0:
+        raise M2R2Error(f"{label}: draft stop must be a probability in [0, 1) (0 = off), got {stop!r}")
+
+
+DRAFT_DTYPES = ("float32", "bfloat16")
+
+
+def check_draft_dtype(label: str, dtype) -> None:
+    if dtype not in DRAFT_DTYPES:
+        raise M2R2Error(f"{label}: draft dtype must be one of {', '.join(DRAFT_DTYPES)}, got {dtype!r}")
+
+
 @dataclasses.dataclass(frozen=True, eq=True)
 class M2R2Drafter(Drafter):
     """The fast stream expands a static tree depth by depth: all nodes of a depth in one batched call
     of the merged fast layers (`FastStream(merged=True)`), reading the slow cache for the prefix and a
     draft-local K/V buffer for each node's tree ancestors; each node's children are the draft head's
-    top-ranked tokens."""
+    top-ranked tokens.
+
+    `stop` > 0 (the confidence stop, `confident_step`): after each depth's pass a row goes on only while
+    some node the next pass would expand was drafted with probability >= `stop` (the draft head's softmax
+    over the draft vocabulary; on a chain, the top-1 probability of the token just drafted, as Draft &
+    Verify's stop); once no active row goes on, the remaining depths' fast-stream passes do not run and
+    their nodes keep token 0. The first pass always runs, so a one-depth tree (the default star4) is
+    unaffected. 0: today's loop exactly (no `lax.cond`).
+
+    `draft_dtype` bfloat16: the merged fast layers and the draft head stored in bf16 (cast once in
+    `prepare`, after the adapters are merged) and multiplied in bf16 with f32 accumulation
+    (`ModelConfig.matmul_dtype`); activations, the draft-local K/V and verification stay in the model's
+    dtype, so the output still equals AR's. float32: the weights as loaded."""
 
     cfg: ModelConfig
     mc: M2R2Config
     tree: DraftTree
     draft_layers: int = 0  # fast layers used to draft (0 = all L_f)
     backend: Backend = XLA
+    stop: float = 0.0  # the confidence stop (0 = off)
+    draft_dtype: str = "float32"  # the draft weights' dtype
 
     def __post_init__(self):
         n = self.mc.n_fast(self.cfg.num_layers)
@@ -110,6 +148,8 @@ class M2R2Drafter(Drafter):
                 "drafting with branch > 0 is not implemented (the slow stream would have to run "
                 "the first b layers for draft tokens)"
             )
+        check_stop("m2r2", self.stop)
+        check_draft_dtype("m2r2", self.draft_dtype)
 
     @property
     def depth(self) -> int:
@@ -123,6 +163,29 @@ class M2R2Drafter(Drafter):
     def kinds(self):
         return ("m2r2",)
 
+    @property
+    def dcfg(self) -> ModelConfig:
+        """The config the draft runs under (bf16 draft weights: bf16 matmul inputs, f32 accumulation)."""
+        if self.draft_dtype == "float32":
+            return self.cfg
+        return dataclasses.replace(self.cfg, matmul_dtype=self.draft_dtype)
+
+    @property
+    def expansions(self) -> list[tuple[int, np.ndarray]]:
+        """(depth, the nodes of that depth with children) per fast-stream pass of a full draft."""
+        tree = self.tree
+        out = []
+        for d in range(tree.max_depth):
+            nodes = np.asarray([i for i in tree.levels[d] if tree.children[i, 0] >= 0], np.int32)
+            if len(nodes):
+                out.append((d, nodes))
+        return out
+
+    @property
+    def max_passes(self) -> int:
+        """Fast-stream passes of a full draft (the depths with nodes to expand)."""
+        return len(self.expansions)
+
     def prepare(self, base, m2r2, draft_ids):
         """{"dp": `stream.draft_params` (merged adapters, the draft head), "draft_ids"}."""
         ids = jnp.asarray(draft_ids, jnp.int32)
@@ -131,14 +194,22 @@ class M2R2Drafter(Drafter):
                 f"draft tree {self.tree.name!r} ranks up to {self.tree.topk} candidates per node, more than "
                 f"the draft vocabulary's {ids.shape[0]} tokens"
             )
-        dp = jax.jit(lambda b, m, d: S.draft_params(self.cfg, self.mc, b, m, d, self.depth, self.backend))(
-            base, m2r2, ids
-        )
+        cast = self.draft_dtype != "float32"
+        backend = XLA if cast else self.backend  # bf16 weights stay plain arrays (XLA's dot, not the kernels)
+        dp = jax.jit(lambda b, m, d: S.draft_params(self.cfg, self.mc, b, m, d, self.depth, backend))(base, m2r2, ids)
+        if cast:  # the matrices (unpacked when the base is packed for the kernels); norms stay as they are
+            dt = jnp.dtype(self.draft_dtype)
+            dp = jax.tree.map(
+                lambda x: L.dense(x).astype(dt) if L.dense(x).ndim == 2 else x,
+                dp,
+                is_leaf=lambda x: isinstance(x, K.PackedWeight),
+            )
         return {"dp": dp, "draft_ids": ids}
 
-    def draft(self, dparams, base, cache, pos, cur) -> jax.Array:
-        """The tree's node tokens [B, T] (node 0 = cur)."""
-        cfg, tree, dp, ids = self.cfg, self.tree, dparams["dp"], dparams["draft_ids"]
+    def draft(self, dparams, base, cache, pos, cur, active=None):
+        """-> (the tree's node tokens [B, T] (node 0 = cur), the fast-stream passes run: int32 scalar).
+        `active` [B]: the rows still decoding (the stop waits only for them; None: all)."""
+        cfg, tree, dp, ids = self.dcfg, self.tree, dparams["dp"], dparams["draft_ids"]
         B, T = cur.shape[0], tree.size
         layers = self.mc.base_layers(cfg.num_layers)[: len(dp["layers"])]
         toks = jnp.zeros((B, T), jnp.int32).at[:, 0].set(cur)
@@ -146,15 +217,18 @@ class M2R2Drafter(Drafter):
         lk = [jnp.zeros(kv_shape, cfg.jnp_dtype) for _ in layers]
         lv = [jnp.zeros(kv_shape, cfg.jnp_dtype) for _ in layers]
         stream = FastStream(cfg, self.mc, merged=True)
-        for d in range(tree.max_depth):
-            nodes = np.asarray([i for i in tree.levels[d] if tree.children[i, 0] >= 0], np.int32)
-            if len(nodes) == 0:
-                continue
+        plan = self.expansions
+
+        def expand(d, nodes, carry, nxt=None):
+            """One pass over `nodes` (depth d), writing their children. -> (carry, with `nxt` (the next
+            pass's nodes): [B] the highest draft probability among them, else None)."""
+            toks, lk, lv = carry
+            lk, lv = list(lk), list(lv)
             anc = tree.ancestor_mask[nodes].copy()
             anc[np.arange(len(nodes)), nodes] = False  # a node's own K/V comes from the block itself
             cos, sin = L.rope_cos_sin(cfg, pos[:, None] + jnp.full((1, len(nodes)), d, jnp.int32))
 
-            def attention_for(l, anc=anc):
+            def attention_for(l):
                 j = layers[l]
                 return tree_draft_attention(cfg, self.backend, cache.k[j], cache.v[j], pos, lk[l], lv[l], anc)
 
@@ -164,16 +238,44 @@ class M2R2Drafter(Drafter):
             for l, (k, v) in enumerate(states):
                 lk[l] = lk[l].at[:, :, nodes].set(k.astype(lk[l].dtype))
                 lv[l] = lv[l].at[:, :, nodes].set(v.astype(lv[l].dtype))
-            _, top = lax.top_k(S.draft_head_logits(cfg, dp, hs[-1]), tree.topk)
+            logits = S.draft_head_logits(cfg, dp, hs[-1])  # [B, n, Vd] f32
+            top_v, top = lax.top_k(logits, tree.topk)
             cand = jnp.take(ids, top)  # [B, n, topk]
             for ii, i in enumerate(nodes):
                 for c in tree.children[i]:
                     if c >= 0:
                         toks = toks.at[:, c].set(cand[:, ii, tree.rank[c]])
-        return toks
+            if nxt is None:
+                return (toks, lk, lv), None
+            where = {int(i): ii for ii, i in enumerate(nodes)}
+            ii = np.asarray([where[int(tree.parent[c])] for c in nxt])
+            p = jnp.exp(top_v[:, ii, tree.rank[nxt]] - jax.nn.logsumexp(logits[:, ii], -1))  # [B, len(nxt)]
+            return (toks, lk, lv), jnp.max(p, -1)
+
+        carry = (toks, lk, lv)
+        if not self.stop:
+            for d, nodes in plan:
+                carry, _ = expand(d, nodes, carry)
+            return carry[0], jnp.int32(len(plan))
+        going = jnp.ones((B,), bool) if active is None else active
+        passes = jnp.int32(1)
+        for k, (d, nodes) in enumerate(plan):
+            nxt = plan[k + 1][1] if k + 1 < len(plan) else None
+
+            def step(c, d=d, nodes=nodes, nxt=nxt):
+                carry, conf = expand(d, nodes, c[0], nxt)
+                return carry, c[1] if conf is None else c[1] & (conf >= self.stop)
+
+            if k == 0:
+                carry, going = step((carry, going))
+            else:  # each later depth only while some active row is still confident
+                passes = passes + jnp.any(going).astype(jnp.int32)
+                carry, going = confident_step(going, step, (carry, going))
+        return carry[0], passes
 
     def propose(self, dparams, base, view: DraftView) -> Proposal:
-        return Proposal(self.draft(dparams, base, view.cache, view.pos, view.cur), jnp.int32(0))
+        toks, passes = self.draft(dparams, base, view.cache, view.pos, view.cur, view.active)
+        return Proposal(toks, jnp.int32(0), passes=passes)
 
 
 # ----------------------------------------------------------------------------- prompt lookup
@@ -301,21 +403,22 @@ class M2R2WithLookup(Drafter):
         use_lookup = jnp.any(found & view.active)
 
         def from_lookup():
-            return pad_block(jnp.concatenate([view.cur[:, None], cand], 1), Tv), jnp.int32(1)
+            return pad_block(jnp.concatenate([view.cur[:, None], cand], 1), Tv), jnp.int32(1), jnp.int32(0)
 
         def from_m2r2():
-            toks = pad_block(self.m2r2.draft(dparams, base, view.cache, view.pos, view.cur), Tv)
+            toks, passes = self.m2r2.draft(dparams, base, view.cache, view.pos, view.cur, view.active)
+            toks = pad_block(toks, Tv)
             if self.ext is None:
-                return toks, jnp.int32(0)
+                return toks, jnp.int32(0), passes
             # the text + the top-1 draft, looked up again: its continuation is chained under it
             hx = jax.vmap(lambda h, x, n: h.at[n].set(x))(view.text, toks[:, 1], view.text_len)
             fx, cont = self.lookup.search(view, Tv - 3, hx, view.text_len + 1)
             use_ext = jnp.any(fx & view.active)
             ext = jnp.concatenate([toks[:, :3], cont], 1)
-            return jnp.where(use_ext, ext, toks), jnp.where(use_ext, 2, 0).astype(jnp.int32)
+            return jnp.where(use_ext, ext, toks), jnp.where(use_ext, 2, 0).astype(jnp.int32), passes
 
-        toks, tree = lax.cond(use_lookup, from_lookup, from_m2r2)
-        return Proposal(toks, tree)
+        toks, tree, passes = lax.cond(use_lookup, from_lookup, from_m2r2)
+        return Proposal(toks, tree, passes=passes)
 
 
 # ----------------------------------------------------------------------------- options
@@ -330,7 +433,8 @@ def _count(name: str, v, lo: int) -> None:
 class DraftOptions:
     """How M2R2 drafts, validated once: the static tree (a preset name, a JSON file of paths or a
     DraftTree), the fast layers it runs (0 = all), prompt lookup (`lookup` tokens per lookup step,
-    0 = off; n-grams `lookup_ngram` down to `lookup_min_ngram`) and the lookup extension."""
+    0 = off; n-grams `lookup_ngram` down to `lookup_min_ngram`), the lookup extension, the confidence
+    stop (`draft_stop`, 0 = off) and the draft weights' dtype (`draft_dtype`): `M2R2Drafter`."""
 
     tree: Any = "star4"
     draft_layers: int = 0
@@ -338,6 +442,8 @@ class DraftOptions:
     lookup_ngram: int = 3
     lookup_min_ngram: int = 2
     extend: bool = True
+    draft_stop: float = 0.0
+    draft_dtype: str = "float32"
     name = "m2r2"  # `--drafter` name (peer_drafters.options.DRAFTERS); the other drafters' options match
     needs_m2r2 = True  # drafts with a trained M2R2 checkpoint
 
@@ -351,9 +457,11 @@ class DraftOptions:
         _count("lookup_min_ngram", self.lookup_min_ngram, 1)
         if self.lookup and self.lookup_min_ngram > self.lookup_ngram:
             raise M2R2Error(f"lookup_min_ngram ({self.lookup_min_ngram}) must be <= lookup_ngram ({self.lookup_ngram})")
+        check_stop("m2r2", self.draft_stop)
+        check_draft_dtype("m2r2", self.draft_dtype)
 
     def drafter(self, cfg: ModelConfig, mc: M2R2Config, backend: Backend = XLA) -> Drafter:
-        m = M2R2Drafter(cfg, mc, self.tree, self.draft_layers, backend)
+        m = M2R2Drafter(cfg, mc, self.tree, self.draft_layers, backend, self.draft_stop, self.draft_dtype)
         if not self.lookup:
             return m
         return M2R2WithLookup(m, PromptLookup(self.lookup, self.lookup_ngram, self.lookup_min_ngram), self.extend)
@@ -370,4 +478,6 @@ class DraftOptions:
             lookup_ngram=self.lookup_ngram,
             lookup_min_ngram=self.lookup_min_ngram,
             extend=self.extend,
+            draft_stop=self.draft_stop,
+            draft_dtype=self.draft_dtype,
         )

@@ -1,15 +1,17 @@
-"""Autoregressive generation: prefill + the whole decode in ONE jitted
-`lax.while_loop` over a preallocated KV cache, static shapes throughout.
+"""Autoregressive generation: prefill + the whole decode in ONE jitted function
+over a preallocated KV cache, static shapes throughout: a `lax.while_loop` per
+attention window, the windows growing through static cache lengths.
 
 Prompts are right-padded to a length bucket; each row keeps its own position,
 so a batch gives exactly the rows' one-by-one results. Compiled executables
-are cached per (batch, prompt bucket, cache length, max new tokens, greedy):
-a second prompt in the same bucket never recompiles.
+are cached per (batch, prompt bucket, cache length, max new tokens, greedy,
+block, window): a second prompt in the same bucket never recompiles.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 
@@ -28,6 +30,10 @@ from m2r2_jax.model.params import logical_axes, model_spec
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 CACHE_ROUND = 128
+# A decode step's cost grows with the cache slots attention reads (XLA:CPU, batch 64: 66, 48 and 36
+# tok/s with caches of 128, 256 and 512 slots), so the decode loop reads only a window of the cache,
+# grown in steps of this many slots as the rows' positions advance (`decode_windows`).
+DECODE_WINDOW = 64
 
 
 def bucket(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
@@ -67,9 +73,12 @@ class GenerateConfig:
     # the verification's shapes and cache slots and both round identically, which bf16 matmuls need
     # for token-for-token equality (BENCHMARKS.md, "bf16 matmuls, bit-exact chains"); 1 is the plain loop.
     block: int = 1
+    # The decode attends over the cache in windows growing by this many slots (`decode_windows`);
+    # None: always over the whole cache.
+    window: int | None = DECODE_WINDOW
 
     def __post_init__(self):
-        for name in ("max_new_tokens", "block"):
+        for name in ("max_new_tokens", "block") + (("window",) if self.window is not None else ()):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise M2R2Error(f"{name} must be an integer >= 1, got {v!r}")
@@ -94,6 +103,18 @@ class GenerateResult:
 # the prompt bucket past it is never computed (a 177-token prompt in the 256 bucket runs 192 rows, not
 # 256). Smaller chunks cost more than they save: each chunk streams all the weights once more.
 PREFILL_CHUNK = 64
+# ... at batch 1. A large batch fills the product's rows with fewer slots per chunk, so its chunks are
+# cut down to PREFILL_ROWS rows (B * chunk, 16 slots at least): at batch 64 a 40-token prompt bucketed
+# to 64 is prefilled over 48 slots, not 64 (`prefill_chunk`).
+PREFILL_ROWS = 1024
+
+
+def prefill_chunk(batch: int) -> int:
+    """The prefill chunk for a batch: PREFILL_CHUNK, halved while batch * chunk > PREFILL_ROWS (>= 16)."""
+    c = PREFILL_CHUNK
+    while c > 16 and batch * c > PREFILL_ROWS:
+        c //= 2
+    return c
 
 
 def prefill(cfg: ModelConfig, params, tokens, lengths, cache, chunk: int = PREFILL_CHUNK, backend: Backend = XLA):
@@ -127,19 +148,46 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache, chunk: int = PREFI
     return D.logits_from_hidden(cfg, params, last)[:, 0], cache
 
 
-def generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int, block: int = 1, backend: Backend = XLA):
+def decode_windows(prompt_slots: int, cache_len: int, window: int | None) -> tuple[int, ...]:
+    """The static cache lengths the decode loop runs through: the multiples of `window` from the first
+    one holding the `prompt_slots` a prefill writes, then `cache_len` (only `cache_len` without a window).
+
+    A phase attends over its window's slots only; a step whose block would reach past the window
+    moves to the next (the cache is padded once per phase). Slots past every row's position are masked
+    in any case, so a window changes which masked slots are read, not what a row sees."""
+    if window is None:
+        return (cache_len,)
+    first = -(-prompt_slots // window) * window
+    return tuple(range(first, cache_len, window)) + (cache_len,)
+
+
+def _grow(cache: D.KVCache, length: int) -> D.KVCache:
+    """The cache padded with empty slots to `length` (unchanged when it has them)."""
+    if cache.length == length:
+        return cache
+    pad = ((0, 0), (0, 0), (0, length - cache.length), (0, 0))
+    return D.KVCache([jnp.pad(k, pad) for k in cache.k], [jnp.pad(v, pad) for v in cache.v])
+
+
+def generate_fn(
+    cfg: ModelConfig,
+    greedy: bool,
+    max_new: int,
+    cache_len: int,
+    block: int = 1,
+    backend: Backend = XLA,
+    window: int | None = None,
+):
     def run(params, tokens, lengths, stop_ids, key, temperature, top_k, top_p):
-        B = tokens.shape[0]
-        cache = D.init_cache(cfg, B, cache_len)
-        logits, cache = prefill(cfg, params, tokens, lengths, cache, backend=backend)
+        B, P = tokens.shape
+        windows = decode_windows(P, cache_len, window)
+        cache = D.init_cache(cfg, B, windows[0])
+        logits, cache = prefill(cfg, params, tokens, lengths, cache, prefill_chunk(B), backend)
         key, sub = jax.random.split(key)
         first = select(logits, sub, greedy, temperature, top_k, top_p)
         out = jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(first)
         done = jnp.isin(first, stop_ids)
-
-        def cond(st):
-            i, _, _, _, done, _ = st
-            return (i < max_new) & ~jnp.all(done)
+        longest = jnp.max(lengths)
 
         def body(st):
             i, tok, cache, out, done, key = st
@@ -153,7 +201,17 @@ def generate_fn(cfg: ModelConfig, greedy: bool, max_new: int, cache_len: int, bl
             done = done | jnp.isin(nxt, stop_ids)
             return i + 1, nxt, cache, out, done, key
 
-        i, _, _, out, done, _ = lax.while_loop(cond, body, (jnp.int32(1), first, cache, out, done, key))
+        def in_window(w, st):
+            """Steps remain, and the step's block (the longest row's slots up to longest + i + block - 2)
+            lies inside the window's w slots."""
+            i, _, _, _, done, _ = st
+            return (i < max_new) & ~jnp.all(done) & (longest + i + block - 2 < w)
+
+        st = (jnp.int32(1), first, cache, out, done, key)
+        for w in windows:  # one loop per window, each over a cache of w slots
+            i, tok, cache, out, done, key = st
+            st = lax.while_loop(functools.partial(in_window, w), body, (i, tok, _grow(cache, w), out, done, key))
+        i, _, _, out, done, _ = st
         return out, i
 
     return run
@@ -235,7 +293,7 @@ class Generator:
 
     def _lookup(self, params, B, P, S, gen, args):
         greedy = gen.sampling.greedy
-        key = (B, P, S, gen.max_new_tokens, greedy, gen.block, jax.tree.structure(params))
+        key = (B, P, S, gen.max_new_tokens, greedy, gen.block, gen.window, jax.tree.structure(params))
         jit_kw = {}
         if self.mesh is not None:
             from m2r2_jax.sharding import named_sharding, replicated, tree_shardings
@@ -257,5 +315,8 @@ class Generator:
                 out_shardings=(named_sharding(self.mesh, ("batch", None), (B, gen.max_new_tokens)), rep),
             )
         return self.cache.get(
-            key, lambda: generate_fn(self.cfg, greedy, gen.max_new_tokens, S, gen.block, self.backend), args, **jit_kw
+            key,
+            lambda: generate_fn(self.cfg, greedy, gen.max_new_tokens, S, gen.block, self.backend, gen.window),
+            args,
+            **jit_kw,
         )

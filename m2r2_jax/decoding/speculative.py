@@ -69,13 +69,15 @@ def _init_stats(B: int, tt: TreeTables) -> SpecStats:
         depth_hits=jnp.zeros((B, t0.max_depth + 1), jnp.int32),
         node_tries=jnp.zeros((B, t0.size), jnp.int32),
         node_hits=jnp.zeros((B, t0.size), jnp.int32),
+        draft_passes=z,
     )
 
 
 def _update_stats(
-    s: SpecStats, tt: TreeTables, active, tree, a, correct, layout: TreeLayout | None = None
+    s: SpecStats, tt: TreeTables, active, tree, a, correct, layout: TreeLayout | None = None, passes=None
 ) -> SpecStats:
-    """(A dynamic tree's node statistics are per block slot, under each step's own tree.)"""
+    """(A dynamic tree's node statistics are per block slot, under each step's own tree. `passes`: the
+    draft-model passes the proposal ran, `Proposal.passes`; None counts 0.)"""
     t0 = tt.trees[0]
     B = a.shape[0]
     act = active.astype(jnp.int32)
@@ -96,6 +98,7 @@ def _update_stats(
         depth_hits=s.depth_hits + first[:, None] * (jnp.arange(t0.max_depth + 1)[None] <= a[:, None]),
         node_tries=s.node_tries + first[:, None] * parent_ok.astype(jnp.int32),
         node_hits=s.node_hits + first[:, None] * (parent_ok & correct[:, : t0.size]).astype(jnp.int32),
+        draft_passes=s.draft_passes if passes is None else s.draft_passes + act * passes,
     )
 
 
@@ -250,7 +253,7 @@ def speculative_fn(
                 n_out=n_out,
                 done=st.done | (first_stop < W) | (n_out >= max_new),
                 key=key,
-                stats=_update_stats(st.stats, tt, active, prop.tree, a, correct, lay),
+                stats=_update_stats(st.stats, tt, active, prop.tree, a, correct, lay, prop.passes),
                 text=text,
                 dstate=dstate,
                 hidden=hidden,
@@ -273,6 +276,7 @@ class SpecResult:
     node_tries: np.ndarray  # [B, T] first-tree steps where the node's parent was accepted (greedy)
     node_hits: np.ndarray  # [B, T] ... and the node itself matched
     kinds: dict  # step kind -> {"steps": [B], "accepted": [B]}
+    draft_passes: list[int] = dataclasses.field(default_factory=list)  # [B] draft-model passes run (M2R2: depths)
 
     @property
     def tau(self) -> float:
@@ -371,6 +375,7 @@ class SpeculativeDecoder:
             st.node_tries,
             st.node_hits,
             kinds,
+            st.draft_passes.tolist(),
         )
 
     def cost_breakdown(
@@ -378,7 +383,9 @@ class SpeculativeDecoder:
     ) -> dict:
         """Median ms of one draft (the drafter's first kind of step, e.g. the whole M2R2 tree) and of
         one block verification, each jitted alone over a cache filled to `fill` positions. The decode
-        loop's remaining per-step work (acceptance, compaction, bookkeeping) is its step time minus these."""
+        loop's remaining per-step work (acceptance, compaction, bookkeeping) is its step time minus these.
+        A drafter with a confidence stop (M2R2's `stop`) is timed without it, every depth drafted
+        (`draft_passes` of them): how many it ran per step is the loop's count (`SpecResult.draft_passes`)."""
         cfg, drafter = self.cfg, self.drafter
         tt = TreeTables.of(drafter.trees, drafter.block_size)
         cache_len = min(cache_len, cfg.max_position_embeddings)
@@ -387,6 +394,8 @@ class SpeculativeDecoder:
         pos = jnp.full((batch,), fill, jnp.int32)
         cur = jnp.ones((batch,), jnp.int32)
         first = getattr(drafter, "m2r2", drafter)  # a composite's M2R2 part: what M2R2 steps draft with
+        if getattr(first, "stop", 0):  # the full draft (the stop reads the data: here a synthetic cache)
+            first = dataclasses.replace(first, stop=0.0)
         hd = (batch, cfg.hidden_size)
         view = DraftView(
             cache=cache,
@@ -425,4 +434,5 @@ class SpeculativeDecoder:
             "block": tt.block,
             "batch": batch,
             "draft_layers": getattr(first, "depth", None),
+            "draft_passes": getattr(first, "max_passes", None),
         }

@@ -25,6 +25,7 @@ class SpecStats:
     depth_hits: jax.Array  # [B, D0 + 1] first-tree steps whose accepted depth >= d
     node_tries: jax.Array  # [B, T0] first-tree steps where the node's parent was accepted (greedy)
     node_hits: jax.Array  # [B, T0] ... and the node itself matched
+    draft_passes: jax.Array  # [B] draft-model passes run for the row's steps (drafters that count them; else 0)
 
 
 @struct.dataclass
@@ -86,3 +87,4 @@ class Proposal:
     tokens: jax.Array  # [B, Tv] the block: node 0 = cur, then the drafted nodes (padded)
     tree: jax.Array  # int32 scalar: which of the drafter's trees laid the block out
     layout: TreeLayout | None = None  # a dynamic drafter's per-row tree (then `tree` only names the kind)
+    passes: jax.Array | None = None  # int32 scalar: draft-model passes run for this block (M2R2: depths drafted)

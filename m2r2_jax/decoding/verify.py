@@ -94,24 +94,15 @@ class TreeTables:
 
 def verify(cfg, backend: Backend, base, tt: TreeTables, tree, toks, cache, pos):
     """-> (logits [B, Tv, V] f32, cache with the block's K/V at slots pos ..)."""
-    depth = jnp.asarray(tt.depth)[tree]
-    return D.forward(
-        cfg,
-        base,
-        toks,
-        cache,
-        pos,
-        positions=pos[:, None] + depth[None],
-        local_mask=jnp.asarray(tt.mask)[tree],
-        backend=backend,
-    )
+    logits, cache, _ = verify_hidden(cfg, backend, base, tt, tree, toks, cache, pos)
+    return logits, cache
 
 
 def verify_hidden(
     cfg, backend: Backend, base, tt: TreeTables, tree, toks, cache, pos, layout: TreeLayout | None = None
 ):
     """`verify`, also returning the block's final hidden states: -> (logits [B, Tv, V] f32, cache,
-    hidden [B, Tv, D] before the final norm). The logits are computed exactly as `verify` computes them.
+    hidden [B, Tv, D] before the final norm); `verify` is the same forward, returning no hidden states.
     With a `layout` (a dynamic tree) each row is masked by its own ancestor mask; the block-attention
     kernels take one mask for the batch, so there the batch must be one row."""
     if layout is None:

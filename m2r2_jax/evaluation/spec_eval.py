@@ -113,6 +113,7 @@ def _agg(units: list[dict]) -> dict:
     l_acc = sum(u.get("lookup_accepted", 0) for u in units)
     e_steps = sum(u.get("ext_steps", 0) for u in units)
     e_acc = sum(u.get("ext_accepted", 0) for u in units)
+    passes = sum(u.get("draft_passes", 0) for u in units)
     ar_tps, sp_tps = _ratio(ar_n, ar_s), _ratio(sp_n, sp_s)
     return dict(
         ar_seconds=ar_s,
@@ -129,6 +130,7 @@ def _agg(units: list[dict]) -> dict:
         lookup_accepted=l_acc,
         ext_steps=e_steps,
         ext_accepted=e_acc,
+        draft_passes=passes,
     )
 
 
@@ -337,6 +339,14 @@ def run_spec_eval(
         )
         if opts.name != "m2r2":  # (absent for M2R2, so journals written before peers existed still resume)
             header.update(drafter=opts.name, draft_options=opts.describe())
+        else:  # M2R2's newer knobs where not at their defaults (so older journals still resume)
+            header.update(
+                {
+                    k: getattr(opts, k)
+                    for k in ("draft_stop", "draft_dtype")
+                    if getattr(opts, k) != getattr(DraftOptions, k)
+                }
+            )
         jr = Journal(journal, header)
         if resume and jr.path.exists():
             jr.load()
@@ -401,6 +411,7 @@ def run_spec_eval(
                     spec_tokens=sum(len(x) for x in sp.new_ids),
                     steps=int(sum(sp.steps)),
                     accepted=int(sum(sp.accepted)),
+                    draft_passes=int(sum(sp.draft_passes)),
                     **_kind_counts(sp),
                 )
                 if ar1 is not None:
@@ -500,6 +511,14 @@ def run_spec_eval(
     sp_ms_step = _ratio(1e3 * tot["spec_seconds"], steps)
     parts = spec.cost_breakdown(base, dparams, batch=ec.batch_size)
     step_cost = _ratio(sp_ms_step, ar_ms_tok) if sp_ms_step and ar_ms_tok else None
+    # M2R2's fast-stream passes per M2R2-drafted step (the loop's count; a confidence stop skips some):
+    # the draft's ms per step is the full draft's (timed alone) scaled by the share of passes run
+    m2r2_steps = steps - l_steps
+    counted = opts.name == "m2r2" and m2r2_steps and all("draft_passes" in u for u in units)  # (older journals: not)
+    passes_per_step = _ratio(tot["draft_passes"], m2r2_steps) if counted else None
+    draft_ms = parts["draft_ms"]
+    if passes_per_step is not None and parts.get("draft_passes"):
+        draft_ms = parts["draft_ms"] * passes_per_step / parts["draft_passes"]
     return {
         "config": dict(
             tree=tree.name,
@@ -544,14 +563,18 @@ def run_spec_eval(
             "ar_ms_per_token": ar_ms_tok,
             "spec_ms_per_step": sp_ms_step,
             "step_cost_in_ar_tokens": step_cost,
-            "draft_ms": parts["draft_ms"],
+            "draft_ms": draft_ms,
+            "draft_ms_full": parts["draft_ms"],
+            "draft_passes_per_step": passes_per_step,
+            "draft_passes_full": parts.get("draft_passes"),
             "verify_ms": parts["verify_ms"],
             # (with prompt lookup, steps mix two kinds: the M2R2 draft + verify split does not apply)
-            "other_ms": sp_ms_step - parts["draft_ms"] - parts["verify_ms"] if sp_ms_step and not lookup else None,
+            "other_ms": sp_ms_step - draft_ms - parts["verify_ms"] if sp_ms_step and not lookup else None,
             "breakdown_setup": {k: parts[k] for k in ("cache_len", "fill", "block", "draft_layers", "batch")},
             "predicted_speedup": _ratio(tot["tau"], step_cost) if step_cost and tot["tau"] else None,
             "note": "one speculative step (draft + verify + accept, prefill amortised) in units of one AR "
-            "token; speed-up ~= tau / step_cost",
+            "token; speed-up ~= tau / step_cost. draft_ms: per M2R2-drafted step, the full draft's ms "
+            "(draft_ms_full, timed alone, draft_passes_full fast-stream passes) x the share of passes run",
         },
         "lookup": dict(
             tokens=lookup,

@@ -126,44 +126,57 @@ def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     return jax.vmap(lambda c, n, s: lax.dynamic_update_slice(c, n, (0, s, 0)))(cache, new, start)
 
 
-def attend(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B,T,H,hd] over the cache [B,KV,S,hd]; mask [B,T,S] bool -> [B,T,H*hd]."""
+# One decode token per row (T = 1) is laid out for XLA:CPU, where it is a batch of tiny products (per
+# row and KV head, G query heads against S cached keys). On the 2-core EPYC (B=64, S=384, one layer:
+# scripts/bench_batched_decode.py --micro) the scores as K @ q^T (the keys as the product's rows) and
+# the weighted sum as p^T @ V take 0.5x the time of the q @ K^T / V^T @ p einsums of T > 1 blocks (XLA
+# chose V as the transposed left operand there, a slow path). Blocks keep those einsums: there a query
+# row's result does not depend on its place in the block, which the K @ q^T product does not promise
+# (a block's rows would round differently from the same tokens decoded one slot-padded block at a time).
+
+
+def _scores(cfg: ModelConfig, q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scaled f32 scores [B,KV,G,T,S] of q [B,T,H,hd] against k [B,KV,S,hd]; where mask [B,T,S] is False,
+    float32's minimum (its exp underflows to exactly 0)."""
     B, T, H, hd = q.shape
     KV = cfg.num_kv_heads
-    G = H // KV
-    qg = q.reshape(B, T, KV, G, hd)
-    scores = (
-        jnp.einsum("btkgd,bksd->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
-        * cfg.attn_scale
-    )
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache.astype(q.dtype))
-    return out.reshape(B, T, H * hd)
+    k = k.astype(q.dtype)
+    if T == 1:
+        s = jnp.einsum("bksd,bkgd->bksg", k, q.reshape(B, KV, H // KV, hd), preferred_element_type=jnp.float32)
+        s = s.transpose(0, 1, 3, 2)[:, :, :, None, :]
+    else:
+        s = jnp.einsum("btkgd,bksd->bkgts", q.reshape(B, T, KV, H // KV, hd), k, preferred_element_type=jnp.float32)
+    return jnp.where(mask[:, None, None, :, :], s * cfg.attn_scale, jnp.finfo(jnp.float32).min)
+
+
+def _weighted(probs: jax.Array, v: jax.Array) -> jax.Array:
+    """probs [B,KV,G,T,S] over v [B,KV,S,hd] -> [B,T,H*hd]."""
+    B, KV, G, T, _ = probs.shape
+    v = v.astype(probs.dtype)
+    if T == 1:
+        out = jnp.einsum("bksg,bksd->bkgd", probs[:, :, :, 0, :].transpose(0, 1, 3, 2), v)
+    else:
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    return out.reshape(B, T, KV * G * v.shape[-1])
+
+
+def attend(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B,T,H,hd] over the cache [B,KV,S,hd]; mask [B,T,S] bool -> [B,T,H*hd]."""
+    probs = jax.nn.softmax(_scores(cfg, q, k_cache, mask), axis=-1).astype(q.dtype)
+    return _weighted(probs, v_cache)
 
 
 def attend_multi(cfg: ModelConfig, q: jax.Array, sets) -> jax.Array:
     """Attention over several K/V sets with one joint softmax (no concatenation of caches).
     sets: [(k [B,KV,S_i,hd], v [B,KV,S_i,hd], mask [B,T,S_i])] -> [B,T,H*hd]."""
-    B, T, H, hd = q.shape
-    KV = cfg.num_kv_heads
-    qg = q.reshape(B, T, KV, H // KV, hd)
-    neg = jnp.finfo(jnp.float32).min
-    scores = [
-        jnp.where(
-            m[:, None, None],
-            jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * cfg.attn_scale,
-            neg,
-        )
-        for k, _, m in sets
-    ]
+    scores = [_scores(cfg, q, k, m) for k, _, m in sets]
     probs = jax.nn.softmax(jnp.concatenate(scores, -1), axis=-1).astype(q.dtype)
     out, off = 0.0, 0
     for (_, v, _), sc in zip(sets, scores):
         n = sc.shape[-1]
-        out = out + jnp.einsum("bkgts,bksd->btkgd", probs[..., off : off + n], v.astype(q.dtype))
+        out = out + _weighted(probs[..., off : off + n], v)
         off += n
-    return out.reshape(B, T, H * hd)
+    return out
 
 
 def kernel_query(cfg: ModelConfig, q: jax.Array) -> jax.Array:

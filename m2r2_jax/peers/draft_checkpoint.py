@@ -1,5 +1,6 @@
 """The trained speculative peers' checkpoints, read side (Kangaroo's adapter, the 2-model drafter's small
-model): which base a checkpoint belongs to, its metadata, and its params restored from Orbax.
+model, Medusa's heads, EAGLE's draft layer): which base a checkpoint belongs to, its metadata and config,
+and its params restored from Orbax.
 
 The training loop (training/spec_peers.py) writes them with `training.checkpoint.Checkpointer` (items
 params / opt_state / extra / meta); decoding reads `params` and `meta` only. The meta names the base by
@@ -102,3 +103,23 @@ def restore_draft_params(step_dir: Path, step: int, abstract, label: str):
     except Exception as e:
         raise M2R2Error(f"{label}: cannot restore params from {step_dir}: {restore_error(e)}") from None
     return r.params
+
+
+def config_from_meta(cls, meta: dict, label: str):
+    """The run config a checkpoint's meta records, as `cls` (one line when it does not fit)."""
+    try:
+        return cls(**meta["config"])
+    except TypeError as e:
+        raise M2R2Error(f"{label}: checkpoint config does not match {cls.__name__}: {e}") from None
+
+
+def load_draft(path, kind: str, cls, cfg, base: dict | None, abstract):
+    """A trained part (a run dir: its latest step; or a step dir) of a `kind` checkpoint -> (params, its
+    config (a `cls`, checked against cfg), meta). `abstract(config)`: the params' abstract tree. With
+    `base`, a checkpoint trained on another base model is refused (one line)."""
+    step_dir, step, meta = resolve_draft_checkpoint(path, kind, kind)
+    if base is not None:
+        check_base(meta, cfg, base, kind, path)
+    c = config_from_meta(cls, meta, kind)
+    c.check(cfg)
+    return restore_draft_params(step_dir, step, abstract(c), kind), c, meta

@@ -31,7 +31,8 @@ from m2r2_jax.model import decoder as D
 from m2r2_jax.model import layers as L
 from m2r2_jax.model.attention import SetsAttention
 from m2r2_jax.model.modules import DecoderLayer, declare, zeros
-from m2r2_jax.peers.medusa import check_counts, final_features, lm_head, shifted_positions
+from m2r2_jax.peers import common as C
+from m2r2_jax.peers.medusa import final_features, lm_head, shifted_positions
 
 KIND = "eagle"  # the checkpoint kind (peers/draft_checkpoint.py)
 
@@ -84,7 +85,7 @@ class EagleConfig:
     seed: int = 0
 
     def __post_init__(self):
-        check_counts(self, ("steps", "batch_size", "seq_len", "positions"))
+        C.check_run(self, ("steps", "batch_size", "seq_len", "positions"))
         for name in ("v_weight", "p_weight", "noise"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
@@ -94,8 +95,7 @@ class EagleConfig:
 
 
 def optimizer(c: EagleConfig) -> optax.GradientTransformation:
-    sched = optax.warmup_cosine_decay_schedule(0.0, c.lr, max(1, c.steps // 20), c.steps, c.lr * 0.05)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
+    return C.optimizer(c, clip=True)
 
 
 def eagle_loss(cfg: ModelConfig, ec: EagleConfig, params: dict, h, base: dict, tokens, mask, key):

@@ -21,6 +21,7 @@ from m2r2_jax.m2r2 import stream as S
 from m2r2_jax.model import decoder as D
 from m2r2_jax.model import layers as L
 from m2r2_jax.model.modules import declare, ones, zeros
+from m2r2_jax.peers import common as C
 
 
 class ExitHeads(nn.Module):
@@ -61,19 +62,13 @@ class ExitHeadConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("rank", "steps", "batch_size", "seq_len", "positions"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise M2R2Error(f"{name} must be an integer >= 1, got {v!r}")
+        C.check_run(self, ("rank", "steps", "batch_size", "seq_len", "positions"))
         if not self.layers:
             raise M2R2Error("exit heads: at least one exit layer")
-        if not self.lr > 0:
-            raise M2R2Error(f"lr must be > 0, got {self.lr!r}")
 
 
 def optimizer(hc: ExitHeadConfig) -> optax.GradientTransformation:
-    sched = optax.warmup_cosine_decay_schedule(0.0, hc.lr, max(1, hc.steps // 20), hc.steps, hc.lr * 0.05)
-    return optax.adamw(sched, weight_decay=0.0)
+    return C.optimizer(hc, clip=False)
 
 
 def make_step(cfg: ModelConfig, hc: ExitHeadConfig, opt):
@@ -89,12 +84,6 @@ def make_step(cfg: ModelConfig, hc: ExitHeadConfig, opt):
             s = jax.nn.log_softmax(head_logits(cfg, base, heads, jax.lax.stop_gradient(slow.hiddens[E]), i), -1)
             kl = jnp.sum(jnp.exp(t) * (t - s), -1)
             losses.append(jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0))
-        return sum(losses), jnp.stack(losses)
+        return sum(losses), (jnp.stack(losses),)
 
-    @jax.jit
-    def step(heads, opt_state, base, tokens, mask):
-        (loss, per), g = jax.value_and_grad(loss_fn, has_aux=True)(heads, base, tokens, mask)
-        upd, opt_state = opt.update(g, opt_state, heads)
-        return optax.apply_updates(heads, upd), opt_state, loss, per
-
-    return step
+    return C.train_step(loss_fn, opt)

@@ -28,14 +28,11 @@ from m2r2_jax.model import decoder as D
 from m2r2_jax.model import layers as L
 from m2r2_jax.model.attention import SetsAttention
 from m2r2_jax.model.modules import Attention, ones, residual_update
-from m2r2_jax.peers.draft_checkpoint import check_base, resolve_draft_checkpoint, restore_draft_params
+from m2r2_jax.peers import common as C
+from m2r2_jax.peers.common import soft_ce
+from m2r2_jax.peers.draft_checkpoint import load_draft
 
 KIND = "kangaroo"
-
-
-def _positive_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise M2R2Error(f"{name} must be an integer >= 1, got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +49,7 @@ class KangarooConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("exit_layer", "steps", "batch_size", "seq_len", "positions"):
-            _positive_int(f"kangaroo: {name}", getattr(self, name))
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
-            raise M2R2Error(f"kangaroo: lr must be in (0, 1), got {self.lr!r}")
+        C.check_run(self, ("exit_layer", "steps", "batch_size", "seq_len", "positions"), KIND, lr_max=1)
 
     def check(self, cfg: ModelConfig) -> None:
         if not 1 <= self.exit_layer < cfg.num_layers:
@@ -85,8 +79,7 @@ def init_adapter(cfg: ModelConfig, base: dict, kc: KangarooConfig) -> dict:
     """Base layer E's attention sublayer (norm + attention) and the final norm, copied."""
     kc.check(cfg)
     lp = base["layers"][kc.exit_layer]
-    attn = {k: jnp.array(L.dense(v)) for k, v in lp["attn"].items()}
-    return {"attn_norm": jnp.array(lp["attn_norm"]), "attn": attn, "norm": jnp.array(base["final_norm"])}
+    return C.copy_dense({"attn_norm": lp["attn_norm"], "attn": lp["attn"], "norm": base["final_norm"]})
 
 
 def adapter_spec(cfg: ModelConfig) -> dict:
@@ -135,21 +128,8 @@ def teacher_forced(cfg: ModelConfig, kc: KangarooConfig, base: dict, ad: dict, t
     return adapter_logits(cfg, base, ad, S.gather_positions(a, select)), jax.lax.stop_gradient(full)
 
 
-def soft_ce(full_logits, draft_logits, m):
-    """-> (soft cross-entropy of the draft to the full model's softmax, KL, top-1 agreement), masked means."""
-    t = jax.nn.log_softmax(full_logits, -1)
-    s = jax.nn.log_softmax(draft_logits, -1)
-    pt = jnp.exp(t)
-    n = jnp.maximum(jnp.sum(m), 1.0)
-    ce = -jnp.sum(pt * s, -1)
-    kl = jnp.sum(pt * (t - s), -1)
-    agree = (jnp.argmax(full_logits, -1) == jnp.argmax(draft_logits, -1)).astype(jnp.float32)
-    return jnp.sum(ce * m) / n, jnp.sum(kl * m) / n, jnp.sum(agree * m) / n
-
-
 def optimizer(kc: KangarooConfig) -> optax.GradientTransformation:
-    sched = optax.warmup_cosine_decay_schedule(0.0, kc.lr, max(1, kc.steps // 20), kc.steps, kc.lr * 0.05)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
+    return C.optimizer(kc, clip=True)
 
 
 def make_step(cfg: ModelConfig, kc: KangarooConfig, opt):
@@ -161,28 +141,10 @@ def make_step(cfg: ModelConfig, kc: KangarooConfig, opt):
         ce, kl, agree = soft_ce(full, draft, m)
         return ce, (kl, agree)
 
-    @jax.jit
-    def step(ad, opt_state, base, tokens, mask):
-        (ce, (kl, agree)), g = jax.value_and_grad(loss_fn, has_aux=True)(ad, base, tokens, mask)
-        upd, opt_state = opt.update(g, opt_state, ad)
-        return optax.apply_updates(ad, upd), opt_state, ce, kl, agree
-
-    return step
+    return C.train_step(loss_fn, opt)
 
 
 def load_kangaroo(path, cfg: ModelConfig, base: dict | None = None) -> tuple[dict, KangarooConfig, dict]:
     """A trained adapter (a run dir: its latest step; or a step dir) -> (adapter, its config, meta).
     With `base`, a checkpoint trained on another base model is refused (one line)."""
-    step_dir, step, meta = resolve_draft_checkpoint(path, KIND, "kangaroo")
-    if base is not None:
-        check_base(meta, cfg, base, "kangaroo", path)
-    kc = config_from_meta(KangarooConfig, meta, "kangaroo")
-    kc.check(cfg)
-    return restore_draft_params(step_dir, step, adapter_spec(cfg), "kangaroo"), kc, meta
-
-
-def config_from_meta(cls, meta: dict, label: str):
-    try:
-        return cls(**meta["config"])
-    except TypeError as e:
-        raise M2R2Error(f"{label}: checkpoint config does not match {cls.__name__}: {e}") from None
+    return load_draft(path, KIND, KangarooConfig, cfg, base, lambda kc: adapter_spec(cfg))

@@ -25,6 +25,7 @@ from m2r2_jax.config import ModelConfig
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.model import layers as L
 from m2r2_jax.model.modules import zeros
+from m2r2_jax.peers import common as C
 
 KIND = "medusa"  # the checkpoint kind (peers/draft_checkpoint.py)
 
@@ -73,15 +74,6 @@ def head_logits(cfg: ModelConfig, base: dict, heads: dict, h: jax.Array, n: int 
     return lm_head(cfg, base, MedusaHeads(cfg, K).apply({"params": heads}, final_features(cfg, base, h)))
 
 
-def check_counts(c, names) -> None:
-    for name in names:
-        v = getattr(c, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise M2R2Error(f"{name} must be an integer >= 1, got {v!r}")
-    if not (isinstance(c.lr, (int, float)) and c.lr > 0):
-        raise M2R2Error(f"lr must be > 0, got {c.lr!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class MedusaConfig:
     heads: int = 4
@@ -93,7 +85,7 @@ class MedusaConfig:
     seed: int = 0
 
     def __post_init__(self):
-        check_counts(self, ("heads", "steps", "batch_size", "seq_len", "positions"))
+        C.check_run(self, ("heads", "steps", "batch_size", "seq_len", "positions"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise M2R2Error(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.heads > 16:
@@ -101,8 +93,7 @@ class MedusaConfig:
 
 
 def optimizer(c) -> optax.GradientTransformation:
-    sched = optax.warmup_cosine_decay_schedule(0.0, c.lr, max(1, c.steps // 20), c.steps, c.lr * 0.05)
-    return optax.adamw(sched, weight_decay=0.0)
+    return C.optimizer(c, clip=False)
 
 
 def shifted_positions(mask: jax.Array, shift: int, m: int):

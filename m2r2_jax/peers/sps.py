@@ -24,10 +24,9 @@ from m2r2_jax.config import ModelConfig
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.m2r2 import stream as S
 from m2r2_jax.model import decoder as D
-from m2r2_jax.model import layers as L
 from m2r2_jax.model.params import model_spec
-from m2r2_jax.peers.draft_checkpoint import check_base, resolve_draft_checkpoint, restore_draft_params
-from m2r2_jax.peers.kangaroo import config_from_meta, soft_ce
+from m2r2_jax.peers import common as C
+from m2r2_jax.peers.draft_checkpoint import load_draft
 
 KIND = "sps"
 
@@ -43,12 +42,7 @@ class SPSConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("num_layers", "steps", "batch_size", "seq_len", "positions"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise M2R2Error(f"sps: {name} must be an integer >= 1, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
-            raise M2R2Error(f"sps: lr must be in (0, 1), got {self.lr!r}")
+        C.check_run(self, ("num_layers", "steps", "batch_size", "seq_len", "positions"), KIND, lr_max=1)
 
     def check(self, cfg: ModelConfig) -> None:
         if not 1 <= self.num_layers <= cfg.num_layers:
@@ -70,8 +64,9 @@ def draft_config(cfg: ModelConfig, n: int) -> ModelConfig:
 def init_draft(cfg: ModelConfig, base: dict, sc: SPSConfig) -> dict:
     """The trainable part: copies of the source layers and of the final norm."""
     sc.check(cfg)
-    copy = lambda t: jax.tree.map(lambda x: jnp.array(L.dense(x)), t)  # noqa: E731
-    return {"layers": [copy(base["layers"][j]) for j in sc.source_layers(cfg)], "final_norm": copy(base["final_norm"])}
+    return C.copy_dense(
+        {"layers": [base["layers"][j] for j in sc.source_layers(cfg)], "final_norm": base["final_norm"]}
+    )
 
 
 def draft_spec(cfg: ModelConfig, n: int) -> dict:
@@ -101,8 +96,7 @@ def draft_logits(dcfg: ModelConfig, params: dict, tokens, select):
 
 
 def optimizer(sc: SPSConfig) -> optax.GradientTransformation:
-    sched = optax.warmup_cosine_decay_schedule(0.0, sc.lr, max(1, sc.steps // 20), sc.steps, sc.lr * 0.05)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
+    return C.optimizer(sc, clip=True)
 
 
 def make_step(cfg: ModelConfig, sc: SPSConfig, opt):
@@ -113,24 +107,13 @@ def make_step(cfg: ModelConfig, sc: SPSConfig, opt):
         sel, m = S.loss_positions(mask, min(sc.positions, tokens.shape[1]))
         full = jax.lax.stop_gradient(draft_logits(cfg, base, tokens, sel))  # the full model, same function
         draft = draft_logits(dcfg, draft_model(cfg, jax.lax.stop_gradient(base), tr), tokens, sel)
-        ce, kl, agree = soft_ce(full, draft, m)
+        ce, kl, agree = C.soft_ce(full, draft, m)
         return kl, (ce, agree)
 
-    @jax.jit
-    def step(tr, opt_state, base, tokens, mask):
-        (kl, (ce, agree)), g = jax.value_and_grad(loss_fn, has_aux=True)(tr, base, tokens, mask)
-        upd, opt_state = opt.update(g, opt_state, tr)
-        return optax.apply_updates(tr, upd), opt_state, kl, ce, agree
-
-    return step
+    return C.train_step(loss_fn, opt)
 
 
 def load_sps(path, cfg: ModelConfig, base: dict | None = None) -> tuple[dict, SPSConfig, dict]:
     """A trained small model's own part (layers, final norm) -> (params, its config, meta). With `base`,
     a checkpoint trained on another base model is refused (one line)."""
-    step_dir, step, meta = resolve_draft_checkpoint(path, KIND, "sps")
-    if base is not None:
-        check_base(meta, cfg, base, "sps", path)
-    sc = config_from_meta(SPSConfig, meta, "sps")
-    sc.check(cfg)
-    return restore_draft_params(step_dir, step, draft_spec(cfg, sc.num_layers), "sps"), sc, meta
+    return load_draft(path, KIND, SPSConfig, cfg, base, lambda sc: draft_spec(cfg, sc.num_layers))

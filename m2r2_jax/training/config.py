@@ -29,6 +29,8 @@ class DataConfig:
     max_new_tokens: int = 192
     distill_batch_size: int = 16
     distill_shard_size: int = 64  # answers per shard file: what an interrupted run can lose at most
+    distill_pack: str = ""  # non-empty: the cache's answers also kept there without prompt text (a folder
+    # committed to git: training/distill_pack.py), restored from it first, so a run carries across checkouts
     heldout_prompts: int = 64  # the last N prompts are kept out of training (alignment eval)
     loss_on_prompt: bool = False  # also train on prompt positions (the teacher is defined there too)
     teacher_cache_dir: str = ""  # non-empty: cache the frozen base's slow states per example there

@@ -131,11 +131,13 @@ def build_distill_cache(
     progress: bool = True,
     max_shards: int | None = None,
     mesh=None,
+    on_shard: Callable[[], Any] | None = None,
 ):
     """Generate (or resume) the cache in `out_dir` and return it as a `datasets.Dataset`.
 
     `max_shards` stops after writing that many new shards (a deliberate partial
-    run; a later call resumes). Counts of the run are in manifest["last_run"].
+    run; a later call resumes). Counts of the run are in manifest["last_run"]. `on_shard()` runs
+    after each shard is recorded (the git-kept pack: training/distill_pack.py).
     """
     from tqdm.auto import tqdm
 
@@ -225,6 +227,8 @@ def build_distill_cache(
             man["complete"] = False
             man["last_run"] = run
             _write_atomic(out / MANIFEST, json.dumps(man, indent=1))
+            if on_shard is not None:
+                on_shard()
     finally:
         bar.close()
     man["rows"] = sum(s["rows"] for s in man["shards"])

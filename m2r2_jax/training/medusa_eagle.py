@@ -1,5 +1,5 @@
 """Training Medusa-1's heads (peers/medusa.py) and EAGLE's draft layer (peers/eagle.py) on a
-self-distillation cache, base frozen, through the trained peers' one loop (`spec_peers._train_draft`:
+self-distillation cache, base frozen, through the trained peers' one loop (`spec_peers.train_peer`:
 Orbax checkpoints at least every `save_minutes` and at the end of a call, the base named by its
 signature, trainable parameters and training minutes in the meta for eval.compare; metrics JSONL +
 TensorBoard, tqdm, exact resume, `budget_minutes` of training over all calls).
@@ -10,17 +10,17 @@ states, then the peer's loss on them: the trainable tree and the base are separa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from m2r2_jax.config import ModelConfig
 from m2r2_jax.model import decoder as D
 from m2r2_jax.peers import eagle as E
 from m2r2_jax.peers import medusa as M
-from m2r2_jax.training.spec_peers import RunLimits, _train_draft, identity_of
+from m2r2_jax.peers.common import train_step
+from m2r2_jax.training.spec_peers import Peer, train_peer
 
 MEDUSA_METRICS = ("ce", "top1_head0", "top1_last_head")
 EAGLE_METRICS = ("loss", "feature_l1", "ce", "top1")
@@ -35,15 +35,10 @@ def base_hidden(cfg: ModelConfig, base: dict, tokens: jax.Array) -> jax.Array:
 
 def medusa_step(cfg: ModelConfig, mc: M.MedusaConfig, opt):
     def loss_fn(heads, base, tokens, mask):
-        return M.medusa_loss(cfg, mc, heads, base_hidden(cfg, base, tokens), base, tokens, mask)
+        loss, (_, acc) = M.medusa_loss(cfg, mc, heads, base_hidden(cfg, base, tokens), base, tokens, mask)
+        return loss, (acc[0], acc[-1])
 
-    @jax.jit
-    def step(heads, opt_state, base, tokens, mask):
-        (loss, (_, acc)), g = jax.value_and_grad(loss_fn, has_aux=True)(heads, base, tokens, mask)
-        upd, opt_state = opt.update(g, opt_state, heads)
-        return optax.apply_updates(heads, upd), opt_state, loss, acc[0], acc[-1]
-
-    return step
+    return train_step(loss_fn, opt)
 
 
 def eagle_step(cfg: ModelConfig, ec: E.EagleConfig, opt):
@@ -54,75 +49,23 @@ def eagle_step(cfg: ModelConfig, ec: E.EagleConfig, opt):
         key = jax.random.fold_in(jax.random.key(ec.seed), salt)
         return E.eagle_loss(cfg, ec, params, base_hidden(cfg, base, tokens), base, tokens, mask, key)
 
-    @jax.jit
-    def step(params, opt_state, base, tokens, mask):
-        (loss, (vloss, ploss, acc)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, base, tokens, mask)
-        upd, opt_state = opt.update(g, opt_state, params)
-        return optax.apply_updates(params, upd), opt_state, loss, vloss, ploss, acc
-
-    return step
+    return train_step(loss_fn, opt)
 
 
-def train_medusa(
-    cfg: ModelConfig,
-    base: dict,
-    records: Sequence[dict],
-    mc: M.MedusaConfig,
-    out_dir,
-    model_name: str = "",
-    fingerprint: str = "",
-    limits: RunLimits | None = None,
-    progress: bool = True,
-) -> dict:
-    """Train the heads (cross-entropy to the distilled answers' tokens) -> summary | {"heads"}."""
+def medusa_peer(cfg: ModelConfig, base: dict, mc: M.MedusaConfig) -> Peer:
+    """Medusa's heads, cross-entropy to the distilled answers' tokens (summary key "heads")."""
     opt = M.optimizer(mc)
-    heads, summary = _train_draft(
-        M.KIND,
-        cfg,
-        base,
-        records,
-        mc,
-        M.init_heads(cfg, mc.heads, mc.seed),
-        opt,
-        medusa_step(cfg, mc, opt),
-        MEDUSA_METRICS,
-        out_dir,
-        identity_of(model_name, cfg, base, fingerprint),
-        limits or RunLimits(),
-        progress,
-        {},
-    )
-    return summary | {"heads": heads}
+    return Peer(M.KIND, M.init_heads(cfg, mc.heads, mc.seed), opt, medusa_step(cfg, mc, opt), MEDUSA_METRICS, "heads")
 
 
-def train_eagle(
-    cfg: ModelConfig,
-    base: dict,
-    records: Sequence[dict],
-    ec: E.EagleConfig,
-    out_dir,
-    model_name: str = "",
-    fingerprint: str = "",
-    limits: RunLimits | None = None,
-    progress: bool = True,
-) -> dict:
-    """Train the draft layer (feature regression + token cross-entropy) -> summary | {"draft"}."""
+def eagle_peer(cfg: ModelConfig, base: dict, ec: E.EagleConfig) -> Peer:
+    """EAGLE's draft layer, feature regression + token cross-entropy (summary key "draft")."""
     E.check_base(cfg)
     opt = E.optimizer(ec)
-    draft, summary = _train_draft(
-        E.KIND,
-        cfg,
-        base,
-        records,
-        ec,
-        E.init_draft(cfg, ec.seed),
-        opt,
-        eagle_step(cfg, ec, opt),
-        EAGLE_METRICS,
-        out_dir,
-        identity_of(model_name, cfg, base, fingerprint),
-        limits or RunLimits(),
-        progress,
-        {},
-    )
-    return summary | {"draft": draft}
+    return Peer(E.KIND, E.init_draft(cfg, ec.seed), opt, eagle_step(cfg, ec, opt), EAGLE_METRICS, "draft")
+
+
+# train_medusa / train_eagle(cfg, base, records, config, out_dir, model_name="", fingerprint="", limits=None,
+# progress=True) -> summary | {"heads" / "draft": ...}
+train_medusa = functools.partial(train_peer, medusa_peer)
+train_eagle = functools.partial(train_peer, eagle_peer)

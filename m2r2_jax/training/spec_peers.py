@@ -1,21 +1,24 @@
 """Training the trained speculative peers' draft models on a self-distillation cache, base frozen:
-Kangaroo's adapter (peers/kangaroo.py) and the 2-model drafter's small model (peers/sps.py).
+Kangaroo's adapter (peers/kangaroo.py) and the 2-model drafter's small model (peers/sps.py) here, Medusa's
+heads and EAGLE's draft layer in medusa_eagle.py.
 
-One loop for both: Orbax checkpoints (params, optimizer state, the seconds spent; the meta names the base
-by `peers.draft_checkpoint.base_signature`, the trainable parameters and the training minutes, which
-eval.compare reports) every `save_every` steps, at least every `save_minutes` of wall clock, and when a
-call ends; metrics (JSONL + TensorBoard) and a tqdm bar; the same command resumes exactly (the data order
-is a function of the seed and the step). A run stops at `steps`, or once `budget_minutes` of training
-(summed over resumed calls) are spent.
+One loop for all (`train_peer`, over the `Peer` a peer's recipe builds): Orbax checkpoints (params,
+optimizer state, the seconds spent; the meta names the base by `peers.draft_checkpoint.base_signature`,
+the trainable parameters and the training minutes, which eval.compare reports) every `save_every` steps,
+at least every `save_minutes` of wall clock, and when a call ends; metrics (JSONL + TensorBoard) and a tqdm
+bar; the same command resumes exactly (the data order is a function of the seed and the step). A run
+stops at `steps`, or once `budget_minutes` of training (summed over resumed calls) are spent.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,11 +59,24 @@ def _config_dict(c) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(c)))
 
 
-def _train_draft(
-    kind, cfg, base, records, c, params, opt, step, names, out_dir, identity, limits, progress, extra_meta
-):
-    """The shared loop. step(params, opt_state, base, tokens, mask) -> (params, opt_state, *metrics `names`).
-    -> (params, summary)."""
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """One peer as the loop trains it: its checkpoint kind, the trainable tree's start, the optimizer, the
+    jitted step(params, opt_state, base, tokens, mask) -> (params, opt_state, *metrics named `metrics`),
+    the summary key the trained tree is returned under, and fields added to the meta and the summary."""
+
+    kind: str
+    params: Any
+    opt: Any
+    step: Callable
+    metrics: tuple[str, ...]
+    key: str
+    extra_meta: dict = dataclasses.field(default_factory=dict)
+
+
+def _train_draft(peer: Peer, cfg, base, records, c, out_dir, identity, limits, progress):
+    """The shared loop -> (params, summary)."""
+    kind, params = peer.kind, peer.params
     tokens, mask = pack_examples(records, c.seq_len)
     if len(tokens) < c.batch_size:
         raise M2R2Error(f"{len(tokens)} distilled examples, fewer than one batch of {c.batch_size}")
@@ -77,10 +93,10 @@ def _train_draft(
             if meta["config"] != _config_dict(c):
                 diff = sorted(k for k in _config_dict(c) if meta["config"].get(k) != _config_dict(c)[k])
                 raise M2R2Error(f"{out}: its checkpoints have another config (differs in: {', '.join(diff)})")
-    opt_state = opt.init(params)
+    opt_state = peer.opt.init(params)
     ck = Checkpointer(out / "checkpoints", save_every=limits.save_every, keep=2)
     trainable = int(sum(x.size for x in jax.tree.leaves(params)))
-    meta = dict(kind=kind, base=identity, config=_config_dict(c), trainable_params=trainable, **extra_meta)
+    meta = dict(kind=kind, base=identity, config=_config_dict(c), trainable_params=trainable, **peer.extra_meta)
     start, spent = 0, 0.0
     if last is not None:
         params, opt_state, ex, _ = ck.restore(last, params, opt_state, {"seconds": np.float64(0)})
@@ -106,8 +122,8 @@ def _train_draft(
             break
         idx = order[i * c.batch_size : (i + 1) * c.batch_size]
         ts, tc = time.perf_counter(), time.process_time()
-        params, opt_state, *ms = step(params, opt_state, base, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
-        metrics = {k: float(v) for k, v in zip(names, ms)}
+        params, opt_state, *ms = peer.step(params, opt_state, base, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
+        metrics = {k: float(v) for k, v in zip(peer.metrics, ms)}
         step_s.append(time.perf_counter() - ts)
         step_cpu.append(time.process_time() - tc)
         tr.log(i + 1, metrics)
@@ -134,7 +150,7 @@ def _train_draft(
         cpu_seconds_per_step=None if len(step_cpu) < 2 else round(float(np.median(step_cpu[1:])), 3),
         first_step_seconds=round(step_s[0], 3) if step_s else None,
         final=metrics,
-        **extra_meta,
+        **peer.extra_meta,
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return params, summary
@@ -146,54 +162,36 @@ def identity_of(model_name: str, cfg: ModelConfig, base: dict, fingerprint: str 
     return dict(ident, signature=base_signature(cfg, base))
 
 
-def train_kangaroo(
-    cfg,
-    base,
+def train_peer(
+    recipe: Callable[[ModelConfig, dict, Any], Peer],
+    cfg: ModelConfig,
+    base: dict,
     records: Sequence[dict],
-    kc: KG.KangarooConfig,
+    c,
     out_dir,
     model_name: str = "",
     fingerprint: str = "",
-    limits: RunLimits = RunLimits(),
+    limits: RunLimits | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train Kangaroo's adapter (soft cross-entropy to the full model) -> summary | {"adapter"}."""
+    """Train the peer `recipe(cfg, base, c)` describes (c: its run config) on the records; checkpoints,
+    metrics and summary.json under out_dir; the same call resumes. -> summary | {peer.key: the params}."""
+    peer = recipe(cfg, base, c)
+    ident = identity_of(model_name, cfg, base, fingerprint)
+    params, summary = _train_draft(peer, cfg, base, records, c, out_dir, ident, limits or RunLimits(), progress)
+    return summary | {peer.key: params}
+
+
+def kangaroo_peer(cfg: ModelConfig, base: dict, kc: KG.KangarooConfig) -> Peer:
+    """Kangaroo's adapter, soft cross-entropy to the full model (summary key "adapter")."""
     kc.check(cfg)
     opt = KG.optimizer(kc)
-    ident = identity_of(model_name, cfg, base, fingerprint)
     step = KG.make_step(cfg, kc, opt)
-    names = ("soft_ce", "kl", "top1")
-    ad, summary = _train_draft(
-        KG.KIND,
-        cfg,
-        base,
-        records,
-        kc,
-        KG.init_adapter(cfg, base, kc),
-        opt,
-        step,
-        names,
-        out_dir,
-        ident,
-        limits,
-        progress,
-        {},
-    )
-    return summary | {"adapter": ad}
+    return Peer(KG.KIND, KG.init_adapter(cfg, base, kc), opt, step, ("soft_ce", "kl", "top1"), "adapter")
 
 
-def train_sps(
-    cfg,
-    base,
-    records: Sequence[dict],
-    sc: SP.SPSConfig,
-    out_dir,
-    model_name: str = "",
-    fingerprint: str = "",
-    limits: RunLimits = RunLimits(),
-    progress: bool = True,
-) -> dict:
-    """Distil the 2-model drafter's small model (KL to the full model) -> summary | {"draft"}."""
+def sps_peer(cfg: ModelConfig, base: dict, sc: SP.SPSConfig) -> Peer:
+    """The 2-model drafter's small model, distilled with KL to the full model (summary key "draft")."""
     sc.check(cfg)
     opt = SP.optimizer(sc)
     dcfg = SP.draft_config(cfg, sc.num_layers)
@@ -204,23 +202,11 @@ def train_sps(
             sum(x.size for x in jax.tree.leaves(SP.draft_model(cfg, base, SP.draft_spec(cfg, sc.num_layers))))
         ),
     )
-    ident = identity_of(model_name, cfg, base, fingerprint)
     step = SP.make_step(cfg, sc, opt)
-    names = ("kl", "soft_ce", "top1")
-    tr, summary = _train_draft(
-        SP.KIND,
-        cfg,
-        base,
-        records,
-        sc,
-        SP.init_draft(cfg, base, sc),
-        opt,
-        step,
-        names,
-        out_dir,
-        ident,
-        limits,
-        progress,
-        extra,
-    )
-    return summary | {"draft": tr}
+    return Peer(SP.KIND, SP.init_draft(cfg, base, sc), opt, step, ("kl", "soft_ce", "top1"), "draft", extra)
+
+
+# train_kangaroo(cfg, base, records, kc, out_dir, model_name="", fingerprint="", limits=None, progress=True)
+# -> summary | {"adapter": ...}; train_sps the same with an SPSConfig -> summary | {"draft": ...}
+train_kangaroo = functools.partial(train_peer, kangaroo_peer)
+train_sps = functools.partial(train_peer, sps_peer)

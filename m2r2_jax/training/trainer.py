@@ -43,12 +43,18 @@ def rank_draft_vocab(records: Sequence[dict], vocab_size: int, n: int, always: S
 
 def distilled_records(tc: TrainConfig, model, progress: bool = True) -> list[dict]:
     from m2r2_jax.data.prompts import default_train_sources, load_prompts
-    from m2r2_jax.training.distill import build_distill_cache
+    from m2r2_jax.training.distill import as_distill_model, build_distill_cache
+    from m2r2_jax.training.distill_pack import restore_cache, sync_pack
 
     d = tc.data
     sources = list(d.sources) or default_train_sources()
     prompts = load_prompts(sources, limit=d.num_prompts + d.heldout_prompts, seed=d.seed)
     train_prompts = prompts[: len(prompts) - d.heldout_prompts] if d.heldout_prompts else prompts
+    on_shard = None
+    if d.distill_pack:
+        model = as_distill_model(model)
+        restore_cache(d.distill_pack, d.distill_dir, train_prompts, model.encode)
+        on_shard = lambda: sync_pack(d.distill_dir, d.distill_pack)  # noqa: E731
     ds = build_distill_cache(
         model,
         train_prompts,
@@ -58,6 +64,7 @@ def distilled_records(tc: TrainConfig, model, progress: bool = True) -> list[dic
         batch_size=d.distill_batch_size,
         shard_size=d.distill_shard_size,
         progress=progress,
+        on_shard=on_shard,
     )
     return [dict(r) for r in ds]
 

@@ -4,8 +4,8 @@ layer E"), read through the shared final norm + LM head. It drafts a chain autor
 extending once its top-1 probability falls below a threshold.
 
 Static shapes: the chain is `k` tokens (one `chain(k)` tree). Step 0 always runs; each later step runs
-under a `lax.cond` on "some active row is still confident", so once every row has stopped the
-remaining draft steps cost nothing. Nodes never drafted carry token 0: verification treats them like
+under a `lax.cond` on "some active row is still confident" (`drafters.confident_step`), so once every
+row has stopped the remaining draft steps cost nothing. Nodes never drafted carry token 0: verification treats them like
 any draft token (accepted only where the full model agrees), so the loop stays lossless without a
 per-row length. A row that stopped while another row continues keeps the tokens the batch drafts for
 it anyway (free: the block is verified whole). The threshold is static (Draft & Verify adapts it).
@@ -27,11 +27,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from m2r2_jax.backend import XLA, Backend
 from m2r2_jax.config import ModelConfig
-from m2r2_jax.decoding.drafters import Drafter
+from m2r2_jax.decoding.drafters import Drafter, confident_step
 from m2r2_jax.decoding.state import DraftView, Proposal
 from m2r2_jax.decoding.trees import chain
 from m2r2_jax.errors import M2R2Error
@@ -183,12 +182,7 @@ class DraftVerify(Drafter):
         toks = jnp.zeros((B, K + 1), jnp.int32).at[:, 0].set(view.cur)
         carry = self._step(dparams, base, view, 0, (toks, lk, lv, view.active))
         for d in range(1, K):  # each later step only while some active row is still confident
-            carry = lax.cond(
-                jnp.any(carry[3]),
-                lambda c, d=d: self._step(dparams, base, view, d, c),
-                lambda c: c,
-                carry,
-            )
+            carry = confident_step(carry[3], lambda c, d=d: self._step(dparams, base, view, d, c), carry)
         return Proposal(carry[0], jnp.int32(0))
 
 

@@ -295,11 +295,7 @@ class EagleOptions(TrainedPeerOptions):
     """checkpoint: train.train_eagle's --out (or a step dir); tree: the static tree, a preset or JSON file
     (default tree16); lookup N > 0: combined with prompt lookup (`eagle+lookup` in eval.compare)."""
 
-    checkpoint: str | None = None
     tree: Any = "tree16"
-    lookup: int = 0
-    lookup_ngram: int = 3
-    lookup_min_ngram: int = 2
     name = "eagle"
     kind = E.KIND
 
@@ -322,13 +318,9 @@ class EagleOptions(TrainedPeerOptions):
 class Eagle2Options(TrainedPeerOptions):
     """EAGLE-2 on an EAGLE checkpoint: topk children per frontier node, depth, nodes verified."""
 
-    checkpoint: str | None = None
     topk: int = 4
     depth: int = 4
     nodes: int = 15
-    lookup: int = 0
-    lookup_ngram: int = 3
-    lookup_min_ngram: int = 2
     name = "eagle2"
     kind = E.KIND
 

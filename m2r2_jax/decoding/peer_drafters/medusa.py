@@ -80,11 +80,7 @@ class MedusaOptions(TrainedPeerOptions):
     (default: `medusa_tree` for the checkpoint's heads, medusa20 for 4); lookup N > 0: combined with prompt
     lookup (`medusa+lookup` in eval.compare)."""
 
-    checkpoint: str | None = None
     tree: Any = None
-    lookup: int = 0
-    lookup_ngram: int = 3
-    lookup_min_ngram: int = 2
     name = "medusa"
     kind = M.KIND
 

@@ -24,7 +24,7 @@ from m2r2_jax.decoding.peer_drafters.eagle import Eagle2Options, EagleOptions
 from m2r2_jax.decoding.peer_drafters.lookahead import Lookahead
 from m2r2_jax.decoding.peer_drafters.medusa import MedusaOptions
 from m2r2_jax.decoding.peer_drafters.rest import Datastore, Rest
-from m2r2_jax.decoding.peer_drafters.trained_options import KangarooOptions, SpsOptions
+from m2r2_jax.decoding.peer_drafters.trained import KangarooOptions, SpsOptions
 from m2r2_jax.errors import M2R2Error
 
 
@@ -170,6 +170,8 @@ DRAFTERS: dict[str, tuple[type, dict[str, str]]] = {
             "lookup_ngram": "lookup_ngram",
             "lookup_min_ngram": "lookup_min_ngram",
             "lookup_extend": "extend",
+            "draft_stop": "draft_stop",
+            "draft_dtype": "draft_dtype",
         },
     ),
     "pld": (PLDOptions, {"lookup": "k", "lookup_ngram": "ngram", "lookup_min_ngram": "min_ngram"}),

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from m2r2_jax.decoding.drafters import Drafter
+from m2r2_jax.decoding.drafters import Drafter, confident_step
 from m2r2_jax.decoding.state import DraftView, Proposal, StepResult
 from m2r2_jax.decoding.trees import chain
 from m2r2_jax.errors import M2R2Error
@@ -171,7 +171,7 @@ class ShadowChain(Drafter):
             return toks, k, v, local, going & (jnp.max(p, -1) >= self.threshold)
 
         for d in range(1, K):  # each later step only while some active row is still confident
-            carry = lax.cond(jnp.any(carry[4]), lambda c, d=d: step(c, d), lambda c: c, carry)
+            carry = confident_step(carry[4], lambda c, d=d: step(c, d), carry)
         return carry[0], carry[1], carry[2]
 
     def propose(self, dparams, base, view: DraftView) -> ShadowProposal:
