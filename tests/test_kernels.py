@@ -15,6 +15,7 @@ from m2r2_jax.decoding.drafters import DraftOptions
 from m2r2_jax.decoding.generate import GenerateConfig, Generator
 from m2r2_jax.decoding.speculative import SpecConfig, SpeculativeDecoder
 from m2r2_jax.decoding.trees import get_tree
+from m2r2_jax.decoding.verify import TreeTables, verify
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.loading.hf_safetensors import load_hf_checkpoint
 from m2r2_jax.m2r2.config import M2R2Config
@@ -47,6 +48,42 @@ def test_packed_matmul_matches_numpy_and_is_row_independent(D_, N):
         assert np.array_equal(ym, y[:M])
     # [..., D] inputs keep their leading axes
     assert f(jnp.asarray(x[:6].reshape(2, 3, D_)), pw).shape == (2, 3, N)
+
+
+@needs_kernels
+@pytest.mark.parametrize("D_,N", [(64, 64), (96, 100), (160, 4097)])
+def test_packed_argmax_equals_argmax_of_packed_matmul(D_, N):
+    """The fused head + argmax is jnp.argmax of the packed product, row by row whatever the row count."""
+    rs = np.random.RandomState(D_ + N + 1)
+    pw = K.pack(jnp.asarray(rs.randn(D_, N).astype(np.float32)))
+    x = jnp.asarray(rs.randn(13, D_).astype(np.float32))
+    want = np.asarray(jnp.argmax(K.packed_matmul(x, pw), -1))
+    f = jax.jit(K.packed_argmax)
+    got = np.asarray(f(x, pw))
+    assert got.dtype == np.int32 and np.array_equal(got, want)
+    for M in (1, 5):
+        assert np.array_equal(np.asarray(f(x[:M], pw)), want[:M])
+    assert np.array_equal(np.asarray(f(x[:6].reshape(2, 3, D_), pw)), want[:6].reshape(2, 3))
+
+
+@needs_kernels
+def test_packed_argmax_ties_nan_and_padding():
+    """Ties go to the lowest column (also across panels and threads' units), a NaN wins (the first one),
+    and the zero-padded columns past N never do, all as jnp.argmax of the logits."""
+    V = 64 * 40 + 3  # padded to 41 panels
+    w = np.full((8, V), -3.0, np.float32)
+    x = np.zeros((5, 8), np.float32)
+    x[:, 0] = 1.0
+    x[1, 0] = 2.0
+    w[0, [70, 1500, V - 1]] = -1.0  # a three-way tie in different panels
+    x[3, 0] = 0.0  # row 3: all logits 0.0 (a tie everywhere)
+    w[1:3] = 0.0
+    w[1, [900, 2000]], w[2, [900, 2000]] = 1e30, -1e30
+    x[4, 1] = x[4, 2] = 1e30  # row 4 only: inf - inf = NaN at columns 900 and 2000
+    xs, pw = jnp.asarray(x), K.pack(jnp.asarray(w))
+    want = np.asarray(jnp.argmax(K.packed_matmul(xs, pw), -1))
+    assert want.tolist() == [70, 70, 70, 0, 900]
+    assert np.array_equal(np.asarray(K.packed_argmax(xs, pw)), want)
 
 
 @needs_kernels
@@ -126,6 +163,32 @@ def test_packed_decode_one_row_equals_block_rows(tiny):
     lb, _ = D.forward(cfg, packed, blk, cache, start, backend=CPU_KERNELS)
     l1, _ = D.forward(cfg, packed, blk[:, :1], cache, start, backend=CPU_KERNELS)
     np.testing.assert_allclose(np.asarray(l1[:, 0]), np.asarray(lb[:, 0]), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_greedy_verify_equals_argmax_of_logits(tiny):
+    """Greedy verification returns the argmax of the logits verification returns (the kernels' fused head
+    and XLA's jnp.argmax), and writes the same cache."""
+    cfg, base = tiny
+    tt = TreeTables.of([get_tree("tree16")])
+    rs = np.random.RandomState(5)
+    toks = jnp.asarray(rs.randint(3, 256, (2, tt.block)), jnp.int32)
+    pos = jnp.asarray([7, 3], jnp.int32)
+    for backend, params in ((CPU_KERNELS, CPU_KERNELS.prepare(cfg, base)), (XLA, base)):
+        cache = D.init_cache(cfg, 2, 64)
+        _, cache = D.forward(
+            cfg,
+            params,
+            jnp.asarray(rs.randint(3, 256, (2, 7)), jnp.int32),
+            cache,
+            jnp.zeros((2,), jnp.int32),
+            backend=backend,
+        )
+        lg, c1 = verify(cfg, backend, params, tt, 0, toks, cache, pos)
+        tg, c2 = verify(cfg, backend, params, tt, 0, toks, cache, pos, greedy=True)
+        assert tg.dtype == jnp.int32 and tg.shape == toks.shape
+        assert np.array_equal(np.asarray(tg), np.asarray(jnp.argmax(lg, -1)))
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(c1.k + c1.v, c2.k + c2.v))
 
 
 def _m2r2(cfg):

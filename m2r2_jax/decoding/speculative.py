@@ -191,8 +191,8 @@ def speculative_fn(
         )
 
         def accept(tree, toks, logits, sub, layout):
-            if greedy:
-                return accept_greedy(tt, tree, toks, jnp.argmax(logits, -1).astype(jnp.int32), layout)
+            if greedy:  # verified greedy: `logits` is the argmax at each node already
+                return accept_greedy(tt, tree, toks, logits, layout)
             if filtered:
                 probs = jax.vmap(lambda lg: sample_probs(lg, temperature, top_k, top_p), 1, 1)(logits)
             else:
@@ -214,10 +214,13 @@ def speculative_fn(
             )
             prop = drafter.propose(dparams, base, view)
             lay = prop.layout
+            # greedy: `logits` is the full model's argmax at each node [B, Tv] (all acceptance reads)
             if drafter.needs_hidden or lay is not None:
-                logits, cache, hv = verify_hidden(cfg, backend, base, tt, prop.tree, prop.tokens, st.cache, st.pos, lay)
+                logits, cache, hv = verify_hidden(
+                    cfg, backend, base, tt, prop.tree, prop.tokens, st.cache, st.pos, lay, greedy=greedy
+                )
             else:
-                logits, cache = verify(cfg, backend, base, tt, prop.tree, prop.tokens, st.cache, st.pos)
+                logits, cache = verify(cfg, backend, base, tt, prop.tree, prop.tokens, st.cache, st.pos, greedy=greedy)
             a, path, bonus, correct = accept(prop.tree, prop.tokens, logits, sub, lay)
             cache = compact(cache, st.pos, path)
             # emit the accepted path's tokens, then the bonus token; stop at a stop token or max_new
@@ -242,7 +245,7 @@ def speculative_fn(
                 hidden = jnp.where(active[:, None], deepest.astype(st.hidden.dtype), st.hidden)
             dstate = st.dstate
             if drafter.stateful:
-                target = jnp.argmax(logits, -1).astype(jnp.int32)
+                target = logits if greedy else jnp.argmax(logits, -1).astype(jnp.int32)
                 step = StepResult(target, a, path, emitted, jnp.where(active, n_new, 0), path_h)
                 dstate = drafter.update_state(dparams, dstate, view, prop, step)
             return SpecState(
@@ -379,13 +382,21 @@ class SpeculativeDecoder:
         )
 
     def cost_breakdown(
-        self, base, dparams, cache_len: int = 512, fill: int = 256, repeats: int = 5, batch: int = 1
+        self,
+        base,
+        dparams,
+        cache_len: int = 512,
+        fill: int = 256,
+        repeats: int = 5,
+        batch: int = 1,
+        greedy: bool = True,
     ) -> dict:
         """Median ms of one draft (the drafter's first kind of step, e.g. the whole M2R2 tree) and of
         one block verification, each jitted alone over a cache filled to `fill` positions. The decode
         loop's remaining per-step work (acceptance, compaction, bookkeeping) is its step time minus these.
         A drafter with a confidence stop (M2R2's `stop`) is timed without it, every depth drafted
-        (`draft_passes` of them): how many it ran per step is the loop's count (`SpecResult.draft_passes`)."""
+        (`draft_passes` of them): how many it ran per step is the loop's count (`SpecResult.draft_passes`).
+        `greedy`: the verification as greedy decoding runs it (the argmax at each node, not the logits)."""
         cfg, drafter = self.cfg, self.drafter
         tt = TreeTables.of(drafter.trees, drafter.block_size)
         cache_len = min(cache_len, cfg.max_position_embeddings)
@@ -412,7 +423,7 @@ class SpeculativeDecoder:
         draft = jax.jit(lambda b, q, v: first.propose(q, b, v).tokens)
         # the cache is donated, as in the decode loop, where it is updated in place: an undonated cache
         # would be copied (all layers' K/V) on every call and counted as verification
-        ver = jax.jit(lambda b, t, c, p: verify(cfg, self.backend, b, tt, 0, t, c, p), donate_argnums=2)
+        ver = jax.jit(lambda b, t, c, p: verify(cfg, self.backend, b, tt, 0, t, c, p, greedy), donate_argnums=2)
         fresh = jax.jit(lambda: D.init_cache(cfg, batch, cache_len))
         toks = jnp.zeros((batch, tt.block), jnp.int32)
 

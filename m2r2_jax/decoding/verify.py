@@ -6,7 +6,8 @@ a child, so it is never accepted), and the block's tree is selected as data: one
 forward and one acceptance serve every kind of step with the same shapes.
 
   verify   one full-model forward over the block (tree mask over the prefix cache), writing the
-           nodes' K/V at slots pos .. pos+Tv-1;
+           nodes' K/V at slots pos .. pos+Tv-1; greedy, it returns only each node's argmax (with the
+           CPU kernels the LM head is reduced to it on the fly: no [B, Tv, V] logits);
   accept   greedy: the deepest node whose every token equals the full model's argmax at its parent,
            plus the bonus token; sampling: recursive rejection sampling over each node's ranked
            children (lossless for one-hot proposals);
@@ -92,19 +93,32 @@ class TreeTables:
         return isinstance(other, TreeTables) and (self.trees, self.block) == (other.trees, other.block)
 
 
-def verify(cfg, backend: Backend, base, tt: TreeTables, tree, toks, cache, pos):
-    """-> (logits [B, Tv, V] f32, cache with the block's K/V at slots pos ..)."""
-    logits, cache, _ = verify_hidden(cfg, backend, base, tt, tree, toks, cache, pos)
-    return logits, cache
+def verify(cfg, backend: Backend, base, tt: TreeTables, tree, toks, cache, pos, greedy: bool = False):
+    """-> (logits [B, Tv, V] f32, cache with the block's K/V at slots pos ..); `greedy`: the full model's
+    argmax at each node [B, Tv] int32 in place of the logits (all greedy acceptance reads)."""
+    out, cache, _ = verify_hidden(cfg, backend, base, tt, tree, toks, cache, pos, greedy=greedy)
+    return out, cache
 
 
 def verify_hidden(
-    cfg, backend: Backend, base, tt: TreeTables, tree, toks, cache, pos, layout: TreeLayout | None = None
+    cfg,
+    backend: Backend,
+    base,
+    tt: TreeTables,
+    tree,
+    toks,
+    cache,
+    pos,
+    layout: TreeLayout | None = None,
+    greedy: bool = False,
 ):
     """`verify`, also returning the block's final hidden states: -> (logits [B, Tv, V] f32, cache,
     hidden [B, Tv, D] before the final norm); `verify` is the same forward, returning no hidden states.
     With a `layout` (a dynamic tree) each row is masked by its own ancestor mask; the block-attention
-    kernels take one mask for the batch, so there the batch must be one row."""
+    kernels take one mask for the batch, so there the batch must be one row. `greedy`: the argmax at
+    each node [B, Tv] int32 in place of the logits; with the CPU kernels' packed head the [B, Tv, V]
+    logits are then never formed (`decoder.argmax_from_hidden`: the same indices, ties to the lowest)."""
+    head = D.argmax_from_hidden if greedy else D.logits_from_hidden
     if layout is None:
         depth = jnp.asarray(tt.depth)[tree]
         h, cache, _ = D.forward_hidden(
@@ -117,7 +131,7 @@ def verify_hidden(
             local_mask=jnp.asarray(tt.mask)[tree],
             backend=backend,
         )
-        return D.logits_from_hidden(cfg, base, h), cache, h
+        return head(cfg, base, h), cache, h
     B, T = toks.shape
     start = pos.astype(jnp.int32)
     if backend.block_attention is not None:
@@ -137,7 +151,7 @@ def verify_hidden(
     ks, vs = list(cache.k), list(cache.v)
     for i, (k, v) in states.items():
         ks[i], vs[i] = k, v
-    return D.logits_from_hidden(cfg, base, h), D.KVCache(ks, vs), h
+    return head(cfg, base, h), D.KVCache(ks, vs), h
 
 
 def accept_greedy(tt: TreeTables, tree, toks, target, layout: TreeLayout | None = None):

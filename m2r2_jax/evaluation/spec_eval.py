@@ -509,7 +509,7 @@ def run_spec_eval(
     ]
     ar_ms_tok = _ratio(1e3 * tot["ar_seconds"], tot["ar_tokens"])
     sp_ms_step = _ratio(1e3 * tot["spec_seconds"], steps)
-    parts = spec.cost_breakdown(base, dparams, batch=ec.batch_size)
+    parts = spec.cost_breakdown(base, dparams, batch=ec.batch_size, greedy=greedy)
     step_cost = _ratio(sp_ms_step, ar_ms_tok) if sp_ms_step and ar_ms_tok else None
     # M2R2's fast-stream passes per M2R2-drafted step (the loop's count; a confidence stop skips some):
     # the draft's ms per step is the full draft's (timed alone) scaled by the share of passes run

@@ -12,6 +12,9 @@ The kernel is compiled with the system C++ compiler on first use (cached under
 `$M2R2_KERNEL_CACHE`, default `~/.cache/m2r2_jax/kernels`). Where it cannot be
 built, or off the CPU backend, nothing is packed and XLA's dot is used.
 `M2R2_CPU_KERNEL=0` turns it off.
+
+`packed_argmax` is the same product reduced to each row's argmax on the fly (a greedy verification's
+LM head: the M x V logits are never written).
 """
 
 from __future__ import annotations
@@ -29,12 +32,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from m2r2_jax.errors import M2R2Error
 
 PANEL = 64
 HEAD_DIMS = (16, 32, 64, 128)  # block_attention's specialisations
-TARGETS = {"m2r2_packed_matmul": "M2R2PackedMatmul", "m2r2_block_attention": "M2R2BlockAttention"}
+TARGETS = {
+    "m2r2_packed_matmul": "M2R2PackedMatmul",
+    "m2r2_packed_argmax": "M2R2PackedArgmax",
+    "m2r2_block_attention": "M2R2BlockAttention",
+}
 _SRC = Path(__file__).with_name("cpu_matmul.cc")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w"]
 
@@ -100,6 +108,19 @@ def packed_matmul(x: jax.Array, pw: PackedWeight) -> jax.Array:
     if P * PANEL != pw.n:
         y = y[:, : pw.n]
     return y.reshape(lead + (pw.n,))
+
+
+def packed_argmax(x: jax.Array, pw: PackedWeight) -> jax.Array:
+    """argmax(x @ pw, -1) -> [...] int32, without the [..., N] products: each 64-column panel is reduced as
+    it is computed. Equal to jnp.argmax(packed_matmul(x, pw), -1) (the same products bit for bit; ties to
+    the lowest index, a NaN wins), so a greedy verification can skip the [T, V] float32 logits."""
+    lead, D = x.shape[:-1], x.shape[-1]
+    if D != pw.data.shape[1]:
+        raise M2R2Error(f"packed argmax: x has {D} features, the weight {pw.data.shape[1]}")
+    _require()
+    x2 = x.reshape(-1, D).astype(jnp.float32)
+    call = jax.ffi.ffi_call("m2r2_packed_argmax", jax.ShapeDtypeStruct((x2.shape[0],), jnp.int32))
+    return call(x2, pw.data, n=np.int64(pw.n)).reshape(lead)
 
 
 def block_attention(

@@ -73,6 +73,12 @@ def logits_from_hidden(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Arra
     return Transformer(cfg).apply(variables(params), h, method="logits")
 
 
+def argmax_from_hidden(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
+    """argmax of `logits_from_hidden` -> int32 [...] (greedy decoding's only use of the logits); with a head
+    packed for the CPU kernels the [..., V] logits are never formed (Transformer.argmax_logits)."""
+    return Transformer(cfg).apply(variables(params), h, method="argmax_logits")
+
+
 def forward_hidden(
     cfg: ModelConfig,
     params: dict,

@@ -5,13 +5,14 @@ GQA attention over a preallocated KV cache with per-row write positions, and blo
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from m2r2_jax.config import ModelConfig, rope_inv_freq
-from m2r2_jax.kernels import PackedWeight, add_dense, packed_matmul, unpack
+from m2r2_jax.kernels import PackedWeight, add_dense, packed_argmax, packed_matmul, unpack
 from m2r2_jax.kernels import scale_columns as kernel_scale_columns
 
 
@@ -80,6 +81,17 @@ def rows_logits(x: jax.Array, w, mm=None) -> jax.Array:
     return _on_min_rows(
         x, lambda x2: jnp.einsum("nd,vd->nv", x2.astype(mm), w.astype(mm), preferred_element_type=jnp.float32)
     )
+
+
+def fused_argmax(w) -> bool:
+    """Whether `rows_argmax` takes the fused kernel for head `w`: a `PackedWeight`, unless
+    M2R2_FUSED_ARGMAX=0 (read when a function is traced; for before/after timings)."""
+    return isinstance(w, PackedWeight) and os.environ.get("M2R2_FUSED_ARGMAX", "1") != "0"
+
+
+def rows_argmax(x: jax.Array, w: PackedWeight) -> jax.Array:
+    """argmax(x @ w, -1) -> int32 [...] for a packed head, without the logits (`kernels.packed_argmax`)."""
+    return packed_argmax(x, w)
 
 
 def dense(w) -> jax.Array:

@@ -209,6 +209,16 @@ class Transformer(nn.Module):
             return L.scale_logits(c, L.rows_logits(x, self.embedding, c.mm_dtype))
         return L.scale_logits(c, L.matmul(x, self.head, c.mm_dtype).astype(jnp.float32))
 
+    def argmax_logits(self, h):
+        """argmax of `logits(h)` over the vocabulary -> int32 [...]. With a head packed for the CPU kernels
+        (and no logits scaling) the head's products are reduced as they are computed
+        (`kernels.packed_argmax`: the same index, ties to the lowest, no [..., V] logits); else
+        jnp.argmax of the logits."""
+        c = self.cfg
+        if L.fused_argmax(self.head) and c.logits_scaling == 1.0:
+            return L.rows_argmax(L.rms_norm(h, self.final_norm, c.rms_norm_eps), self.head)
+        return jnp.argmax(self.logits(h), -1).astype(jnp.int32)
+
     def __call__(
         self,
         tokens,

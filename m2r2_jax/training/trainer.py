@@ -210,7 +210,7 @@ def train(
     # a checkpoint at least every `save_minutes`, and one when the process is told to stop (SIGTERM,
     # as a session or a preemptible VM ends): the step in flight finishes, is saved, and training returns
     stop = _StopFlag()
-    last_save = time.monotonic()
+    last_save, saved_step = time.monotonic(), step
     try:
         while step < end and not stop.set:
             t0 = time.perf_counter()
@@ -246,7 +246,10 @@ def train(
             if ckpt.save(
                 step, m2r2, opt_state, {"draft_ids": draft_ids}, meta_now(), force=(step == tc.steps or due or stop.set)
             ):
-                last_save = time.monotonic()
+                last_save, saved_step = time.monotonic(), step
+        if stop.set and saved_step != step:
+            # the signal came after this step's save call had decided not to save: save it now
+            ckpt.save(step, m2r2, opt_state, {"draft_ids": draft_ids}, meta_now(), force=True)
     finally:
         stop.restore()
         if bar is not None:
