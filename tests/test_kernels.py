@@ -29,6 +29,21 @@ def test_kernels_build_where_a_compiler_exists():
         assert K.available()
 
 
+def test_prefetch_rows_flag(monkeypatch):
+    """The software prefetch's row limit is a compile flag: the env override, the AMD default, an error
+    line for a bad value."""
+    monkeypatch.setenv("M2R2_KERNEL_PREFETCH_ROWS", "3")
+    assert K._flags()[-1] == "-DM2R2_PREFETCH_MAX_ROWS=3"
+    monkeypatch.setenv("M2R2_KERNEL_PREFETCH_ROWS", "many")
+    with pytest.raises(M2R2Error, match="M2R2_KERNEL_PREFETCH_ROWS"):
+        K._flags()
+    monkeypatch.delenv("M2R2_KERNEL_PREFETCH_ROWS")
+    monkeypatch.setattr(K, "_cpu_info", lambda: "vendor_id\t: AuthenticAMD\n")
+    assert K._flags()[-1] == "-DM2R2_PREFETCH_MAX_ROWS=1"
+    monkeypatch.setattr(K, "_cpu_info", lambda: "vendor_id\t: GenuineIntel\n")
+    assert K._flags() == K._FLAGS
+
+
 needs_kernels = pytest.mark.skipif(not K.available(), reason="no C++ compiler: the CPU kernels are not built")
 
 

@@ -556,11 +556,14 @@ def test_time_based_checkpoints(tiny_model, tmp_path):
         progress=False,
         stop_at=3,
     )
+    saved = lambda d: sorted(int(c.name) for c in (d / "checkpoints").iterdir() if c.name.isdigit())  # noqa: E731
     assert latest_step(tmp_path / "t" / "checkpoints") == 3
+    assert saved(tmp_path / "t") == [2, 3]  # step 2 on wall clock (keep 2)
     train(
         _tc(tmp_path / "n", steps=6, save_every=1000, save_minutes=0), model=m, records=recs, progress=False, stop_at=3
     )
-    assert latest_step(tmp_path / "n" / "checkpoints") == 1  # Orbax always keeps the first step; no time-based saves
+    # Orbax always saves the first step; no time-based saves; the last step of a run (stop_at) is saved
+    assert saved(tmp_path / "n") == [1, 3]
     with pytest.raises(M2R2Error, match="save_minutes"):
         _tc(tmp_path, save_minutes=-1)
 

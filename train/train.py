@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from m2r2_jax.cli import quiet_env, run_main
+from m2r2_jax.errors import M2R2Error
 
 
 def main(argv=None):
@@ -19,8 +20,17 @@ def main(argv=None):
     p.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
     p.add_argument("--distill-only", action="store_true", help="only build the self-distillation cache")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="stop (with a checkpoint) after this step; the schedule stays defined on `steps`",
+    )
     p.add_argument("overrides", nargs="*", help="key=value (e.g. m2r2.rank=16 steps=500)")
     a = p.parse_args(argv)
+    if a.stop_at is not None and a.stop_at < 1:
+        raise M2R2Error(f"--stop-at must be a step >= 1, got {a.stop_at}")
     quiet_env()
 
     from m2r2_jax.training.config import load_train_config
@@ -36,7 +46,7 @@ def main(argv=None):
             f"{sum(len(r['answer_ids']) for r in recs)} answer tokens"
         )
         return 0
-    r = train(tc, progress=not a.no_progress)
+    r = train(tc, progress=not a.no_progress, stop_at=a.stop_at)
     last = r.history[-1] if r.history else {}
     print(
         f"done: step {r.step}; out_dir {tc.out_dir}"

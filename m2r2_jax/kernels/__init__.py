@@ -157,14 +157,30 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("M2R2_KERNEL_CACHE", Path.home() / ".cache" / "m2r2_jax" / "kernels"))
 
 
+def _flags() -> list[str]:
+    """The compiler flags: software prefetch for products of up to M2R2_KERNEL_PREFETCH_ROWS rows (default:
+    1 on an AMD CPU, where several rows' prefetches cost more than they hide; all rows elsewhere)."""
+    rows = os.environ.get("M2R2_KERNEL_PREFETCH_ROWS")
+    if rows is None and "AuthenticAMD" in _cpu_info():
+        rows = "1"
+    if rows is None:
+        return list(_FLAGS)
+    try:
+        n = int(rows)
+    except ValueError:
+        raise M2R2Error(f"M2R2_KERNEL_PREFETCH_ROWS must be an integer, got {rows!r}") from None
+    return _FLAGS + [f"-DM2R2_PREFETCH_MAX_ROWS={n}"]
+
+
 def _build() -> Path:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX)")
+    flags = _flags()
     inc = jax.ffi.include_dir()
     key = hashlib.sha256(
         b"\0".join(
-            [_SRC.read_bytes(), " ".join(_FLAGS).encode(), cxx.encode(), jax.__version__.encode(), _cpu_id().encode()]
+            [_SRC.read_bytes(), " ".join(flags).encode(), cxx.encode(), jax.__version__.encode(), _cpu_id().encode()]
         )
     ).hexdigest()[:16]
     out = _cache_dir() / f"cpu_matmul-{key}.so"
@@ -173,23 +189,30 @@ def _build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_so = Path(tmp) / out.name
-        r = subprocess.run([cxx, *_FLAGS, f"-I{inc}", str(_SRC), "-o", str(tmp_so)], capture_output=True, text=True)
+        r = subprocess.run([cxx, *flags, f"-I{inc}", str(_SRC), "-o", str(tmp_so)], capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(f"compiling {_SRC.name} failed: {r.stderr.strip()[-500:]}")
         os.replace(tmp_so, out)  # atomic: concurrent builders agree on the result
     return out
 
 
+@functools.cache
+def _cpu_info() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def _cpu_id() -> str:
     """-march=native code is tied to the CPU: key the cache by its model and flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
+    info = _cpu_info()
+    if info:
         lines = [l for l in info.splitlines() if l.startswith(("model name", "flags"))][:2]
         return "\n".join(lines)
-    except OSError:
-        import platform
+    import platform
 
-        return platform.processor() or platform.machine()
+    return platform.processor() or platform.machine()
 
 
 @functools.cache

@@ -47,19 +47,22 @@ constexpr int kPrefetchRows = 32;  // software prefetch of the panel row 32 rows
 // columns (4 registers a row), 3 rows at a time, so nothing spills. Either way each output element is
 // the same FMA chain over d.
 //
-// With AVX-512 the software prefetch runs for one-row products only: with two or more rows the loop
-// spends more cycles per weight byte and the prefetches cost more than they hide (2-core AVX-512 EPYC,
-// SmolLM2-135M: a 5-row verification's layer matmuls 20.7 ms with them, 16.1 ms without; one row as
-// before); the hardware stream prefetcher keeps up. The 256-bit blocking, which reads each panel in two
-// passes, keeps them at every row count (a build without AVX-512 on the same CPU: 5 rows 80 ms with,
-// 104 ms without).
+// The software prefetch runs for products of up to M2R2_PREFETCH_MAX_ROWS rows (default: all). With
+// AVX-512 on an AMD EPYC several rows spend more cycles per weight byte than the prefetches hide
+// (2-core EPYC, SmolLM2-135M: a 5-row verification's layer matmuls 20.7 ms with them, 16.1 ms
+// without), so the build there passes 1 (kernels/__init__.py). The 256-bit blocking, which reads each
+// panel in two passes, keeps them at every row count (a build without AVX-512 on the EPYC: 5 rows 80 ms
+// with, 104 ms without).
 #if defined(__AVX512F__)
 constexpr int kW = 16;
 constexpr int kMaxRows = 6;
-constexpr int kPrefetchMaxRows = 1;
 #else
 constexpr int kW = 8;
 constexpr int kMaxRows = 3;
+#endif
+#if defined(M2R2_PREFETCH_MAX_ROWS) && defined(__AVX512F__)
+constexpr int kPrefetchMaxRows = M2R2_PREFETCH_MAX_ROWS;
+#else
 constexpr int kPrefetchMaxRows = kMaxRows;
 #endif
 typedef float vreg __attribute__((vector_size(kW * 4), aligned(4)));  // one unaligned SIMD register

@@ -244,7 +244,7 @@ def train(
                 )
             due = tc.save_minutes > 0 and time.monotonic() - last_save >= 60 * tc.save_minutes
             if ckpt.save(
-                step, m2r2, opt_state, {"draft_ids": draft_ids}, meta_now(), force=(step == tc.steps or due or stop.set)
+                step, m2r2, opt_state, {"draft_ids": draft_ids}, meta_now(), force=(step == end or due or stop.set)
             ):
                 last_save, saved_step = time.monotonic(), step
         if stop.set and saved_step != step:
