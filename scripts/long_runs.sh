@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 CFG=configs/smollm2_r3_24k.yaml
 RUN=artifacts/train/smollm2_r3_24k
-# the equal-budget point: the peers (issues 19, 20) train for the wall clock this run took to reach it
+# the equal-budget point: the capacity variants run to it, and the peers (issues 19, 20) train for the
+# wall clock the main run took to reach it
 BUDGET_STEP=300
 # 1. the 24k-prompt self-distillation (answers packed in artifacts/distill/)
 python -m train.train --config "$CFG" --distill-only --no-progress
@@ -19,4 +20,16 @@ if [ ! -d "$RUN-step$BUDGET_STEP/$BUDGET_STEP" ]; then
   python -m train.train --config "$CFG" --no-progress --stop-at "$BUDGET_STEP"
   python scripts/export_checkpoint.py "$RUN" "$RUN-step$BUDGET_STEP" --step "$BUDGET_STEP"
 fi
+# 3. capacity at equal budget (the main run is rank 64, L_f 10): the same schedule, to the same step;
+#    their metrics in git, their checkpoints not (a full-rank one is ~0.4 GB), so an unfinished one
+#    starts over in a fresh checkout
+for v in "rank256 m2r2.rank=256" "full m2r2.adapter=full" "lf8 m2r2.num_fast_layers=8" "lf6 m2r2.num_fast_layers=6"; do
+  set -- $v
+  out=artifacts/train/capacity/$1
+  if [ ! -f "$out/done" ]; then
+    python -m train.train --config "$CFG" --no-progress --stop-at "$BUDGET_STEP" out_dir="$out" keep=1 "${@:2}"
+    touch "$out/done"
+  fi
+done
+# 4. the main run to its planned total
 python -m train.train --config "$CFG" --no-progress
