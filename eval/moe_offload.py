@@ -6,8 +6,13 @@ links (sim) or run for real against an expert file on this machine's disk (real)
         [--max-new-tokens N] [--cache-fraction 0.25,0.5,0.75] \
         [--policies ondemand,lru,gate_prefetch,m2r2_aot] [--mode sim|real] \
         [--link pcie4,nvme,pcie5] [--compute measured,projected] [--chip h100] [--launch-us 0,20] \
-        [--window auto|N] [--window-sweep N,...] [--top-k K] [--asset DIR] \
-        [--checkpoint DIR] [--store FILE] [--repeats N] --out FILE.json [--plot FILE.png]
+        [--window auto|N] [--window-sweep N,...] [--aot KEY=VALUE,...] [--top-k K] [--asset DIR] \
+        [--checkpoint DIR] [--store FILE] [--repeats N] [--trace-out FILE.npz | --trace-in FILE.npz] \
+        --out FILE.json [--plot FILE.png]
+
+`--trace-out` keeps the run's routing traces (FILE.npz + FILE.json: moe_tracefile.py); `--trace-in`
+replays such a file in sim mode without loading or running the model (the file's settings must be
+the requested run's): record once, tune the policies many times.
 
 The fast stream is an M2R2 checkpoint trained on the dense model an MoEfied base was built from
 (default: the shipped smollm2-135m-r3): its layers run the merged dense weights and stay resident.
@@ -60,6 +65,27 @@ def _window(text: str) -> int | None:
     return w[0]
 
 
+def _options(flag: str, text: str) -> dict:
+    """KEY=VALUE,... -> {key: int | float | None | str} (none -> None)."""
+    from m2r2_jax.errors import M2R2Error
+
+    out = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip() or not val.strip():
+            raise M2R2Error(f"{flag} {item!r}: expected KEY=VALUE")
+        val = val.strip()
+        for conv in (int, float):
+            try:
+                out[key.strip()] = conv(val)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key.strip()] = None if val.lower() == "none" else val
+    return out
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.moe_offload", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m-moe", help="an MoE model: alias, .gguf, HF dir or hub id")
@@ -78,6 +104,12 @@ def parse(argv=None):
     )
     p.add_argument("--window", default="auto", help="m2r2_aot look-ahead in MoE layers (auto: as far as fits)")
     p.add_argument("--window-sweep", default="", help="sim: m2r2_aot also at these windows (JSON window_sweep)")
+    p.add_argument(
+        "--aot",
+        default="",
+        help="m2r2_aot knobs KEY=VALUE,... (offload/policies.py: variant=scored|window, decay, weight, margin, "
+        "max_spec, hint_floor)",
+    )
     p.add_argument("--top-k", type=int, default=None, help="experts per token of a MoEfied alias (default: its own)")
     p.add_argument("--asset", default=None, help="a MoEfied alias's asset directory instead of its shipped one")
     p.add_argument(
@@ -94,6 +126,8 @@ def parse(argv=None):
     p.add_argument("--keep-store", action="store_true", help="real: keep the expert file afterwards")
     p.add_argument("--out", default=None, help="result JSON (default runs/moe_offload/<dataset>_<mode>.json)")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
+    p.add_argument("--trace-out", default=None, help="also write the recorded traces to FILE.npz (+ FILE.json)")
+    p.add_argument("--trace-in", default=None, help="sim: replay the traces of FILE.npz instead of running the model")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -130,6 +164,19 @@ def moe_record(name: str, m, asset: str | None = None) -> dict:
     return rec
 
 
+def checkpoint_identity(ckpt: str) -> dict:
+    """A fast-stream checkpoint as a trace file records it: its step and its metadata's checksum (the
+    training config and base identity), not its path (a checkout may move)."""
+    import hashlib
+
+    from m2r2_jax.training.checkpoint import ckpt_path, read_meta, resolve_checkpoint_dir
+
+    step_dir, step = resolve_checkpoint_dir(ckpt)
+    read_meta(step_dir)
+    meta = (ckpt_path(step_dir) / "meta" / "metadata").read_bytes()
+    return dict(step=step, meta_sha256=hashlib.sha256(meta).hexdigest()[:16])
+
+
 def main(argv=None):
     a = parse(argv)
     quiet_env()
@@ -142,6 +189,13 @@ def main(argv=None):
         raise M2R2Error(f"--calibration must be >= 1 for the calibrated alignment, got {a.calibration}")
     if a.mode == "real" and a.link is not None:
         raise M2R2Error("--link applies to --mode sim: real mode reads this machine's disk")
+    if a.trace_in is not None and a.trace_out is not None:
+        raise M2R2Error("--trace-in replays a trace file, --trace-out records one: give one of them")
+    if a.trace_in is not None and a.mode != "sim":
+        raise M2R2Error("--trace-in replays in --mode sim only (real mode runs the model)")
+    for flag, f in (("--trace-in", a.trace_in), ("--trace-out", a.trace_out)):
+        if f is not None and Path(f).suffix != ".npz":
+            raise M2R2Error(f"{flag} {f}: expected a .npz file name (its settings go next to it as .json)")
     if a.top_k is not None or a.asset is not None:
         from m2r2_jax.loading.registry import DERIVED
 
@@ -165,6 +219,7 @@ def main(argv=None):
         window=_window(a.window),
         window_sweep=_ints("--window-sweep", a.window_sweep),
         launch_us=_floats("--launch-us", a.launch_us),
+        aot=_options("--aot", a.aot),
     )
     name = Path(a.dataset).stem if Path(a.dataset).suffix else a.dataset.replace("/", "_").replace(":", "_")
     out = Path(a.out) if a.out else Path("runs") / "moe_offload" / f"{name}_{ec.mode}.json"
@@ -181,20 +236,38 @@ def main(argv=None):
         kind = filesystem_of(store.parent if store.parent.is_dir() else Path("."))
         if kind in RAM_FILESYSTEMS:
             raise M2R2Error(f"--store {store}: its directory is on {kind} (RAM); cold reads need a disk path")
+    if a.trace_out is not None:
+        check_path(Path(a.trace_out), "--trace-out")
     ckpt = None
     if ec.needs_fast:
         from m2r2_jax.training.checkpoint import resolve_checkpoint_dir
 
         ckpt = a.checkpoint or str(Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT)
         resolve_checkpoint_dir(ckpt)
+    settings = dict(
+        model=a.model,
+        dataset=a.dataset,
+        limit=a.limit,
+        max_new_tokens=ec.max_new_tokens,
+        checkpoint=None if ckpt is None else checkpoint_identity(ckpt),
+        alignment=ec.alignment if ec.needs_fast else None,
+        calibration_set=(a.calibration_set or CALIBRATION_SET) if ec.needs_fast else None,
+        calibration=a.calibration if ec.needs_fast else None,
+        width=ec.width,
+        top_k_override=a.top_k,
+        asset_override=a.asset,
+    )
+    recording = None
+    if a.trace_in is not None:
+        from m2r2_jax.evaluation import moe_tracefile
+
+        # the fast stream's settings matter only to a replay that runs m2r2_aot
+        skip = () if ec.needs_fast else ("checkpoint", "alignment", "calibration_set", "calibration")
+        recording = moe_tracefile.load(Path(a.trace_in), {k: v for k, v in settings.items() if k not in skip})
 
     from m2r2_jax.data.eval_sets import load_eval_set
-    from m2r2_jax.decoding.generate import GenerateConfig, Generator
-    from m2r2_jax.evaluation.moe_decode import MoEDecoder, merged_fast_stream
-    from m2r2_jax.evaluation.moe_offload import format_table, render_png, run_moe_offload
+    from m2r2_jax.evaluation.moe_offload import format_table, render_png, sim_results
     from m2r2_jax.evaluation.spec_eval import machine_info
-    from m2r2_jax.loading.registry import load_model
-    from m2r2_jax.loading.tokenizer import encode_chat
 
     items = load_eval_set(a.dataset, limit=a.limit)
     cal_items = []
@@ -206,6 +279,72 @@ def main(argv=None):
         texts = {" ".join(t.lower().split()) for it in load_eval_set(a.dataset) for t in it.turns}  # all of it
         if any(" ".join(it.turns[0].lower().split()) in texts for it in cal_items):
             raise M2R2Error(f"--calibration-set {cal_set}: it shares prompts with the evaluated set")
+    if recording is not None:  # a replay: no model
+        res = sim_results(recording, ec)
+        train_step = None if settings["checkpoint"] is None else settings["checkpoint"]["step"]
+        moe = recording.recorded.get("moe")
+    else:
+        res, recording, train_step, moe = _run_model(a, ec, ckpt, items, cal_items, store, out, settings)
+    res["config"] = dict(
+        model=a.model,
+        checkpoint=ckpt,
+        train_step=train_step,
+        dataset=a.dataset,
+        limit=a.limit,
+        prompts=[it.id for it in items],
+        policies=list(ec.policies),
+        cache_fractions=list(ec.cache_fractions),
+        links=list(ec.links) if ec.mode == "sim" else ["disk"],
+        compute=list(ec.compute) if ec.mode == "sim" else ["measured"],
+        chip=ec.chip,
+        max_new_tokens=ec.max_new_tokens,
+        alignment=ec.alignment,
+        calibration=[it.id for it in cal_items],
+        repeats=ec.repeats,
+        window="auto" if ec.window is None else ec.window,
+        window_sweep=list(ec.window_sweep),
+        launch_us=list(ec.launch_us) if ec.mode == "sim" else None,
+        top_k_override=a.top_k,
+        asset_override=a.asset,
+        trace_in=a.trace_in,
+        trace_out=a.trace_out,
+        policy_options=ec.aot_options(),
+        command="python -m eval.moe_offload " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
+    res["config"]["moe"] = moe
+    res["machine"] = machine_info()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    if a.trace_out is not None:
+        from m2r2_jax.evaluation import moe_tracefile
+
+        written = moe_tracefile.save(Path(a.trace_out), recording)
+        print(f"wrote {written[0]} ({written[0].stat().st_size:,} bytes) and {written[1]}", file=sys.stderr)
+    out.write_text(json.dumps(res, indent=1))
+    plot.write_bytes(render_png(res, f"{a.model} on {a.dataset}: {len(items)} prompts, {ec.mode} mode"))
+    print(format_table(res))
+    rc = res["recall"]
+    line = f"recall@{rc['k']} (chance {rc['chance']:.3f}): gate (next layer) {rc['gate']['next_layer']:.3f}"
+    if "m2r2_alignments" in rc:
+        line += f", m2r2 ({rc['m2r2_alignment']}) {rc['m2r2_alignments'][rc['m2r2_alignment']]:.3f}"
+    line += f", previous token {rc['previous_token']:.3f}"
+    print(line, file=sys.stderr)
+    if not res["identical_outputs"]:
+        print("WARNING: the decoded tokens differ from the plain decode's (see plain_decode_match)", file=sys.stderr)
+    print(f"wrote {out} and {plot}", file=sys.stderr)
+    return 0
+
+
+def _run_model(a, ec, ckpt, items, cal_items, store, out, settings):
+    """Load the model (and the fast stream), decode, record and evaluate: -> (result dict, Recording,
+    the checkpoint's train step, the MoE's record)."""
+    from m2r2_jax.decoding.generate import GenerateConfig, Generator
+    from m2r2_jax.errors import M2R2Error
+    from m2r2_jax.evaluation.moe_decode import MoEDecoder, merged_fast_stream
+    from m2r2_jax.evaluation.moe_offload import real_results, record_run, sim_results
+    from m2r2_jax.loading.registry import load_model
+    from m2r2_jax.loading.tokenizer import encode_chat
+
     if a.top_k is not None or a.asset is not None:
         from m2r2_jax.loading.moefied import load_moefied
         from m2r2_jax.loading.registry import DERIVED
@@ -236,52 +375,18 @@ def main(argv=None):
     plain = [gen.generate(m.params, [p], GenerateConfig(max_new_tokens=ec.max_new_tokens)).new_ids[0] for p in prompts]
     dec = MoEDecoder(m.cfg, m.params, fast)
     out.parent.mkdir(parents=True, exist_ok=True)
+    progress = not a.no_progress
+    recording, col = record_run(dec, prompts, ec, plain, progress, cal, settings)
+    moe = moe_record(a.model, m, a.asset)
+    recording.recorded["moe"] = moe
+    if ec.mode == "sim":
+        return sim_results(recording, ec), recording, meta.get("step"), moe
     try:
-        res = run_moe_offload(
-            dec, prompts, ec, store_path=store, plain_tokens=plain, progress=not a.no_progress, calibration=cal
-        )
+        res = real_results(dec, col, recording, ec, store, progress)
     finally:
-        if store is not None and not a.keep_store:
+        if not a.keep_store:
             store.unlink(missing_ok=True)
-    res["config"] = dict(
-        model=a.model,
-        checkpoint=ckpt,
-        train_step=meta.get("step"),
-        dataset=a.dataset,
-        limit=a.limit,
-        prompts=[it.id for it in items],
-        policies=list(ec.policies),
-        cache_fractions=list(ec.cache_fractions),
-        links=list(ec.links) if ec.mode == "sim" else ["disk"],
-        compute=list(ec.compute) if ec.mode == "sim" else ["measured"],
-        chip=ec.chip,
-        max_new_tokens=ec.max_new_tokens,
-        alignment=ec.alignment,
-        calibration=[it.id for it in cal_items],
-        repeats=ec.repeats,
-        window="auto" if ec.window is None else ec.window,
-        window_sweep=list(ec.window_sweep),
-        launch_us=list(ec.launch_us) if ec.mode == "sim" else None,
-        top_k_override=a.top_k,
-        asset_override=a.asset,
-        command="python -m eval.moe_offload " + " ".join(sys.argv[1:] if argv is None else argv),
-    )
-    res["config"]["moe"] = moe_record(a.model, m, a.asset)
-    res["machine"] = machine_info()
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    plot.write_bytes(render_png(res, f"{a.model} on {a.dataset}: {len(items)} prompts, {ec.mode} mode"))
-    print(format_table(res))
-    rc = res["recall"]
-    line = f"recall@{rc['k']} (chance {rc['chance']:.3f}): gate (next layer) {rc['gate']['next_layer']:.3f}"
-    if "m2r2_alignments" in rc:
-        line += f", m2r2 ({rc['m2r2_alignment']}) {rc['m2r2_alignments'][rc['m2r2_alignment']]:.3f}"
-    line += f", previous token {rc['previous_token']:.3f}"
-    print(line, file=sys.stderr)
-    if not res["identical_outputs"]:
-        print("WARNING: the decoded tokens differ from the plain decode's (see plain_decode_match)", file=sys.stderr)
-    print(f"wrote {out} and {plot}", file=sys.stderr)
-    return 0
+    return res, recording, meta.get("step"), moe
 
 
 if __name__ == "__main__":

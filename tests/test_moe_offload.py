@@ -2,6 +2,10 @@
 (evaluation/moe_trace.py, moe_decode.py), the real mode's tokens from cached weights, the sim mode's
 rows (moe_offload.py) and the CLI's option checks (eval/moe_offload.py)."""
 
+import dataclasses
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,13 +16,14 @@ from m2r2_jax.decoding.generate import GenerateConfig, Generator
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.evaluation import moe_offload as MO
 from m2r2_jax.evaluation import moe_trace as MT
+from m2r2_jax.evaluation import moe_tracefile as TF
 from m2r2_jax.evaluation.moe_decode import MoEDecoder, aligned_state, merged_fast_stream, ram_experts
 from m2r2_jax.loading.moefied import moe_config, moefy_params
 from m2r2_jax.m2r2.config import M2R2Config
 from m2r2_jax.m2r2.params import m2r2_spec
 from m2r2_jax.model import decoder as D
 from m2r2_jax.model.params import abstract_params, model_spec
-from m2r2_jax.offload import ExpertStore, build_schedule, run_real
+from m2r2_jax.offload import POLICIES, ExpertStore, build_schedule, run_real
 
 E, K, NEW = 4, 2, 8
 PROMPTS = [[5, 17, 33, 9, 4], [7, 8, 9], list(range(20, 34))]
@@ -170,6 +175,10 @@ def test_real_mode_decodes_the_plain_tokens_from_cached_weights(model, tmp_path)
     bad.close()
 
 
+def _same_run(a, b) -> bool:
+    return (a["link"], a["compute"]) == (b["link"], b["compute"])
+
+
 def _layout(cfg):
     from m2r2_jax.offload import ExpertLayout
 
@@ -201,12 +210,21 @@ def test_sim_mode_rows(model):
         "speedup_vs_ondemand",
     }
     assert all(keys <= set(r) for r in res["results"])
-    # with the whole cache the window reaches every layer but the first (whose needs are known at its
-    # own step): the schedule's recall is the predictor's over layers 1.. (width = k)
-    full = [r for r in res["results"] if r["cache_fraction"] == 1.0 and r["policy"] == "m2r2_aot"]
+    # m2r2_aot (scored): a look-ahead of 2 layers, never more stall than ondemand on the same trace and link
+    aot = [r for r in res["results"] if r["policy"] == "m2r2_aot"]
+    assert aot and all(r["window"] == 2 for r in aot) and res["policy_options"]["variant"] == "scored"
+    for r in aot:
+        base = next(b for b in res["results"] if b["policy"] == "ondemand" and _same_run(b, r))
+        assert r["stall_ms_per_token"] <= base["stall_ms_per_token"]
+    # the earlier window variant: with the whole cache the window reaches every layer but the first (whose
+    # needs are known at its own step): the schedule's recall is the predictor's over layers 1.. (width = k)
+    rec, _ = MO.record_run(dec, PROMPTS, ec, plain, calibration=CALIBRATION)
+    old = MO.sim_results(rec, dataclasses.replace(ec, aot={"variant": "window"}))
+    full = [r for r in old["results"] if r["cache_fraction"] == 1.0 and r["policy"] == "m2r2_aot"]
     by_layer = res["recall"]["m2r2_by_distance"]
     want = sum(r["recall"] * r["needs"] for r in by_layer if r["distance"] >= 1) / sum(r["needs"] for r in by_layer)
     assert full and all(r["recall"] == pytest.approx(want) and r["window"] == 2 for r in full)
+    assert old["policy_options"]["variant"] == "window"
     proj, more = res["compute_ms"]["projected"], res["compute_ms"]["projected+20us"]
     assert len(proj["layer_ms"]) == 3 and proj["fast_ms"] > 0 and "not measured" in proj["source"]
     # 20 us per decoder layer (4), per fast layer (2) and the head: where each runs
@@ -244,6 +262,13 @@ def test_sim_mode_rows(model):
         (["--limit", "0"], "--limit must be >= 1"),
         (["--max-new-tokens", "1"], "max_new_tokens must be an integer >= 2"),
         (["--checkpoint", "no/such/dir"], "checkpoint not found"),
+        (["--trace-in", "t.npz", "--mode", "real"], "--trace-in replays in --mode sim only"),
+        (["--trace-in", "a.npz", "--trace-out", "b.npz"], "give one of them"),
+        (["--trace-out", "t.json"], "expected a .npz file name"),
+        (["--trace-in", "nope.npz"], "not found"),
+        (["--aot", "wider=2"], "unknown m2r2_aot option"),
+        (["--aot", "margin"], "expected KEY=VALUE"),
+        (["--aot", "variant=greedy"], "unknown m2r2_aot variant"),
         (["--out", "no/such/dir/x.json"], "does not exist"),
     ],
 )
@@ -259,3 +284,151 @@ def test_cli_refuses_bad_options_with_one_line(argv, msg, tmp_path, capsys, monk
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and msg in err and err.startswith("error:") and "\n" not in err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# ---- trace files: record once, replay many times ------------------------------------------------------
+
+
+def _cli_settings() -> dict:
+    """The settings eval.moe_offload asks of a trace file with its default options."""
+    from eval.moe_offload import CALIBRATION_SET, DEFAULT_CHECKPOINT, checkpoint_identity
+
+    ckpt = str(Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT)
+    return dict(
+        model="smollm2-135m-moe",
+        dataset="mt_bench",
+        limit=8,
+        max_new_tokens=32,
+        checkpoint=checkpoint_identity(ckpt),
+        alignment="calibrated",
+        calibration_set=CALIBRATION_SET,
+        calibration=4,
+        width=0,
+        top_k_override=None,
+        asset_override=None,
+    )
+
+
+@pytest.fixture(scope="module")
+def recording(model):
+    _, _, dec, plain = model
+    ec = MO.MoEOffloadConfig(max_new_tokens=NEW, cache_fractions=(0.5, 1.0))
+    rec, _ = MO.record_run(dec, PROMPTS, ec, plain, calibration=CALIBRATION, settings=_cli_settings())
+    return rec
+
+
+def test_trace_file_round_trip(recording, tmp_path):
+    npz, js = TF.save(tmp_path / "t.npz", recording)
+    with np.load(npz, allow_pickle=False) as z:  # numeric arrays only
+        assert {"needed", "m2r2_probs", "steps"} <= set(z.files) and all(z[k].dtype.kind in "iuf" for k in z.files)
+    assert json.loads(js.read_text())["settings"] == recording.settings
+    back = TF.load(npz, recording.settings)
+    for name in ("needed", "gate_pred", "m2r2_pred", "m2r2_avail", "m2r2_probs"):
+        a, b = getattr(recording.trace, name), getattr(back.trace, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert (back.steps, back.tokens, back.plain_match) == (recording.steps, recording.tokens, recording.plain_match)
+    assert back.measured_ms == recording.measured_ms and back.recorded == recording.recorded
+    for p in POLICIES:  # identical schedules ...
+        a, b = build_schedule(p, recording.trace, 0.5), build_schedule(p, back.trace, 0.5)
+        assert (a.requests, a.hints, a.hint_probs, a.capacity) == (b.requests, b.hints, b.hint_probs, b.capacity)
+    ec = MO.MoEOffloadConfig(
+        max_new_tokens=NEW, cache_fractions=(0.5, 1.0), links=("pcie4",), launch_us=(0.0, 20.0), window_sweep=(1,)
+    )
+    assert MO.sim_results(back, ec) == MO.sim_results(recording, ec)  # ... and metrics
+
+
+def _rewrite(npz: Path, **arrays) -> None:
+    """Replace arrays of a trace file and fix its checksum: a well-formed file with bad contents."""
+    import hashlib
+    import io
+
+    with np.load(npz, allow_pickle=False) as z:
+        a = {k: z[k] for k in z.files} | arrays
+    buf = io.BytesIO()
+    np.savez(buf, **a)
+    npz.write_bytes(buf.getvalue())
+    meta = json.loads(npz.with_suffix(".json").read_text())
+    meta["npz_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    npz.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def test_trace_file_bad_input_is_refused_with_one_line(recording, tmp_path):
+    settings = recording.settings
+
+    def fresh(name):
+        return TF.save(tmp_path / f"{name}.npz", recording)
+
+    def flip(npz):
+        b = bytearray(npz.read_bytes())
+        b[len(b) // 2] ^= 0xFF
+        npz.write_bytes(bytes(b))
+
+    def edit_meta(npz, fn):
+        js = npz.with_suffix(".json")
+        meta = json.loads(js.read_text())
+        fn(meta)
+        js.write_text(json.dumps(meta))
+
+    cases = [
+        (lambda f: None, {**settings, "limit": 4}, "recorded with limit=8, this run asks for 4"),
+        (lambda f: None, {**settings, "checkpoint": {"step": 1, "meta_sha256": "0"}}, "recorded with checkpoint="),
+        (flip, settings, "its checksum differs"),
+        (lambda f: _rewrite(f, needed=recording.trace.needed + 100), settings, "corrupt file: trace needed"),
+        (lambda f: _rewrite(f, steps=np.asarray([1], np.int32)), settings, "do not add up"),
+        (lambda f: _rewrite(f, m2r2_probs=np.full((1, 1, 1), 0.5)), settings, "m2r2_probs"),
+        (_garbage, settings, "corrupt file: "),  # not a zip, though its checksum matches
+        (lambda f: f.with_suffix(".json").unlink(), settings, "not found"),
+        (lambda f: f.with_suffix(".json").write_text("{"), settings, "corrupt settings file"),
+        (lambda f: edit_meta(f, lambda m: m.update(format="other/1")), settings, "not a trace settings file"),
+        (lambda f: edit_meta(f, lambda m: m["settings"].pop("limit")), settings, "settings lack limit"),
+    ]
+    for i, (spoil, want, msg) in enumerate(cases):
+        npz, _ = fresh(str(i))
+        spoil(npz)
+        with pytest.raises(M2R2Error, match=msg) as e:
+            TF.load(npz, want)
+        assert "\n" not in str(e.value), msg
+    with pytest.raises(M2R2Error, match="expected a .npz"):
+        TF.save(tmp_path / "t.json", recording)
+
+
+def _garbage(npz: Path) -> None:
+    import hashlib
+
+    npz.write_bytes(b"PK" + bytes(100))
+    meta = json.loads(npz.with_suffix(".json").read_text())
+    meta["npz_sha256"] = hashlib.sha256(npz.read_bytes()).hexdigest()
+    npz.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def test_cli_replays_a_trace_file_without_the_model(recording, tmp_path, capsys, monkeypatch):
+    from eval.moe_offload import main
+    from m2r2_jax.cli import run_main
+
+    def no_model(*a, **k):
+        raise AssertionError("a replay must not load the model")
+
+    monkeypatch.setattr("m2r2_jax.loading.registry.load_model", no_model)
+    monkeypatch.chdir(tmp_path)
+    npz, js = TF.save(tmp_path / "mt.npz", recording)
+    argv = ["--trace-in", str(npz), "--cache-fraction", "0.5,1", "--link", "pcie4", "--launch-us", "0,20"]
+    with pytest.raises(SystemExit) as e:  # a mismatch: refused, nothing written
+        run_main(main, [*argv, "--limit", "4", "--out", str(tmp_path / "bad.json")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error:") and "recorded with limit=8" in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mt.json", "mt.npz"]
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as e:
+        run_main(main, [*argv, "--aot", "variant=window", "--out", str(out), "--no-progress"])
+    assert e.value.code == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["trace_in"] == str(npz) and res["policy_options"]["variant"] == "window"
+    assert len(res["results"]) == 3 * 2 * 4 and res["identical_outputs"] is True
+    ec = MO.MoEOffloadConfig(
+        max_new_tokens=32,
+        cache_fractions=(0.5, 1.0),
+        links=("pcie4",),
+        launch_us=(0.0, 20.0),
+        aot={"variant": "window"},
+    )
+    assert res["results"] == json.loads(json.dumps(MO.sim_results(recording, ec)["results"]))

@@ -1,6 +1,7 @@
 """m2r2_jax.offload: policies on handcrafted traces, the simulator against hand-computed timelines, the
 residency rules, and the real (threaded, file-backed) engine giving identical outputs under every policy."""
 
+import functools
 import math
 
 import numpy as np
@@ -15,9 +16,11 @@ from m2r2_jax.offload import (
     Link,
     Residency,
     RoutingTrace,
+    Schedule,
     aot_window,
     build_schedule,
     capacity_slots,
+    check_aot_options,
     gate_prefetch,
     lru,
     m2r2_aot,
@@ -28,6 +31,7 @@ from m2r2_jax.offload import (
     speedups,
 )
 from m2r2_jax.offload.residency import DROPPED, PRESENT, Admission
+from m2r2_jax.offload.schedule import Scoring
 
 # 0.5 ms latency + 1000 B at 1 MB/s = 1.5 ms per expert transfer: round numbers for hand timelines
 LINK = Link("toy", 1e6, 0.5e-3)
@@ -74,13 +78,13 @@ def test_gate_prefetch_requests_and_recall():
 def test_m2r2_prefetches_are_issued_when_known_never_for_the_current_layer():
     needed = _ids([[[0], [1], [2]]])
     pred = _ids([[[0, 3], [1, 1], [2, 3]]])  # a repeated id is requested once
-    s = m2r2_aot(RoutingTrace(4, needed, m2r2_pred=pred, m2r2_avail=np.array([0, 0, 1])), 0.5)
+    s = m2r2_aot(RoutingTrace(4, needed, m2r2_pred=pred, m2r2_avail=np.array([0, 0, 1])), 0.5, variant="window")
     # layer 0's guess is never fetched (at its step its router has spoken); layer 2 is known at step 1
     assert s.requests[0] == (((1, 1),), ((2, 2), (2, 3)), ())
     assert s.hints[0] == (((1, 1),), ((2, 2), (2, 3)), ())
     two, avail = np.concatenate([needed, needed]), _ids([[0, 1, 1], [0, 0, 0]])
     per_token = RoutingTrace(4, two, m2r2_pred=np.concatenate([pred, pred]), m2r2_avail=avail)
-    s2 = m2r2_aot(per_token, 0.5)
+    s2 = m2r2_aot(per_token, 0.5, variant="window")
     assert s2.requests[0] == ((), ((2, 2), (2, 3)), ())  # layer 1 known only at its own step: no fetch
     assert s2.requests[1] == (((1, 1), (2, 2), (2, 3)), (), ())
     assert (s2.evict, s2.capacity) == ("predicted", 6)
@@ -100,36 +104,38 @@ def _cyclic_trace(T=6, L=6, E=4, k=1, seed=0, perfect=True):
 
 def test_m2r2_window_is_capacity_aware_and_issued_in_layer_order():
     tr = _cyclic_trace(T=2, L=6, E=4, k=1)
-    s = m2r2_aot(tr, 4 / 24)  # 4 slots: the current layer's 1 + a window of 3 layers' 1 prediction
+    aot = functools.partial(m2r2_aot, variant="window")
+    s = aot(tr, 4 / 24)  # 4 slots: the current layer's 1 + a window of 3 layers' 1 prediction
     assert aot_window(s.capacity, 1, 1, 6) == 3
     for t in (1, 0):
         p = [(layer, int(tr.m2r2_pred[t, layer, 0])) for layer in range(6)]
         # step 0: layers 1..3; then one layer enters the window as each layer starts
         assert s.requests[t] == ((p[1], p[2], p[3]), (p[4],), (p[5],), (), (), ())
-    one = m2r2_aot(tr, 4 / 24, window=1)
+    one = aot(tr, 4 / 24, window=1)
     assert one.requests[0] == ((p[1],), (p[2],), (p[3],), (p[4],), (p[5],), ())
-    assert m2r2_aot(tr, 4 / 24, window=9).requests == s.requests  # the knob never exceeds what fits
-    assert all(r == () for per in m2r2_aot(tr, 4 / 24, window=0).requests for r in per)
-    assert m2r2_aot(tr, 1 / 24).requests == tuple(((),) * 6 for _ in range(2))  # k slots: nothing fits
+    assert aot(tr, 4 / 24, window=9).requests == s.requests  # the knob never exceeds what fits
+    assert all(r == () for per in aot(tr, 4 / 24, window=0).requests for r in per)
+    assert aot(tr, 1 / 24).requests == tuple(((),) * 6 for _ in range(2))  # k slots: nothing fits
     assert aot_window(60, 2, 2, 30) == 29 and aot_window(59, 2, 2, 30) == 28 and aot_window(30, 2, 3, 30, 4) == 4
 
 
 def _replay(schedule):
     """The schedule through Residency alone: every admission (step, key, kind, victim) and every drop."""
-    res = Residency(schedule.capacity, schedule.retain, schedule.evict)
+    res = schedule.residency()
     log, drops = [], []
     for t in range(schedule.num_tokens):
         res.begin_token()
         for l in range(schedule.num_layers):
             need = schedule.need(t, l)
             res.begin_layer(l, need)
-            if schedule.hints is not None:
-                res.hint(schedule.hints[t][l])
+            res.hint(*schedule.hint_at(t, l))
             for key in schedule.requests[t][l]:
                 got = res.prefetch(key)
                 drops += [(t, l, key)] if got == DROPPED else []
                 if isinstance(got, Admission):
                     log.append((t, l, key, "prefetch", got.victim))
+                elif got == PRESENT:
+                    log.append((t, l, key, "present", None))
             for key in need:
                 got = res.demand(key)
                 log.append((t, l, key, "hit" if got is None else "miss", None if got is None else got.victim))
@@ -141,7 +147,7 @@ def _replay(schedule):
 @pytest.mark.parametrize("perfect", [True, False])
 def test_m2r2_window_is_never_dropped_and_never_evicts_what_is_needed(frac, seed, perfect):
     tr = _cyclic_trace(T=8, L=8, E=6, k=2, seed=seed, perfect=perfect)
-    s = m2r2_aot(tr, frac)
+    s = m2r2_aot(tr, frac, variant="window")
     log, drops = _replay(s)
     assert drops == []  # the window fits: no request of it is refused
     for t, l, key, kind, victim in log:
@@ -150,9 +156,9 @@ def test_m2r2_window_is_never_dropped_and_never_evicts_what_is_needed(frac, seed
             nearer = {(j, int(e)) for j in range(l + 1, key[0] + 1) for e in tr.m2r2_pred[t, j]}
             assert victim not in nearer, (t, l, key, victim)
     if perfect:  # every layer after the first finds its experts already admitted
-        assert all(kind == "hit" for t, l, key, kind, _ in log if kind != "prefetch" and l >= 1)
+        assert all(kind == "hit" for t, l, key, kind, _ in log if kind in ("hit", "miss") and l >= 1)
     W = aot_window(s.capacity, 2, 2, 8)
-    assert W >= 2 and m2r2_aot(tr, frac, window=W + 3).requests == s.requests
+    assert W >= 2 and m2r2_aot(tr, frac, window=W + 3, variant="window").requests == s.requests
 
 
 def test_predicted_eviction_order_is_belady_like():
@@ -178,6 +184,96 @@ def test_capacity_is_a_floored_fraction_of_all_experts():
     assert capacity_slots(0.25, 4, 8, 2) == 8
     assert capacity_slots(0.29, 10, 10, 2) == 29  # not 28 from 0.29 * 100 = 28.999...
     assert capacity_slots(1.0, 4, 8, 2) == 32
+
+
+# ---- m2r2_aot, the scored variant -----------------------------------------------------------------
+
+
+def _sticky_trace(T=12, L=6, E=8, k=2, seed=0, noise=0.5, probs=True):
+    """Needs that persist from token to token (each expert stays with p 0.6), and fast-stream router
+    probabilities that favour the truth through noise."""
+    rng = np.random.default_rng(seed)
+    needed = np.zeros((T, L, k), np.int64)
+    for t in range(T):
+        for l in range(L):
+            keep = [int(e) for e in needed[t - 1, l] if rng.random() < 0.6] if t else []
+            needed[t, l] = (keep + [int(e) for e in rng.permutation(E) if e not in keep])[:k]
+    logits = noise * rng.standard_normal((T, L, E))
+    np.put_along_axis(logits, needed, np.take_along_axis(logits, needed, -1) + 1.0, -1)
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    pred = np.argsort(-p, -1, kind="stable")[..., :k]
+    kw = dict(m2r2_probs=p) if probs else {}
+    return RoutingTrace(E, needed, gate_pred=needed, m2r2_pred=pred, m2r2_avail=np.zeros(L, np.int64), **kw)
+
+
+def test_scored_eviction_weighs_the_prediction_and_the_use_count():
+    r = Residency(4, evict="scored", scoring=Scoring(decay=0.5, weight=10.0))
+    r.begin_token()
+    r.begin_layer(0, [(0, 0)])
+    r.hint([(1, 1), (2, 2), (0, 7)], [0.9, 0.1, 1.0])  # (0, 7): the current layer's, ignored
+    assert r.demand((0, 0)) == Admission(0, None)
+    for key in [(1, 1), (2, 2), (3, 3)]:
+        assert isinstance(r.prefetch(key), Admission)  # free slots
+    assert [r.value(key) for key in [(0, 0), (1, 1), (2, 2), (3, 3), (0, 7)]] == [1.0, 9.0, 1.0, 0.0, 0.0]
+    assert r.begin_layer(1, [(1, 1)]) == [] and r.demand((1, 1)) is None
+    assert r.cheapest() == ((3, 3), 0.0)  # unpredicted, never used
+    assert r.peek((2, 5)) == DROPPED and (2, 5) not in r  # no value of its own: it may not evict anything
+    r.hint([(2, 5)], [0.5])
+    assert r.peek((2, 5)) == Admission(3, (3, 3)) and (3, 3) in r  # peek changes nothing
+    assert r.prefetch((2, 5)) == Admission(3, (3, 3))
+    # (0, 0): used once (1.0); (2, 2): p 0.1 (1.0); equal values: the least recently used goes first
+    assert r.demand((1, 9)) == Admission(0, (0, 0))
+    r.begin_token()  # hinted probabilities end with the token, use counts decay (x 0.5)
+    r.begin_layer(0, [(0, 4)])
+    assert r.value((1, 1)) == 0.5 and r.value((2, 2)) == 0.0 and r.value((1, 9)) == 0.5
+    assert r.demand((0, 4)) == Admission(2, (2, 2))  # the wrong, never used guess goes first
+
+
+def test_scored_speculation_is_sized_to_the_compute_that_hides_it():
+    for probs in (True, False):
+        tr = _sticky_trace(probs=probs)
+        count = {}
+        for c, cap in ((0.0, None), (0.5, None), (1.5, None), (100.0, None), (100.0, 1), (None, None)):
+            s = m2r2_aot(tr, 0.5, compute_per_transfer=c, max_spec=cap)
+            assert (s.evict, s.scoring) == ("scored", Scoring(0.9, 16.0)) and s.hints is not None
+            most = {0.0: 0, 0.5: 1, 1.5: 2}.get(c, cap or 10**9)  # ceil(c) per layer, or the cap
+            for per in s.requests:
+                for l, reqs in enumerate(per):
+                    assert len(reqs) <= most and all(l < layer <= l + 2 for layer, _ in reqs)  # the window: 2
+            log, drops = _replay(s)
+            assert drops == [] and all(kind != "present" for *_, kind, _ in log)  # it knows the cache
+            count[c, cap] = sum(kind == "prefetch" for *_, kind, _ in log)
+        # nothing hidden: a guess pays only when sure beyond certainty; all hidden: every likely one moves
+        assert count[0.0, None] == 0 < count[1.5, None] <= count[100.0, None] == count[None, None]
+        assert count[100.0, 1] <= count[100.0, None]
+        assert all(r == () for per in m2r2_aot(tr, 0.5, max_spec=0).requests for r in per)
+
+
+def test_scored_schedule_decides_on_what_is_known_at_each_step():
+    tr = _sticky_trace(T=10, seed=4)
+    t, s = 6, 2
+    needed = tr.needed.copy()
+    needed[t, s + 1 :] = (needed[t, s + 1 :] + 1) % tr.num_experts  # the layers after step s, unknown at it
+    needed[t + 1 :] = (needed[t + 1 :] + 3) % tr.num_experts  # and every later token
+    alt = RoutingTrace(
+        tr.num_experts, needed, m2r2_pred=tr.m2r2_pred, m2r2_avail=tr.m2r2_avail, m2r2_probs=tr.m2r2_probs
+    )
+    for c in (0.5, 3.0, None):
+        a, b = m2r2_aot(tr, 0.5, compute_per_transfer=c), m2r2_aot(alt, 0.5, compute_per_transfer=c)
+        assert a.requests[:t] == b.requests[:t] and a.requests[t][: s + 1] == b.requests[t][: s + 1]
+        assert a.hints[: t + 1] == b.hints[: t + 1] and a.hint_probs[: t + 1] == b.hint_probs[: t + 1]
+        assert a.requests != b.requests or a.hints != b.hints  # the changes do reach later decisions
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scored_m2r2_never_stalls_more_than_ondemand(seed):
+    tr = _sticky_trace(T=16, seed=seed)
+    x = LINK.transfer_s(NBYTES) * 1e3  # 1.5 ms
+    for layer_ms in (0.1, 1.4, 6.0):  # the link the bottleneck .. compute hides several transfers
+        base = simulate(ondemand(tr), LINK, NBYTES, layer_ms, 0.25)
+        for frac in (2 / 48, 12 / 48, 24 / 48):
+            m = simulate(m2r2_aot(tr, frac, compute_per_transfer=layer_ms / x), LINK, NBYTES, layer_ms, 0.25)
+            assert m.stall_ms <= base.stall_ms and m.needs == base.needs, (layer_ms, frac)
 
 
 # ---- residency rules ------------------------------------------------------------------------------
@@ -248,7 +344,9 @@ def _three_layer_trace(m2r2_layer0=0):
 
 def test_simulator_matches_hand_computed_timelines():
     # transfers 1.5 ms; layers compute 4, 0.5, 0.5 ms; 0.25 ms per token outside the MoE layers
-    res = simulate_policies(_three_layer_trace(), 1.0, LINK, NBYTES, layer_ms=(4.0, 0.5, 0.5), token_ms=0.25)
+    res = simulate_policies(
+        _three_layer_trace(), 1.0, LINK, NBYTES, layer_ms=(4.0, 0.5, 0.5), token_ms=0.25, variant="window"
+    )
     # ondemand/lru: every layer waits 1.5 ms
     for p in ("ondemand", "lru"):
         assert res[p].stall_ms == pytest.approx(4.5) and res[p].total_ms == pytest.approx(9.75)
@@ -269,7 +367,7 @@ def test_a_demand_miss_jumps_the_queued_prefetches():
     # m2r2 guesses layer 1 wrong (expert 3): (0,0) loads first, at 0, not after the two prefetches
     needed = _ids([[[0], [1], [2]]])
     tr = RoutingTrace(4, needed, m2r2_pred=_ids([[[0], [3], [2]]]), m2r2_avail=np.array([0, 0, 0]))
-    a = simulate(m2r2_aot(tr, 1.0), LINK, NBYTES, (4.0, 0.5, 0.5), 0.25)
+    a = simulate(m2r2_aot(tr, 1.0, variant="window"), LINK, NBYTES, (4.0, 0.5, 0.5), 0.25)
     # (0,0) 0-1.5; (1,3) 1.5-3.0 (wasted); (2,2) 3.0-4.5; layer 0 1.5-5.5; (1,1) 5.5-7.0 on demand;
     # layer 1 7.0-7.5; layer 2 hits, 7.5-8.0; + 0.25
     assert a.stall_ms == pytest.approx(3.0) and a.total_ms == pytest.approx(8.25)
@@ -281,11 +379,11 @@ def test_windowed_m2r2_stalls_less_than_lru_and_gate_when_the_link_is_the_bottle
     # 1.5 ms per transfer, 1 ms per layer: one layer of lead (the gate) cannot hide a load, a window can
     tr = _cyclic_trace(T=6, L=6, E=4, k=1, seed=3)
     frac = 6 / 24  # one token's worth of slots
-    res = simulate_policies(tr, frac, LINK, NBYTES, layer_ms=1.0, token_ms=0.5)
+    res = simulate_policies(tr, frac, LINK, NBYTES, layer_ms=1.0, token_ms=0.5, variant="window")
     a, g, lr = res["m2r2_aot"], res["gate_prefetch"], res["lru"]
     assert a.stall_ms < g.stall_ms < lr.stall_ms and a.tokens_per_s > g.tokens_per_s
     assert a.dropped_prefetches == 0 and a.prefetch_recall == pytest.approx(5 / 6)
-    w1 = simulate(m2r2_aot(tr, frac, window=1), LINK, NBYTES, 1.0, 0.5)
+    w1 = simulate(m2r2_aot(tr, frac, window=1, variant="window"), LINK, NBYTES, 1.0, 0.5)
     assert a.stall_ms < w1.stall_ms  # the lead is what buys it
 
 
@@ -314,7 +412,9 @@ def _weights(layer, expert):
 def _random_trace(rng, T=5):
     needed = np.stack([np.stack([rng.permutation(E)[:K] for _ in range(L)]) for _ in range(T)])
     noisy = np.where(rng.random(needed.shape) < 0.5, needed, rng.integers(0, E, needed.shape))
-    return RoutingTrace(E, needed, gate_pred=noisy, m2r2_pred=needed, m2r2_avail=np.array([0, 0, 1]))
+    probs = rng.dirichlet(np.ones(E), needed.shape[:2])  # not the truth's: only a confidence to rank by
+    avail = np.array([0, 0, 1])
+    return RoutingTrace(E, needed, gate_pred=noisy, m2r2_pred=needed, m2r2_avail=avail, m2r2_probs=probs)
 
 
 def _swiglu_chain():
@@ -357,17 +457,19 @@ def test_real_engine_outputs_are_identical_under_every_policy(store):
     for t in range(tr.num_tokens):
         for layer in range(L):
             ref[t][layer] = compute(layer, {int(e): _weights(layer, int(e)) for e in tr.needed[t, layer]})
-    runs = [(p, None) for p in ("ondemand", "lru", "gate_prefetch", "m2r2_aot")] + [("m2r2_aot", 0), ("m2r2_aot", 1)]
+    runs = [(p, None, {}) for p in ("ondemand", "lru", "gate_prefetch", "m2r2_aot")]
+    runs += [("m2r2_aot", 0, {}), ("m2r2_aot", 1, {}), ("m2r2_aot", None, {"variant": "window"})]
+    runs += [("m2r2_aot", None, {"compute_per_transfer": c, "max_spec": 1}) for c in (0.0, 0.7)]
     for frac in (K / (L * E), 4 / (L * E), 0.5, 1.0):  # as tight as allowed (evictions, cancellations) .. all
-        for p, window in runs:
-            s = build_schedule(p, tr, frac, window)
+        for p, window, aot in runs:
+            s = build_schedule(p, tr, frac, window, **aot)
             run = run_real(s, store, _swiglu_chain())
             assert all(np.array_equal(a, b) for ra, rb in zip(run.outputs, ref) for a, b in zip(ra, rb)), (p, frac)
             m = run.metrics
             assert m.mode == "measured" and m.needs == tr.num_tokens * L * K and 0 <= m.hits <= m.needs
             assert m.bytes_moved == m.loads * store.layout.stride and m.total_ms > 0
             if frac == 1.0:  # nothing is evicted; only wrong guesses are released, loaded or not (timing)
-                admitted = sum(kind != "hit" for *_, kind, _ in _replay(s)[0])
+                admitted = sum(kind in ("miss", "prefetch") for *_, kind, _ in _replay(s)[0])
                 distinct = len({(layer, int(e)) for layer in range(L) for e in tr.needed[:, layer].ravel()})
                 assert distinct <= m.loads <= admitted and distinct <= simulate(s, LINK, NBYTES, 0.1).loads <= admitted
                 if p in ("ondemand", "lru"):  # no guesses: real loads = the simulator's = admissions
@@ -420,6 +522,15 @@ def test_capacity_fraction_outside_0_1_is_refused(frac):
         (dict(m2r2_pred=_ids([[[0], [1]]])), "come together"),
         (dict(m2r2_pred=_ids([[[0], [1]]]), m2r2_avail=np.array([0, 2])), r"layer 1 must exist at a step in \[0, 1\]"),
         (dict(m2r2_pred=_ids([[[0], [1]]]), m2r2_avail=np.array([0, 0, 0])), "m2r2_avail"),
+        (dict(m2r2_probs=np.full((1, 2, 4), 0.25)), "m2r2_probs needs m2r2_pred"),
+        (
+            dict(m2r2_pred=_ids([[[0], [1]]]), m2r2_avail=np.zeros(2, int), m2r2_probs=np.ones((1, 2, 3))),
+            r"\[T, L, E\]",
+        ),
+        (
+            dict(m2r2_pred=_ids([[[0], [1]]]), m2r2_avail=np.zeros(2, int), m2r2_probs=np.full((1, 2, 4), -0.1)),
+            "finite",
+        ),
     ],
 )
 def test_bad_traces_are_refused(kwargs, match):
@@ -431,10 +542,35 @@ def test_bad_traces_are_refused(kwargs, match):
 
 def test_other_bad_inputs_are_refused(store, tmp_path):
     tr = RoutingTrace(4, _ids([[[0], [1]]]))
+    aot = RoutingTrace(4, tr.needed, m2r2_pred=tr.needed, m2r2_avail=np.zeros(2, int))
     cases = [
         (lambda: lru(tr, 0.1), "fewer than the top-1"),  # 0 of 8 slots
         (lambda: gate_prefetch(tr, 0.5), "needs a trace with gate_pred"),
         (lambda: build_schedule("fifo", tr, 0.5), "unknown offload policy"),
+        (lambda: m2r2_aot(aot, 0.5, variant="greedy"), "unknown m2r2_aot variant"),
+        (lambda: m2r2_aot(aot, 0.5, margin=1.5), "margin must be in"),
+        (lambda: m2r2_aot(aot, 0.5, max_spec=-1), "max_spec must be"),
+        (lambda: m2r2_aot(aot, 0.5, decay=2.0), "decay must be"),
+        (lambda: m2r2_aot(aot, 0.5, compute_per_transfer=(1.0, 2.0, 3.0)), "one per layer"),
+        (lambda: m2r2_aot(aot, 0.5, compute_per_transfer=float("nan")), "compute_per_transfer"),
+        (lambda: build_schedule("m2r2_aot", aot, 0.5, wider=2), "unknown m2r2_aot option wider"),
+        (lambda: check_aot_options(wider=2), "unknown m2r2_aot option wider"),
+        (lambda: Residency(4, evict="scored"), "a Scoring goes with evict='scored'"),
+        (lambda: Schedule("x", 4, tr.needed, (((), ()),), 2, scoring=Scoring()), "a scoring goes with"),
+        (
+            lambda: Schedule(
+                "x",
+                4,
+                tr.needed,
+                (((), ()),),
+                2,
+                evict="scored",
+                hints=(((), ((1, 0),)),),
+                hint_probs=(((), (0.5, 0.5)),),
+                scoring=Scoring(),
+            ),
+            "align",
+        ),
         (lambda: simulate(lru(tr, 0.5), LINK, NBYTES, (1.0, 1.0, 1.0)), "one per MoE layer"),
         (lambda: run_real(lru(tr, 0.5), store, _swiglu_chain()), r"holds 3 layers x 4 experts"),
         (lambda: ExpertStore.write(tmp_path / "x.bin", ExpertLayout(1, 1, H, I), lambda l, e: {}), "missing"),

@@ -35,19 +35,28 @@ loading, an LRU cache, and LRU + the next-layer gate (Mixtral-offloading / Pre-g
 The fast layers' weights (attention + the whole dense FFN of a stream trained on the dense model a
 MoEfied base was built from) stay resident, outside the cache's budget; `memory_matched` gives LRU
 that memory as extra cache instead.
+
+`record_run` decodes and records (a `moe_tracefile.Recording`: the trace, the measured times, the
+decoder's shape for the projected ones, the recall report), `sim_results` replays a recording, live
+or read back from a trace file (moe_tracefile.py), and `real_results` runs the real mode; the compute
+model is moe_times.py. m2r2_aot is told, per link and compute source, how much of one expert's
+transfer each layer's compute hides (`compute_per_transfer`), which sizes its speculation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from m2r2_jax.config import ModelConfig, from_dict, to_dict
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.evaluation.moe_decode import ALIGNMENTS, MoEDecoder, ram_experts, ram_provider
+from m2r2_jax.evaluation.moe_times import ModelShape, Times, measured_times, projected_times
 from m2r2_jax.evaluation.moe_trace import (
     Collected,
     build_trace,
@@ -56,16 +65,19 @@ from m2r2_jax.evaluation.moe_trace import (
     predictions,
     recall_report,
 )
+from m2r2_jax.evaluation.moe_tracefile import Recording
 from m2r2_jax.offload import (
+    AOT_OPTIONS,
     LINKS,
     POLICIES,
     ExpertLayout,
     ExpertStore,
     Link,
     RoutingTrace,
-    aot_window,
+    aot_lookahead,
     build_schedule,
     capacity_slots,
+    check_aot_options,
     measure_cold_warm,
     run_real,
     simulate,
@@ -99,6 +111,11 @@ class MoEOffloadConfig:
     window: int | None = None  # m2r2_aot's look-ahead in MoE layers (None: as far as the cache holds)
     window_sweep: tuple[int, ...] = ()  # sim only: m2r2_aot also at these windows (JSON `window_sweep`)
     launch_us: tuple[float, ...] = (0.0,)  # sim, projected compute: per-layer launch overhead(s), one source each
+    aot: dict = dataclasses.field(default_factory=dict)  # m2r2_aot's other keyword arguments (policies.py)
+
+    @property
+    def aot_variant(self) -> str:
+        return self.aot.get("variant", "scored")
 
     def __post_init__(self):
         bad = [p for p in self.policies if p not in POLICIES]
@@ -135,6 +152,18 @@ class MoEOffloadConfig:
                 raise M2R2Error(f"window must be a number of layers >= 0 (or auto), got {w!r}")
         if not self.launch_us or any(not isinstance(x, (int, float)) or not 0 <= x < 1e6 for x in self.launch_us):
             raise M2R2Error(f"launch overhead must be microseconds in [0, 1e6), got {self.launch_us!r}")
+        bad = [key for key in self.aot if key not in AOT_OPTIONS]
+        if not isinstance(self.aot, dict) or bad:
+            raise M2R2Error(f"unknown m2r2_aot option {bad}: choose from {', '.join(AOT_OPTIONS)}")
+        check_aot_options(self.window, **self.aot)
+
+    def aot_options(self) -> dict:
+        """m2r2_aot's keyword arguments as run (JSON: `policy_options`)."""
+        return dict(
+            variant="scored",
+            window="auto" if self.window is None else self.window,
+            compute_per_transfer="each layer's compute / one expert's transfer, per link and compute source",
+        ) | dict(self.aot)
 
     @property
     def needs_fast(self) -> bool:
@@ -150,83 +179,6 @@ class MoEOffloadConfig:
 
 def projected_name(launch_us: float) -> str:
     return "projected" if launch_us == 0 else f"projected+{launch_us:g}us"
-
-
-# ----------------------------------------------------------------------------- compute times
-
-
-@dataclasses.dataclass(frozen=True)
-class Times:
-    """Per decode step: layer_ms[l] = MoE layer l's experts' FFN + everything up to the next MoE
-    layer's router; token_ms = the rest (embedding, the first layer's attention, head); fast_ms = the
-    fast stream and its predictions (charged to m2r2_aot only)."""
-
-    source: str
-    layer_ms: tuple[float, ...]
-    token_ms: float
-    fast_ms: float
-
-    def as_dict(self) -> dict:
-        return dict(
-            source=self.source,
-            layer_ms=list(self.layer_ms),
-            token_ms=self.token_ms,
-            fast_ms=self.fast_ms,
-            per_token_ms=sum(self.layer_ms) + self.token_ms,
-        )
-
-
-def measured_times(col: Collected) -> Times:
-    ms = col.ms
-    return Times(
-        "measured on this CPU (float32, host-driven pieces, RAM-resident experts)",
-        tuple(ms["layer"]),
-        ms["begin"] + ms["finish"],
-        ms["fast"],
-    )
-
-
-def projected_times(dec: MoEDecoder, chip_name: str, context: float, b: int, launch_us: float = 0.0) -> Times:
-    """A roofline model of each piece on `chip_name` at `b` bytes per weight and KV element: per piece
-    max(FLOPs / peak, bytes / HBM bandwidth), pieces summed; plus `launch_us` per decoder layer (slow
-    or fast) and one for the head: the fixed cost of launching a layer's kernels and, with experts
-    offloaded, the host learning its router's choice. An assumption, stated with the results."""
-    from m2r2_jax.roofline import CHIPS, step_ms
-
-    chip, cfg = CHIPS[chip_name], dec.cfg
-    o = launch_us / 1e3
-    Dm, q, kv, hd = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.head_dim
-
-    def t(params: float, extra_flops: float = 0.0, extra_bytes: float = 0.0) -> float:
-        return step_ms(2 * params + extra_flops, params * b + extra_bytes, chip)["ms"]
-
-    def attention(c) -> float:  # projections + scores / values over the context; K/V read and one slot written
-        return t(Dm * (q + 2 * kv) + q * Dm, 4 * c.num_heads * hd * context, 2 * kv * (context + 1) * b)
-
-    router = Dm * cfg.num_experts
-    experts = cfg.experts_per_token * 3 * Dm * cfg.moe_intermediate_size + 3 * Dm * cfg.shared_expert_intermediate_size
-    moe = dec.moe
-    layer = []
-    for l, i in enumerate(moe):  # every decoder layer's launch is counted once: where its attention runs
-        nxt = moe[l + 1] if l + 1 < len(moe) else cfg.num_layers
-        dense = sum(attention(cfg) + t(3 * Dm * cfg.intermediate_size) for _ in range(i + 1, nxt))
-        started = nxt - i if l + 1 < len(moe) else nxt - i - 1
-        layer.append(t(experts) + dense + (attention(cfg) + t(router) if l + 1 < len(moe) else 0.0) + o * started)
-    head = t(cfg.vocab_size * Dm)
-    lead = sum(attention(cfg) + t(3 * Dm * cfg.intermediate_size) for _ in range(moe[0]))
-    token = t(0, 0, Dm * b) + lead + attention(cfg) + t(router) + head + o * (moe[0] + 2)
-    fast = 0.0
-    if dec.fast is not None:
-        fc = dec.fast.cfg
-        fast = sum(attention(fc) + t(3 * Dm * fc.intermediate_size) for _ in dec.fast.layers) + t(len(moe) * router)
-        fast += o * len(dec.fast.layers)
-    over = f"+ {launch_us:g} us per layer launched (assumed)" if launch_us else "no launch or host overhead"
-    return Times(
-        f"projected: roofline model of {chip.name} ({b}-byte weights and KV; {over}; not measured)",
-        tuple(layer),
-        token,
-        fast,
-    )
 
 
 # ----------------------------------------------------------------------------- 2. sim
@@ -249,9 +201,10 @@ def _row(policy: str, frac: float, m, base_tps: float, **extra) -> dict:
     )
 
 
-def _window(trace: RoutingTrace, frac: float, window: int | None) -> int:
+def _window(trace: RoutingTrace, frac: float, window: int | None, variant: str = "scored") -> int:
     k, L = trace.top_k, trace.num_layers
-    return aot_window(capacity_slots(frac, L, trace.num_experts, k), k, trace.m2r2_pred.shape[2], L, window)
+    cap = capacity_slots(frac, L, trace.num_experts, k)
+    return aot_lookahead(cap, k, trace.m2r2_pred.shape[2], L, window, variant)
 
 
 def run_sim(
@@ -269,9 +222,12 @@ def run_sim(
         for src in times:
             tm, nb = times[src], expert_bytes[src]
 
+            # m2r2_aot sizes its speculation to how much of a transfer each layer's compute hides
+            aot = dict(compute_per_transfer=tuple(x / (link.transfer_s(nb) * 1e3) for x in tm.layer_ms)) | ec.aot
+
             def sim(policy, frac, window=ec.window, fast=True):
                 tok = tm.token_ms + (tm.fast_ms if policy == "m2r2_aot" and fast else 0.0)
-                return simulate(build_schedule(policy, trace, frac, window), link, nb, tm.layer_ms, tok)
+                return simulate(build_schedule(policy, trace, frac, window, **aot), link, nb, tm.layer_ms, tok)
 
             base = sim("ondemand", 1.0)
             for frac in ec.cache_fractions:
@@ -281,7 +237,7 @@ def run_sim(
                     if p == "m2r2_aot":  # and a bound: the same schedule with the fast stream's time not charged
                         free = sim(p, frac, fast=False).tokens_per_s
                         extra = dict(
-                            window=_window(trace, frac, ec.window),
+                            window=_window(trace, frac, ec.window, ec.aot_variant),
                             tokens_per_second_fast_stream_free=free,
                             speedup_fast_stream_free=free / base.tokens_per_s,
                         )
@@ -289,7 +245,7 @@ def run_sim(
                 if "m2r2_aot" in ec.policies:
                     for w in ec.window_sweep:
                         m = sim("m2r2_aot", frac, w)
-                        eff = _window(trace, frac, w)
+                        eff = _window(trace, frac, w, ec.aot_variant)
                         sweep.append(
                             _row("m2r2_aot", frac, m, base.tokens_per_s, link=link.name, compute=src, window=eff)
                         )
@@ -397,8 +353,10 @@ def run_real_mode(
     disk_link = Link("this disk (measured cold reads)", disk["cold_gb_s"] * 1e9, 0.0)
     got, identical, mismatches = {}, True, {}
     todo = runs * ec.repeats  # round-robin: a slow spell of this shared machine hits every policy alike
+    read_ms = disk_link.transfer_s(store.layout.stride) * 1e3
+    aot = dict(compute_per_transfer=tuple(x / read_ms for x in col.ms["layer"])) | ec.aot
     for policy, frac in tqdm(todo, desc="real mode", disable=not progress):
-        sched = build_schedule(policy, trace, frac, ec.window)
+        sched = build_schedule(policy, trace, frac, ec.window, **aot)
         fast = policy == "m2r2_aot"
         drv = _Driver(dec, seqs, fast_src if fast else None, width, trace.m2r2_pred if fast else None)
         run = run_real(sched, store, drv.compute, drv.token)
@@ -427,7 +385,7 @@ def run_real_mode(
                     layer_ms_mean=float(np.mean(run.layer_ms)),
                     token_ms=run.token_ms,
                     sim_tokens_per_second_on_measured_disk=sim.tokens_per_s,
-                    **(dict(window=_window(trace, frac, ec.window)) if p == "m2r2_aot" else {}),
+                    **(dict(window=_window(trace, frac, ec.window, ec.aot_variant)) if p == "m2r2_aot" else {}),
                 )
             )
     details = dict(
@@ -443,18 +401,18 @@ def run_real_mode(
 # ----------------------------------------------------------------------------- the whole eval
 
 
-def run_moe_offload(
+def record_run(
     dec: MoEDecoder,
     prompts: Sequence[Sequence[int]],
     ec: MoEOffloadConfig,
-    store_path: Path | None = None,
     plain_tokens: Sequence[Sequence[int]] | None = None,
     progress: bool = False,
     calibration: Sequence[Sequence[int]] | None = None,
-) -> dict:
-    """The eval on token-id prompts; `plain_tokens`: the plain decode's (decoding.generate.Generator)
-    tokens per prompt, which the host-driven decode must equal; `calibration`: other prompts (never the
-    evaluated ones) whose traces pick the calibrated alignment. -> the result dict (eval.moe_offload)."""
+    settings: dict | None = None,
+) -> tuple[Recording, Collected]:
+    """Decode the prompts (host-driven), record the routing and the predictions: -> (the Recording the
+    sim mode replays, and the decode's Collected for the real mode). Arguments as run_moe_offload's;
+    `settings`: the run's identity kept with the recording (moe_tracefile.SETTINGS)."""
     cfg = dec.cfg
     k, L_, E = cfg.experts_per_token, dec.num_moe_layers, cfg.num_experts
     width = ec.width or k
@@ -490,62 +448,79 @@ def run_moe_offload(
         rec["m2r2_state_per_layer"] = (maps[alignment] if calibrated else dec.state_index(alignment)).tolist()
         rec["fast_state_targets"] = dec.fast.targets()
         rec["calibration"] = cal
+    if alignment is not None:  # float16, as the trace file keeps them: a replay sees the same numbers
+        preds["m2r2_probs"][alignment] = preds["m2r2_probs"][alignment].astype(np.float16)
     trace = build_trace(dec, col, preds, alignment, width)
-    plain_ok = None if plain_tokens is None else [list(a) == list(b) for a, b in zip(col.tokens, plain_tokens)]
-    expert_f32 = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
-    all_expert_bytes = L_ * E * expert_f32
-    fast_bytes = dec.fast.resident_bytes if dec.fast is not None else 0
-    ctx = float(col.context.mean()) + 1
-    times, nbytes = {}, {}
-    for name, launch in ec.sources() if ec.mode == "sim" else [("measured", None)]:
-        if launch is None:
-            times[name], nbytes[name] = measured_times(col), expert_f32
-        else:
-            times[name] = projected_times(dec, ec.chip, ctx, ec.projected_bytes_per_param, launch)
-            nbytes[name] = expert_f32 // 4 * ec.projected_bytes_per_param
-    out = dict(mode=ec.mode)
-    if ec.mode == "sim":
-        rows, matched, sweep = run_sim(trace, ec, times, nbytes, fast_bytes / all_expert_bytes)
-        identical = all(plain_ok) if plain_ok is not None else None
-        out.update(
-            results=rows, identical_outputs=identical, memory_matched=matched, expert_bytes=nbytes, window_sweep=sweep
-        )
-    else:
-        if store_path is None:
-            raise M2R2Error("real mode needs a path for the expert store")
-        fs = filesystem_of(Path(store_path).parent)
-        with write_store(dec, Path(store_path)) as store:
-            src = None if alignment is None else np.asarray(rec["m2r2_state_per_layer"], np.int32)
-            rows, same, details = run_real_mode(dec, col, trace, ec, store, src, width, progress)
-            details.update(
-                path=str(store_path),
-                filesystem=fs,
-                file_bytes=store.layout.file_bytes,
-                record_bytes=store.layout.stride,
-            )
-        identical = same and (all(plain_ok) if plain_ok is not None else True)
-        out.update(results=rows, identical_outputs=identical, store=details)
-    out.update(
+    plain_ok = None if plain_tokens is None else tuple(list(a) == list(b) for a, b in zip(col.tokens, plain_tokens))
+    fast = dec.fast
+    recorded = dict(
         recall=rec,
-        plain_decode_match=plain_ok,
+        shape=dict(
+            model_config=to_dict(cfg),
+            moe_layers=list(dec.moe),
+            fast_config=None if fast is None else to_dict(fast.cfg),
+            fast_layers=0 if fast is None else len(fast.layers),
+        ),
+        expert_bytes_float32=3 * cfg.hidden_size * cfg.moe_intermediate_size * 4,
+        fast_stream=None
+        if fast is None
+        else dict(
+            fast_layers=len(fast.layers),
+            base_layers=fast.mc.base_layers(cfg.num_layers),
+            targets=fast.mc.targets_of(cfg.num_layers),
+            resident_bytes=fast.resident_bytes,
+        ),
+    )
+    recorded = json.loads(json.dumps(recorded))  # as a trace file holds it: a replay reports the same
+    recording = Recording(
+        trace=trace,
+        steps=tuple(col.steps),
+        tokens=tuple(tuple(t) for t in col.tokens),
+        plain_match=plain_ok,
+        context=np.asarray(col.context, np.int64),
+        measured_ms=dict(col.ms),
+        settings=dict(settings or {}),
+        recorded=recorded,
+    )
+    return recording, col
+
+
+def _shape(recording: Recording) -> ModelShape:
+    sh = recording.recorded["shape"]
+    fc = sh["fast_config"]
+    return ModelShape(
+        from_dict(ModelConfig, sh["model_config"]).validate(),
+        tuple(sh["moe_layers"]),
+        None if fc is None else from_dict(ModelConfig, fc).validate(),
+        int(sh["fast_layers"]),
+    )
+
+
+def _common(recording: Recording, times: dict[str, Times]) -> dict:
+    """The result keys every mode shares, from the recording."""
+    tr, rd = recording.trace, recording.recorded
+    L_, E = tr.num_layers, tr.num_experts
+    expert_f32 = rd["expert_bytes_float32"]
+    all_expert_bytes = L_ * E * expert_f32
+    fs = rd["fast_stream"]
+    return dict(
+        recall=rd["recall"],
+        plain_decode_match=None if recording.plain_match is None else list(recording.plain_match),
         compute_ms={name: t.as_dict() for name, t in times.items()},
         trace=dict(
-            prompts=len(col.prompts),
-            decode_steps=int(col.needed.shape[0]),
+            prompts=len(recording.steps),
+            decode_steps=tr.num_tokens,
             moe_layers=L_,
             experts=E,
-            top_k=k,
-            prefetch_width=width,
-            mean_context=float(col.context.mean()) + 1,
+            top_k=tr.top_k,
+            prefetch_width=None if tr.m2r2_pred is None else tr.m2r2_pred.shape[2],
+            mean_context=float(np.mean(recording.context)) + 1,
         ),
         fast_stream=None
-        if dec.fast is None
+        if fs is None
         else dict(
-            fast_layers=len(dec.fast.layers),
-            base_layers=dec.fast.mc.base_layers(cfg.num_layers),
-            targets=dec.fast.mc.targets_of(cfg.num_layers),
-            resident_bytes=fast_bytes,
-            resident_as_fraction_of_all_experts=fast_bytes / all_expert_bytes,
+            fs,
+            resident_as_fraction_of_all_experts=fs["resident_bytes"] / all_expert_bytes,
             note="the fast layers (attention + the whole dense FFN, adapters merged) stay resident; their bytes "
             "are not part of the expert cache's budget (memory_matched gives LRU that memory as extra cache)",
         ),
@@ -559,7 +534,99 @@ def run_moe_offload(
             "(MoE layers between the prediction's availability and its use)",
         ),
     )
+
+
+def _check_policies(recording: Recording, ec: MoEOffloadConfig) -> None:
+    tr = recording.trace
+    for f in ec.cache_fractions:
+        capacity_slots(f, tr.num_layers, tr.num_experts, tr.top_k)
+    if ec.needs_fast and tr.m2r2_pred is None:
+        raise M2R2Error("m2r2_aot needs the fast stream's predictions: this recording has none")
+
+
+def sim_results(recording: Recording, ec: MoEOffloadConfig) -> dict:
+    """The sim mode on a recording (live or read back from a trace file): -> the result dict."""
+    if ec.mode != "sim":
+        raise M2R2Error(f"a recording replays in sim mode only, not {ec.mode!r}")
+    _check_policies(recording, ec)
+    rd, tr = recording.recorded, recording.trace
+    expert_f32 = rd["expert_bytes_float32"]
+    ctx = float(np.mean(recording.context)) + 1
+    shape = _shape(recording) if any(launch is not None for _, launch in ec.sources()) else None
+    times, nbytes = {}, {}
+    for name, launch in ec.sources():
+        if launch is None:
+            times[name], nbytes[name] = measured_times(recording.measured_ms), expert_f32
+        else:
+            times[name] = projected_times(shape, ec.chip, ctx, ec.projected_bytes_per_param, launch)
+            nbytes[name] = expert_f32 // 4 * ec.projected_bytes_per_param
+    fast_bytes = 0 if rd["fast_stream"] is None else rd["fast_stream"]["resident_bytes"]
+    all_expert_bytes = tr.num_layers * tr.num_experts * expert_f32
+    rows, matched, sweep = run_sim(tr, ec, times, nbytes, fast_bytes / all_expert_bytes)
+    pm = recording.plain_match
+    out = dict(
+        mode="sim",
+        results=rows,
+        identical_outputs=all(pm) if pm is not None else None,
+        memory_matched=matched,
+        expert_bytes=nbytes,
+        window_sweep=sweep,
+        policy_options=ec.aot_options(),
+    )
+    out.update(_common(recording, times))
     return out
+
+
+def real_results(
+    dec: MoEDecoder,
+    col: Collected,
+    recording: Recording,
+    ec: MoEOffloadConfig,
+    store_path: Path,
+    progress: bool = False,
+) -> dict:
+    """The real mode on a live decoder and its recording: -> the result dict."""
+    if store_path is None:
+        raise M2R2Error("real mode needs a path for the expert store")
+    _check_policies(recording, ec)
+    trace, rec = recording.trace, recording.recorded["recall"]
+    width = ec.width or dec.cfg.experts_per_token
+    times = {"measured": measured_times(col.ms)}
+    fs = filesystem_of(Path(store_path).parent)
+    with write_store(dec, Path(store_path)) as store:
+        src = None if dec.fast is None else np.asarray(rec["m2r2_state_per_layer"], np.int32)
+        rows, same, details = run_real_mode(dec, col, trace, ec, store, src, width, progress)
+        details.update(
+            path=str(store_path),
+            filesystem=fs,
+            file_bytes=store.layout.file_bytes,
+            record_bytes=store.layout.stride,
+        )
+    pm = recording.plain_match
+    identical = same and (all(pm) if pm is not None else True)
+    out = dict(mode="real", results=rows, identical_outputs=identical, store=details, policy_options=ec.aot_options())
+    out.update(_common(recording, times))
+    return out
+
+
+def run_moe_offload(
+    dec: MoEDecoder,
+    prompts: Sequence[Sequence[int]],
+    ec: MoEOffloadConfig,
+    store_path: Path | None = None,
+    plain_tokens: Sequence[Sequence[int]] | None = None,
+    progress: bool = False,
+    calibration: Sequence[Sequence[int]] | None = None,
+) -> dict:
+    """The eval on token-id prompts; `plain_tokens`: the plain decode's (decoding.generate.Generator)
+    tokens per prompt, which the host-driven decode must equal; `calibration`: other prompts (never the
+    evaluated ones) whose traces pick the calibrated alignment. -> the result dict (eval.moe_offload)."""
+    if ec.mode == "real" and store_path is None:
+        raise M2R2Error("real mode needs a path for the expert store")
+    recording, col = record_run(dec, prompts, ec, plain_tokens, progress, calibration)
+    if ec.mode == "sim":
+        return sim_results(recording, ec)
+    return real_results(dec, col, recording, ec, store_path, progress)
 
 
 # ----------------------------------------------------------------------------- the PNG

@@ -13,7 +13,8 @@ Predictions (`predictions`), each a layer's router on a stand-in for its MLP inp
                          (moe_decode.aligned_state: floor / nearest / ceil by the states' target
                          layers; or `calibrated`: per MoE layer the fast state whose prediction had
                          the best recall@k on calibration prompts, `calibrate_alignment`), available
-                         before layer 0
+                         before layer 0; with the router's softmax over all experts (`m2r2_probs`,
+                         the prediction's confidence)
 
 and their recall@k by look-ahead distance (`recall_report`), plus the previous token's experts at the
 same layer as a baseline (what an LRU cache lives on). `build_trace` makes the offload package's
@@ -23,13 +24,17 @@ RoutingTrace of them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.evaluation.moe_decode import ALIGNMENTS, MoEDecoder, ram_experts, ram_provider
+from m2r2_jax.model import layers as LY
 from m2r2_jax.offload import RoutingTrace
 
 
@@ -131,15 +136,34 @@ def _by_distance(rec: np.ndarray, dist: np.ndarray, valid: np.ndarray) -> list[d
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_probs(cfg):
+    def probs(states, norms, routers):  # as moe_decode's _router_topk, to the softmax instead of the top-k
+        x = jax.vmap(lambda s, n: LY.rms_norm(s, n, cfg.rms_norm_eps))(states.astype(cfg.jnp_dtype), norms)
+        logits = jax.vmap(lambda s, r: LY.matmul(s, r, cfg.mm_dtype))(x, routers).astype(jnp.float32)
+        return jax.nn.softmax(logits, axis=-1)
+
+    return jax.jit(probs)
+
+
+def m2r2_probs(dec: MoEDecoder, states: np.ndarray, src) -> np.ndarray:
+    """Fast states [T, n + 1, D] -> [T, L, E]: MoE layer l's router softmax on its mlp_norm of
+    states[:, src[l]] (the distribution `dec.predict` takes its top experts from)."""
+    x = jnp.asarray(states)[:, jnp.asarray(np.asarray(src, np.int32))].transpose(1, 0, 2)  # [L, T, D]
+    return np.asarray(_jitted_probs(dec.cfg)(x, dec.norms, dec.routers)).transpose(1, 0, 2)
+
+
 def predictions(dec: MoEDecoder, col: Collected, width: int, extra: dict[str, np.ndarray] | None = None) -> dict:
-    """{"gate": {d: [T, L, width]}, "m2r2": {alignment: [T, L, width]}} (the m2r2 part with a fast
-    stream): the fixed alignments, and `extra` {name: [L] fast-state index per MoE layer}."""
+    """{"gate": {d: [T, L, width]}, "m2r2": {alignment: [T, L, width]}, "m2r2_probs": {alignment:
+    [T, L, E]}} (the m2r2 parts with a fast stream): the fixed alignments, and `extra` {name: [L]
+    fast-state index per MoE layer}."""
     L_ = dec.num_moe_layers
-    out = {"gate": {d: dec.gate_predictions(col.x, d, width) for d in range(1, L_)}, "m2r2": {}}
+    out = {"gate": {d: dec.gate_predictions(col.x, d, width) for d in range(1, L_)}, "m2r2": {}, "m2r2_probs": {}}
     if col.states is not None:
         maps = {how: dec.state_index(how) for how in ALIGNMENTS} | dict(extra or {})
         for how, src in maps.items():
             out["m2r2"][how] = np.stack([dec.predict(s, np.asarray(src, np.int32), width) for s in col.states])
+            out["m2r2_probs"][how] = m2r2_probs(dec, col.states, src)
     return out
 
 
@@ -218,6 +242,8 @@ def build_trace(dec: MoEDecoder, col: Collected, preds: dict, alignment: str | N
     kw = {}
     if alignment is not None:
         kw = dict(m2r2_pred=preds["m2r2"][alignment][..., :width], m2r2_avail=np.zeros(dec.num_moe_layers, np.int64))
+        if alignment in preds.get("m2r2_probs", {}):
+            kw["m2r2_probs"] = preds["m2r2_probs"][alignment]
     if gate is not None:
         gate = gate[..., :width]
     return RoutingTrace(E, col.needed, gate_pred=gate, **kw)

@@ -3,7 +3,7 @@
     with ExpertCache(store, capacity) as cache:
         cache.begin_token()
         cache.begin_layer(l, experts_of_l)   # protects them; releases wrong guesses for l (retain=False: all)
-        cache.hint([(l2, e), ...])           # evict="predicted": predictions that rank the victims
+        cache.hint([(l2, e), ...], probs)    # evict="predicted" / "scored": predictions that rank victims
         cache.prefetch(l2, e)                # returns at once; the loader thread reads it
         w = cache.get(l, e)                  # blocks until resident (the wait is the stall)
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.offload.residency import DROPPED, Admission, Residency
-from m2r2_jax.offload.schedule import Key
+from m2r2_jax.offload.schedule import Key, Scoring
 from m2r2_jax.offload.store import ExpertStore
 
 
@@ -51,9 +51,17 @@ class _Load:
 
 
 class ExpertCache:
-    def __init__(self, store: ExpertStore, capacity: int, retain: bool = True, cold: bool = True, evict: str = "lru"):
+    def __init__(
+        self,
+        store: ExpertStore,
+        capacity: int,
+        retain: bool = True,
+        cold: bool = True,
+        evict: str = "lru",
+        scoring: Scoring | None = None,
+    ):
         self._store, self._cold = store, cold
-        self._res = Residency(capacity, retain, evict)
+        self._res = Residency(capacity, retain, evict, scoring)
         self._buf = np.empty((capacity, store.layout.stride // 4), np.float32)
         self._buf.fill(0.0)  # commit the pages now, not during the first loads
         self._cv = threading.Condition()
@@ -80,10 +88,11 @@ class ExpertCache:
             for key in self._res.begin_layer(layer, [(layer, int(e)) for e in experts]):
                 self._cancel(key)
 
-    def hint(self, keys) -> None:
-        """Predicted (layer, expert) pairs of this token that rank victims (evict="predicted"); no load."""
+    def hint(self, keys, probs=None) -> None:
+        """Predicted (layer, expert) pairs of this token (and, evict="scored", their probabilities of
+        use) that rank victims; no load."""
         with self._cv:
-            self._res.hint([(int(layer), int(e)) for layer, e in keys])
+            self._res.hint([(int(layer), int(e)) for layer, e in keys], probs)
 
     def prefetch(self, layer: int, expert: int) -> str:
         """'queued', 'present' (refreshed) or 'dropped' (every slot protected)."""

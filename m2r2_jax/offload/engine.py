@@ -52,7 +52,9 @@ def run_real(
     outputs: list[list[Any]] = []
     compute_s = [0.0] * L
     token_s = 0.0
-    with ExpertCache(store, schedule.capacity, schedule.retain, cold=cold, evict=schedule.evict) as cache:
+    with ExpertCache(
+        store, schedule.capacity, schedule.retain, cold=cold, evict=schedule.evict, scoring=schedule.scoring
+    ) as cache:
         t_start = time.perf_counter()
         for t in range(T):
             cache.begin_token()
@@ -61,7 +63,7 @@ def run_real(
                 experts = [int(e) for e in schedule.needed[t, l]]
                 cache.begin_layer(l, experts)
                 if schedule.hints is not None:
-                    cache.hint(schedule.hints[t][l])
+                    cache.hint(*schedule.hint_at(t, l))
                 for layer, expert in schedule.requests[t][l]:
                     cache.prefetch(layer, expert)
                 weights = {e: cache.get(l, e) for e in experts}

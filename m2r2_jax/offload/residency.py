@@ -38,6 +38,19 @@ furthest layer (the least recently used among that layer's). A prefetch for laye
 `neither` entry or a `predicted` one of a layer beyond j (it would be needed after j): otherwise it is
 DROPPED. A demand may take any `predicted` entry. Predictions are for the token being decoded: they
 end with it, and a past layer's prediction is void once the layer starts.
+
+evict="scored" (m2r2_aot's default) ranks every entry by a keep value that weighs both signals, the
+prediction for this token and the recent use (`Scoring`):
+    value = weight * p   +   u
+where p is the probability, hinted for this token, that the entry's later layer uses it (0 for the
+current or a past layer, or when no hint names it), and u the entry's decayed use count: every token
+multiplies it by `decay`, every use adds 1 (so an expert used by the last few tokens keeps a high u,
+one used once long ago a low one). The victim is the lowest value among the entries the current
+layer does not need (the least recently used of equals). A prefetch may only take an entry of lower
+value than its own (weight * its hinted p + its u): otherwise it is DROPPED, so a less certain guess
+never displaces a surer one or a much used expert. A demand may take any entry the layer does not
+need. The use counts persist across tokens (they are the cache's history), the hinted p end with the
+token.
 """
 
 from __future__ import annotations
@@ -46,7 +59,7 @@ from collections import OrderedDict
 from typing import NamedTuple
 
 from m2r2_jax.errors import M2R2Error
-from m2r2_jax.offload.schedule import Key
+from m2r2_jax.offload.schedule import Key, Scoring
 
 
 class Admission(NamedTuple):
@@ -58,18 +71,24 @@ PRESENT = "present"  # prefetch of an entry already in the cache: refreshed, no 
 DROPPED = "dropped"  # prefetch refused: every slot is protected
 
 
-EVICTIONS = ("lru", "predicted")
+EVICTIONS = ("lru", "predicted", "scored")
 
 
 class Residency:
-    def __init__(self, capacity: int, retain: bool = True, evict: str = "lru"):
+    def __init__(self, capacity: int, retain: bool = True, evict: str = "lru", scoring: Scoring | None = None):
         if capacity < 1:
             raise M2R2Error(f"cache capacity must be at least one slot, got {capacity}")
         if evict not in EVICTIONS:
             raise M2R2Error(f"unknown eviction rule {evict!r}: choose from {', '.join(EVICTIONS)}")
+        if (scoring is not None) != (evict == "scored"):
+            raise M2R2Error("a Scoring goes with evict='scored' and only with it")
         self.capacity = capacity
         self.retain = retain
         self.evict = evict
+        self.scoring = scoring
+        self._uses: dict[Key, float] = {}  # evict="scored": decayed use counts (kept across tokens)
+        self._used_now: set[Key] = set()  # used by the current token (counted once)
+        self._p: dict[Key, float] = {}  # evict="scored": this token's hinted probabilities, later layers
         self._lru: OrderedDict[Key, int] = OrderedDict()  # key -> slot, least recently used first
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first: deterministic
         self._layer = -1
@@ -93,6 +112,11 @@ class Residency:
     def begin_token(self) -> None:
         self._promised.clear()
         self._predicted.clear()
+        self._p.clear()
+        self._used_now.clear()
+        if self.scoring is not None:
+            d = self.scoring.decay
+            self._uses = {k: u * d for k, u in self._uses.items() if u * d > 1e-9}
         self._layer = -1
 
     def begin_layer(self, layer: int, needed) -> list[Key]:
@@ -110,9 +134,47 @@ class Residency:
             self._guesses.discard(k)
         return gone
 
-    def hint(self, keys) -> None:
-        """evict="predicted": (layer, expert) pairs predicted for this token (only later layers count)."""
-        self._predicted.update(k for k in keys if k[0] > self._layer)
+    def hint(self, keys, probs=None) -> None:
+        """(layer, expert) pairs predicted for this token (only later layers count): evict="predicted"
+        ranks victims by them; evict="scored" by `probs` (aligned with keys; None: 1 each), a repeated
+        pair keeping its highest. No effect with evict="lru"."""
+        keys = list(keys)
+        if self.evict == "scored":
+            probs = [1.0] * len(keys) if probs is None else list(probs)
+            if len(probs) != len(keys):
+                raise M2R2Error(f"hint: {len(keys)} keys but {len(probs)} probabilities")
+            for k, p in zip(keys, probs):
+                if k[0] > self._layer and p > self._p.get(k, -1.0):
+                    self._p[k] = float(p)
+        else:
+            self._predicted.update(k for k in keys if k[0] > self._layer)
+
+    def hinted(self, key: Key) -> float:
+        """evict="scored": the probability hinted for this token that the entry's later layer uses it (0
+        for the current or a past layer, or with no hint)."""
+        return self._p.get(key, 0.0) if key[0] > self._layer else 0.0
+
+    def value(self, key: Key) -> float:
+        """evict="scored": the entry's keep value now (see the module docstring)."""
+        return self.scoring.weight * self.hinted(key) + self._uses.get(key, 0.0)
+
+    def has_free(self) -> bool:
+        return bool(self._free)
+
+    def cheapest(self) -> tuple[Key, float] | None:
+        """evict="scored": the entry a demand would evict now and its value (None: all are needed). A
+        prefetch evicts it too when its own value is higher, else it is DROPPED."""
+        k = self._victim(frozenset(), self._layer)
+        return None if k is None else (k, self.value(k))
+
+    def peek(self, key: Key) -> Admission | str:
+        """What `prefetch(key)` would do now (PRESENT, DROPPED, or the slot and victim), changing nothing."""
+        if key in self._lru:
+            return PRESENT
+        if self._free:
+            return Admission(self._free[-1], None)
+        victim = self._victim(self._needed | self._promised, horizon=key[0], key=key)
+        return DROPPED if victim is None else Admission(self._lru[victim], victim)
 
     def prefetch(self, key: Key) -> Admission | str:
         """An Admission (load it into the slot), PRESENT or DROPPED."""
@@ -122,7 +184,7 @@ class Residency:
             self._lru.move_to_end(key)
             self._promised.add(key)
             return PRESENT
-        got = self._admit(key, self._needed | self._promised, horizon=key[0])
+        got = self._admit(key, self._needed | self._promised, horizon=key[0], key_prefetched=key)
         if got is None:
             return DROPPED
         self._promised.add(key)
@@ -132,6 +194,9 @@ class Residency:
     def demand(self, key: Key) -> Admission | None:
         """None when present (a hit in the bookkeeping sense; the load may still be pending)."""
         self._guesses.discard(key)
+        if self.scoring is not None and key not in self._used_now:
+            self._used_now.add(key)
+            self._uses[key] = self._uses.get(key, 0.0) + 1.0
         if key in self._lru:
             self._lru.move_to_end(key)
             return None
@@ -142,9 +207,16 @@ class Residency:
             )
         return got
 
-    def _victim(self, protected, horizon: int) -> Key | None:
+    def _victim(self, protected, horizon: int, key: Key | None = None) -> Key | None:
+        """`key`: the prefetched expert (None for a demand)."""
         if self.evict == "lru":
             return next((k for k in self._lru if k not in protected), None)
+        if self.evict == "scored":
+            best, low = None, self.value(key) if key is not None else float("inf")
+            for k in self._lru:  # least recently used first: the first of equal values wins
+                if k not in self._needed and (v := self.value(k)) < low:
+                    best, low = k, v
+            return best
         # Belady-like: an entry no prediction of this token names, least recently used first; else the
         # one predicted for the furthest layer beyond `horizon` (max keeps the first, i.e. the LRU, of ties)
         pred = self._predicted
@@ -154,12 +226,12 @@ class Residency:
             victim = max(later, key=lambda k: k[0], default=None)
         return victim
 
-    def _admit(self, key: Key, protected, horizon: int) -> Admission | None:
+    def _admit(self, key: Key, protected, horizon: int, key_prefetched: Key | None = None) -> Admission | None:
         victim = None
         if self._free:
             slot = self._free.pop()
         else:
-            victim = self._victim(protected, horizon)
+            victim = self._victim(protected, horizon, key_prefetched)
             if victim is None:
                 return None
             slot = self._lru.pop(victim)

@@ -14,11 +14,13 @@ A step is (token t, MoE layer l); steps run in order t = 0.., l = 0..L-1. At eac
 and never below k (a layer must be able to hold its own experts). `retain=False` releases every
 expert after the layer that used it (the on-demand baseline: each need is a load).
 
-`evict` is residency.Residency's victim rule: "lru", or "predicted" (Belady-like over the token's
-predictions). With "predicted", `hints[t][l]` are the (layer, expert) predictions for later layers of
-token t that become known at step l (before that step's requests): they rank the victims whether or
-not they are ever requested, so a window of requests can stay short without the cache forgetting what
-lies beyond it.
+`evict` is residency.Residency's victim rule: "lru", "predicted" (Belady-like over the token's
+predictions) or "scored" (a keep value of hinted probability and decayed use count, `scoring`). With
+"predicted" or "scored", `hints[t][l]` are the (layer, expert) predictions for later layers of token t
+that become known at step l (before that step's requests): they rank the victims whether or not they
+are ever requested, so a window of requests can stay short without the cache forgetting what lies
+beyond it. With "scored", `hint_probs[t][l]` (aligned with hints[t][l]) are their probabilities of
+use (None: 1 each).
 """
 
 from __future__ import annotations
@@ -31,6 +33,20 @@ import numpy as np
 from m2r2_jax.errors import M2R2Error
 
 Key = tuple[int, int]  # (MoE layer, expert id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """evict="scored" (residency.py): keep value = weight * (hinted probability of use later in this
+    token) + the decayed use count (x `decay` per token, + 1 per use)."""
+
+    decay: float = 0.9
+    weight: float = 4.0
+
+    def __post_init__(self):
+        for name, v, hi in (("decay", self.decay, 1.0), ("weight", self.weight, 1e6)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= hi:
+                raise M2R2Error(f"scoring {name} must be a number in [0, {hi:g}], got {v!r}")
 
 
 def capacity_slots(fraction: float, num_layers: int, num_experts: int, top_k: int) -> int:
@@ -56,7 +72,9 @@ class Schedule:
     capacity: int  # slots, global across layers
     retain: bool = True
     evict: str = "lru"  # residency.EVICTIONS
-    hints: tuple[tuple[tuple[Key, ...], ...], ...] | None = None  # [T][L], evict="predicted" only
+    hints: tuple[tuple[tuple[Key, ...], ...], ...] | None = None  # [T][L], evict="predicted" / "scored"
+    hint_probs: tuple[tuple[tuple[float, ...], ...], ...] | None = None  # [T][L], aligned with hints ("scored")
+    scoring: Scoring | None = None  # evict="scored" only (and required there)
 
     def __post_init__(self):
         if not isinstance(self.needed, np.ndarray) or self.needed.ndim != 3 or self.needed.dtype.kind not in "iu":
@@ -64,10 +82,23 @@ class Schedule:
         T, L, k = self.needed.shape
         if not k <= self.capacity <= L * self.num_experts:
             raise M2R2Error(f"schedule {self.policy}: capacity {self.capacity} outside [{k}, {L * self.num_experts}]")
-        if self.evict not in ("lru", "predicted"):
-            raise M2R2Error(f"schedule {self.policy}: unknown eviction rule {self.evict!r} (lru, predicted)")
-        if self.hints is not None and self.evict != "predicted":
-            raise M2R2Error(f"schedule {self.policy}: hints rank victims only with evict='predicted'")
+        if self.evict not in ("lru", "predicted", "scored"):
+            raise M2R2Error(f"schedule {self.policy}: unknown eviction rule {self.evict!r} (lru, predicted, scored)")
+        if self.hints is not None and self.evict == "lru":
+            raise M2R2Error(f"schedule {self.policy}: hints rank victims only with evict='predicted' or 'scored'")
+        if (self.scoring is not None) != (self.evict == "scored"):
+            raise M2R2Error(f"schedule {self.policy}: a scoring goes with evict='scored' and only with it")
+        if self.hint_probs is not None:
+            if self.evict != "scored" or self.hints is None:
+                raise M2R2Error(f"schedule {self.policy}: hint_probs go with hints and evict='scored'")
+            if len(self.hint_probs) != len(self.hints) or any(
+                len(p) != len(h) or any(len(a) != len(b) for a, b in zip(p, h))
+                for p, h in zip(self.hint_probs, self.hints)
+            ):
+                raise M2R2Error(f"schedule {self.policy}: hint_probs must align with hints, one per (layer, expert)")
+            flat = [x for per in self.hint_probs for step in per for x in step]
+            if flat and not (min(flat) >= 0.0 and max(flat) <= 1.0):  # also refuses NaN
+                raise M2R2Error(f"schedule {self.policy}: hint_probs must be probabilities in [0, 1]")
         named = [("request", self.requests)] + ([("hint", self.hints)] if self.hints is not None else [])
         for what, table in named:
             if len(table) != T or any(len(r) != L for r in table):
@@ -95,6 +126,18 @@ class Schedule:
 
     def need(self, t: int, l: int) -> tuple[Key, ...]:
         return tuple((l, int(e)) for e in self.needed[t, l])
+
+    def hint_at(self, t: int, l: int) -> tuple[tuple[Key, ...], tuple[float, ...] | None]:
+        """The step's hints and their probabilities (None: no probabilities given)."""
+        if self.hints is None:
+            return (), None
+        return self.hints[t][l], None if self.hint_probs is None else self.hint_probs[t][l]
+
+    def residency(self):
+        """A fresh residency.Residency for this schedule (the simulator's and the real cache's)."""
+        from m2r2_jax.offload.residency import Residency
+
+        return Residency(self.capacity, self.retain, self.evict, self.scoring)
 
 
 def prefetched_needs(schedule: Schedule) -> int:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.offload.metrics import OffloadMetrics
 from m2r2_jax.offload.policies import available_policies, build_schedule
-from m2r2_jax.offload.residency import DROPPED, Admission, Residency
+from m2r2_jax.offload.residency import DROPPED, Admission
 from m2r2_jax.offload.schedule import Schedule, prefetched_needs
 from m2r2_jax.offload.trace import RoutingTrace
 
@@ -126,7 +126,7 @@ def simulate(
     if expert_bytes <= 0 or link.bandwidth_bytes_per_s <= 0 or link.latency_s < 0 or token_ms < 0:
         raise M2R2Error(f"simulate: need expert_bytes > 0, bandwidth > 0, latency >= 0, token_ms >= 0 ({link})")
     ch = _Channel(link.transfer_s(expert_bytes))
-    res = Residency(schedule.capacity, schedule.retain, schedule.evict)
+    res = schedule.residency()
     xfer: dict = {}  # key -> its _Transfer, for every entry in `res`
     clock = stall = 0.0
     hits = dropped = 0
@@ -146,7 +146,7 @@ def simulate(
             for key in res.begin_layer(l, need):
                 ch.cancel(xfer.pop(key))
             if schedule.hints is not None:
-                res.hint(schedule.hints[t][l])
+                res.hint(*schedule.hint_at(t, l))
             for key in schedule.requests[t][l]:
                 got = res.prefetch(key)
                 if isinstance(got, Admission):
@@ -190,10 +190,12 @@ def simulate_policies(
     token_ms: float = 0.0,
     policies: Sequence[str] | None = None,
     window: int | None = None,
+    **aot,
 ) -> dict[str, OffloadMetrics]:
-    """Every policy the trace supports (or `policies`) on the same link; pair with metrics.speedups."""
+    """Every policy the trace supports (or `policies`) on the same link; pair with metrics.speedups.
+    `window`, `aot`: m2r2_aot's knobs (policies.m2r2_aot)."""
     names = available_policies(trace) if policies is None else policies
     return {
-        p: simulate(build_schedule(p, trace, capacity_fraction, window), link, expert_bytes, layer_ms, token_ms)
+        p: simulate(build_schedule(p, trace, capacity_fraction, window, **aot), link, expert_bytes, layer_ms, token_ms)
         for p in names
     }

@@ -12,6 +12,9 @@ the policies, the simulator and the real engine can trust them.
     m2r2_avail  int [L] | [T, L] the layer step at which the prediction for layer l exists,
                                  0 <= avail <= l. Step s means "at the start of layer s of the same
                                  token, before its experts are fetched"; [L] is the same for all tokens
+    m2r2_probs  float [T, L, E]  optional: the distribution m2r2_pred was read from (layer l's router
+                                 softmax on the fast state), known with the prediction: a confidence
+                                 for every expert, predicted or not
 
 T tokens, L MoE layers (numbered 0..L-1 among the MoE layers only), E experts per layer. Predictions
 may repeat an id or miss the truth: only `needed` must be exact.
@@ -48,6 +51,7 @@ class RoutingTrace:
     gate_pred: np.ndarray | None = None
     m2r2_pred: np.ndarray | None = None
     m2r2_avail: np.ndarray | None = None
+    m2r2_probs: np.ndarray | None = None
 
     def __post_init__(self):
         if not isinstance(self.num_experts, (int, np.integer)) or self.num_experts < 1:
@@ -68,6 +72,10 @@ class RoutingTrace:
         if self.m2r2_pred is not None:
             object.__setattr__(self, "m2r2_pred", _ids("m2r2_pred", self.m2r2_pred, self.num_experts, (T, L)))
             object.__setattr__(self, "m2r2_avail", self._avail(np.asarray(self.m2r2_avail), T, L))
+        if self.m2r2_probs is not None:
+            if self.m2r2_pred is None:
+                raise M2R2Error("trace: m2r2_probs needs m2r2_pred (they are the same prediction)")
+            object.__setattr__(self, "m2r2_probs", self._probs(np.asarray(self.m2r2_probs), T, L, self.num_experts))
 
     @staticmethod
     def _avail(a: np.ndarray, T: int, L: int) -> np.ndarray:
@@ -81,6 +89,15 @@ class RoutingTrace:
                 f"trace m2r2_avail: the prediction for layer {bad[1]} must exist at a step in [0, {bad[1]}], "
                 f"got {a[tuple(bad)]} (token {bad[0]})"
             )
+        return a
+
+    @staticmethod
+    def _probs(a: np.ndarray, T: int, L: int, E: int) -> np.ndarray:
+        if not np.issubdtype(a.dtype, np.floating) or a.shape != (T, L, E):
+            raise M2R2Error(f"trace m2r2_probs: expected float [T, L, E]={[T, L, E]}, got {a.dtype} {a.shape}")
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise M2R2Error("trace m2r2_probs: expected probabilities (finite, in [0, 1])")
         return a
 
     @property
