@@ -7,6 +7,10 @@ and JSON.
         [--checkpoint DIR] [--rest-datastore DIR] [peer knobs as in eval.speculative] \
         [--out FILE.json] [--plot FILE.png] [--resume]
 
+--kangaroo-checkpoint / --sps-checkpoint / --medusa-checkpoint / --eagle-checkpoint default to
+artifacts/peers/{kangaroo,sps,medusa,eagle} where those exist (scripts/train_peers.sh); the table's
+trainable parameters and training minutes come from each checkpoint's metadata.
+
 Greedy, batch 1. Each drafter runs the one jitted loop (eval.speculative's harness, its AR timed in the
 same call); per-drafter journals and finished results live in FILE.parts/, so --resume carries on.
 JSON: {"drafters": {name: {"speedup", "tau", "lossless", "draft_ms", "verify_ms", "trainable_params",
@@ -23,6 +27,15 @@ from pathlib import Path
 from m2r2_jax.cli import add_model_args, decode_setup, quiet_env, run_main
 
 DEFAULT_DRAFTERS = "m2r2,m2r2+lookup,pld,draft_verify,lookahead"
+# the trained drafters' checkpoint flags (their dest) -> the run dirs scripts/train_peers.sh fills; a flag
+# not given defaults to its dir when that exists
+PEERS_DIR = Path(__file__).resolve().parents[1] / "artifacts" / "peers"
+PEER_CHECKPOINTS = {
+    "kangaroo_checkpoint": "kangaroo",
+    "sps_checkpoint": "sps",
+    "medusa_checkpoint": "medusa",
+    "eagle_checkpoint": "eagle",  # eagle and eagle2
+}
 
 
 def main(argv=None):
@@ -52,6 +65,9 @@ def main(argv=None):
 
     specs = parse_specs(a.drafters)
     knobs = {k.dest: getattr(a, k.dest) for k in KNOBS}
+    for dest, name in PEER_CHECKPOINTS.items():
+        if knobs.get(dest) is None and (PEERS_DIR / name).is_dir():
+            knobs[dest] = str(PEERS_DIR / name)
     knobs["tree"] = a.tree
     for s in specs:  # every drafter's options are validated before anything loads or is written
         spec_options(s, knobs)

@@ -2,11 +2,15 @@
 threshold: speed-up over our own AR decode, FLOPs speed-up, layers per token, ROUGE-L, exact match.
 
     python -m eval.dynamic --model smollm2-135m [--checkpoint DIR] --dataset NAME_OR_PATH \
-        [--methods m2r2,m2r2_deferred,static,calm] [--thresholds T1,T2,... | --thresholds NAME=T1,T2,...] \
+        [--methods m2r2,m2r2_deferred,static,calm] [--exit-heads DIR] [--specee DIR] [--layerskip DIR] \
+        [--skipdecode DIR] [--thresholds T1,T2,... | --thresholds NAME=T1,T2,...] \
         [--limit N] [--max-new-tokens N] [--out FILE.json] [--plot FILE.png] [--resume]
 
-Thresholds: m2r2 / m2r2_deferred the router probability, static the exit layer E, calm the softmax
-margin. Every finished prompt is appended to FILE.partial.jsonl; --resume carries on from it.
+Thresholds: m2r2 / m2r2_deferred the router probability, static the exit layer E, calm the softmax margin.
+The trained peers' dirs default to artifacts/peers/<name> where those exist (scripts/train_peers.sh); the
+JSON's "budgets" and the table give each method's trainable parameters and training minutes (a peer's from
+its checkpoint's metadata). Every finished prompt is appended to FILE.partial.jsonl; --resume carries on
+from it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import sys
 from pathlib import Path
 
 from m2r2_jax.cli import add_model_args, decode_setup, quiet_env, run_main
+
+PEERS_DIR = Path(__file__).resolve().parents[1] / "artifacts" / "peers"  # scripts/train_peers.sh fills it
 
 
 def parse_thresholds(specs, methods) -> dict:
@@ -36,26 +42,33 @@ def parse_thresholds(specs, methods) -> dict:
 
 
 def format_table(res: dict) -> str:
+    """One row per method and threshold; with res["budgets"] (training_budgets) each method's trainable
+    parameters and training minutes too."""
+    budgets = res.get("budgets") or {}
     head = ("method", "thr", "speedup", "flops", "layers", "exit%", "rougeL", "ref", "exact")
     w = (14, 6, 8, 6, 7, 6, 7, 6, 6)
+    if budgets:
+        head, w = head + ("params", "train min"), w + (10, 9)
     f = lambda x, s=".2f": "-" if x is None else format(x, s)  # noqa: E731
     rows = [head]
     for name, pts in res["methods"].items():
+        b = budgets.get(name, {})
         for p in pts:
             rate = None if p["exit_rate"] is None else 100 * p["exit_rate"]
-            rows.append(
-                (
-                    name,
-                    format(p["threshold"], "g"),
-                    f(p["speedup"]),
-                    f(p["flops_speedup"]),
-                    f(p["layers_per_token"], ".1f"),
-                    f(rate, ".0f"),
-                    f(p["rouge_l"], ".3f"),
-                    f(p["rouge_l_ref"], ".3f"),
-                    f(p["exact_match"]),
-                )
+            row = (
+                name,
+                format(p["threshold"], "g"),
+                f(p["speedup"]),
+                f(p["flops_speedup"]),
+                f(p["layers_per_token"], ".1f"),
+                f(rate, ".0f"),
+                f(p["rouge_l"], ".3f"),
+                f(p["rouge_l_ref"], ".3f"),
+                f(p["exact_match"]),
             )
+            if budgets:
+                row += (f(b.get("trainable_params"), "d"), f(b.get("train_minutes"), ".1f"))
+            rows.append(row)
     return "\n".join(" ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows)
 
 
@@ -80,10 +93,18 @@ def main(argv=None):
     p.add_argument("--max-pending", type=int, default=4, help="m2r2_deferred: exited tokens that may wait")
     p.add_argument("--min-layer", type=int, default=1, help="m2r2: first fast layer where a token may exit")
     p.add_argument("--calm-checks", default="", help="calm: comma-separated check layers (default every 2nd from N/2)")
-    p.add_argument("--exit-heads", default="", help="static_trained: exit heads (python -m train.train_exit_heads)")
-    p.add_argument("--specee", default="", help="specee: trained predictors (python -m train.train_specee)")
-    p.add_argument("--layerskip", default="", help="layerskip: trained adapters (python -m train.train_layerskip)")
-    p.add_argument("--skipdecode", default="", help="skipdecode: trained adapters (python -m train.train_skipdecode)")
+    for flag, what, name in (
+        ("--exit-heads", "static_trained: exit heads", "exit_heads"),
+        ("--specee", "specee: trained predictors", "specee"),
+        ("--layerskip", "layerskip: trained adapters", "layerskip"),
+        ("--skipdecode", "skipdecode: trained adapters", "skipdecode"),
+    ):
+        d = PEERS_DIR / name
+        p.add_argument(
+            flag,
+            default=str(d) if d.is_dir() else "",
+            help=f"{what} (python -m train.train_{name}'s --out; default {d} where it exists)",
+        )
     p.add_argument("--out", default=None, help="result JSON (default runs/dynamic/<dataset>.json)")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
     p.add_argument("--resume", action="store_true", help="carry on from --out's journal (FILE.partial.jsonl)")
@@ -142,7 +163,7 @@ def main(argv=None):
             raise M2R2Error(f"{what}: {f} is a directory")
 
     from m2r2_jax.data.eval_sets import load_eval_set
-    from m2r2_jax.evaluation.dynamic_eval import _rouge, render_png, run_dynamic_eval
+    from m2r2_jax.evaluation.dynamic_eval import _rouge, render_png, run_dynamic_eval, training_budgets
     from m2r2_jax.evaluation.spec_eval import M2R2Bundle, machine_info
     from m2r2_jax.loading.registry import load_model
     from m2r2_jax.training.checkpoint import load_m2r2, resolve_checkpoint_dir
@@ -190,6 +211,7 @@ def main(argv=None):
         backend=backend.name,
         num_fast_layers=mc.n_fast(m.cfg.num_layers),
     )
+    res["budgets"] = training_budgets(ec, meta)
     res["machine"] = machine_info()
     plot.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))

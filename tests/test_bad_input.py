@@ -129,9 +129,9 @@ CASES = [
     ),
     ("dyn-method-unknown", DYN + ["--methods", "m2r2,medusa"], {}, "unknown method"),
     ("dyn-thresholds-text", DYN + ["--thresholds", "static=a,b"], {}, "expected numbers"),
-    ("dyn-trained-no-heads", DYN + ["--methods", "static_trained"], {}, "--exit-heads"),
+    ("dyn-trained-no-heads", DYN + ["--methods", "static_trained", "--exit-heads", "{tmp}/none"], {}, "--exit-heads"),
     ("dyn-out-dir-missing", DYN + ["--out", "{tmp}/no/r.json"], {}, "does not exist"),
-    ("dyn-layerskip-no-dir", DYN + ["--methods", "layerskip"], {}, "--layerskip"),
+    ("dyn-layerskip-no-dir", DYN + ["--methods", "layerskip", "--layerskip", "{tmp}/none"], {}, "--layerskip"),
     (
         "layerskip-no-distill",
         ["-m", "train.train_layerskip", "--distill-dir", "{tmp}/none", "--out", "{tmp}/o"],
@@ -302,7 +302,7 @@ def test_dataset_records_parse_or_refuse(records):
         (["--max-pending", "0"], "max_pending"),
         (["--calm-checks", "x"], "--calm-checks"),
         (["--methods", "static_trained", "--exit-heads", "{tmp}"], "no static_trained checkpoint|no exit-head"),
-        (["--methods", "specee"], "--specee"),
+        (["--methods", "specee", "--specee", "{tmp}/none"], "--specee"),
         (["--methods", "layerskip", "--layerskip", "{tmp}"], "no layerskip checkpoint"),
     ],
 )

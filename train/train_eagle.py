@@ -4,12 +4,17 @@ feature regression + 0.1 x cross-entropy to the self-distilled answers' tokens) 
 input features. EAGLE-2 (`--drafter eagle2`) drafts with the same weights.
 
     python -m train.train_eagle --model smollm2-135m --distill-dir DIR --out DIR [--steps 400] \
-        [--batch-size 8] [--seq-len 256] [--lr 5e-4] [--noise 0.2] [--limit N] [--budget-minutes M] \
+        [--batch-size 8] [--seq-len 256] [--lr 5e-4] [--noise 0.2] [--limit N] [--minutes M] \
         [--save-minutes 10] [--no-progress]
 
 Orbax checkpoints (at least every --save-minutes, and at the end), metrics (JSONL + TensorBoard) under
 --out; the same command resumes exactly. `eval.speculative --drafter eagle|eagle2 --eagle-checkpoint DIR`
 drafts with it.
+
+--minutes M: the wall-clock budget (--budget-minutes under another name; peers/budget.py): the run stops
+after the step during which M minutes of training (from the first step's start, compile included,
+summed over resumed calls) are spent, and saves; the checkpoint's metadata records train_minutes,
+steps_run, trainable_params, budget_minutes. The learning-rate schedule stays defined on --steps.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from m2r2_jax.cli import peer_trainer_main, run_main
 
 
 def main(argv=None):
-    return peer_trainer_main("eagle", __doc__, argv)
+    from m2r2_jax.peers.budget import run_peer_trainer
+
+    return run_peer_trainer("eagle", __doc__, argv, peer_trainer_main)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,17 @@ schedule (each generated position enters the stack at N - depth(i), depth fallin
 cache. One set of adapters serves every d_min in --min-layers (each batch row draws one).
 
     python -m train.train_skipdecode --model smollm2-135m --distill-dir DIR [--min-layers 8,12,16,20] \
-        [--span 64] [--rank 16] [--steps 100] [--batch-size 8] [--lr 1e-3] [--limit N] --out DIR
+        [--span 64] [--rank 16] [--steps 100] [--batch-size 8] [--lr 1e-3] [--limit N] --out DIR \
+        [--minutes M] [--save-minutes 10] [--no-progress]
 
-Orbax checkpoints every 25 steps and metrics (JSONL + TensorBoard) under --out; the same command resumes
-exactly. `eval.dynamic --methods skipdecode --skipdecode DIR` decodes with the adapted weights.
+Orbax checkpoints every 25 steps, at least every --save-minutes and at the end, and metrics (JSONL +
+TensorBoard) under --out; the same command resumes exactly. `eval.dynamic --methods skipdecode --skipdecode
+DIR` decodes with the adapted weights.
+
+--minutes M: a wall-clock budget (peers/budget.py): the run stops after the step during which M minutes
+of training (from the first step's start, compile included, summed over resumed calls) are spent, and
+saves; the checkpoint's metadata records train_minutes, steps_run, trainable_params, budget_minutes.
+The learning-rate schedule stays defined on --steps: give more steps than the budget reaches.
 """
 
 from __future__ import annotations
@@ -30,9 +37,21 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--limit", type=int, default=None, help="use the first N distilled answers")
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--minutes",
+        default=None,
+        help="wall-clock training budget: stop (and save) after the step "
+        "during which it ran out (first step's compile included; --steps still sets the schedule)",
+    )
+    p.add_argument("--save-minutes", type=float, default=10.0, help="checkpoint at least this often (<= 10)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     quiet_env()
+    from m2r2_jax.peers.budget import finish, parse_minutes, train_early_exit
+    from m2r2_jax.training.spec_peers import RunLimits
+
+    minutes = parse_minutes(a.minutes)
+    limits = RunLimits(budget_minutes=minutes, save_minutes=a.save_minutes)
     from m2r2_jax.errors import M2R2Error
     from m2r2_jax.peers.skipdecode import SkipDecodeConfig
 
@@ -44,15 +63,17 @@ def main(argv=None):
 
     from m2r2_jax.loading.registry import load_model
     from m2r2_jax.training.distill import load_distill_cache
-    from m2r2_jax.training.peers import train_skipdecode
 
     ds = load_distill_cache(a.distill_dir)
     records = [dict(prompt_ids=r["prompt_ids"], answer_ids=r["answer_ids"]) for r in ds]
     if a.limit:
         records = records[: a.limit]
     m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype, tokenizer=False)
-    summary = train_skipdecode(m.cfg, m.params, records, sc, a.out, m.fingerprint, progress=not a.no_progress)
-    summary.pop("adapters")
+    summary = train_early_exit(
+        "skipdecode", m.cfg, m.params, records, sc, a.out, a.model, m.fingerprint, limits, not a.no_progress
+    )
+    summary.pop("params")
+    summary = finish("skipdecode", a.out, minutes, summary)
     print(json.dumps(summary))
     return 0
 

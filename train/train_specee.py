@@ -3,15 +3,19 @@ features at the check layers on the candidates' LM-head rows, labels "the layer'
 the full model's token", teacher-forced on self-distilled answers.
 
     python -m train.train_specee --model smollm2-135m [--checkpoint DIR] --distill-dir DIR \
-        [--layers 12,15,18,21,24,27] [--k 4] [--examples 256] [--epochs 30] --out DIR
+        [--layers 12,15,18,21,24,27] [--k 4] [--examples 256] [--epochs 30] [--minutes M] --out DIR
 
 Prints the summary: minutes, trainable params, candidate recall, per-layer label rate and held-out AUC.
+--minutes M is recorded, not enforced: SpecEE trains a fixed job (feature collection, then --epochs x 10
+full-batch steps on small MLPs); its checkpoint's metadata gets train_minutes, steps_run,
+trainable_params and budget_minutes like the other peers', and a run over the budget says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from m2r2_jax.cli import add_model_args, quiet_env, run_main
@@ -29,8 +33,12 @@ def main(argv=None):
     p.add_argument("--examples", type=int, default=256, help="distilled answers used")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--out", required=True)
+    p.add_argument("--minutes", default=None, help="the equal training budget, recorded (not enforced)")
     a = p.parse_args(argv)
     quiet_env()
+    from m2r2_jax.peers.budget import finish, parse_minutes
+
+    minutes = parse_minutes(a.minutes)
     from m2r2_jax.errors import M2R2Error
     from m2r2_jax.peers.specee import SpecEEConfig
 
@@ -53,6 +61,9 @@ def main(argv=None):
     mc, m2r2, draft_ids, _ = load_m2r2(ckpt, m.cfg, m.params, a.model, base_fingerprint=m.fingerprint)
     summary = train_specee(m.cfg, mc, m.params, m2r2, draft_ids, records, sc, a.out, m.fingerprint)
     summary.pop("predictors")
+    summary = finish("specee", a.out, minutes, dict(summary, steps=sc.epochs * 10))
+    if minutes is not None and summary["minutes"] > minutes:
+        print(f"specee: {summary['minutes']} minutes, over the {minutes} budget (not enforced)", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 

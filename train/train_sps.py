@@ -4,12 +4,17 @@ tied head; its layers and final norm trained with KL to the full model's logits 
 cache.
 
     python -m train.train_sps --model smollm2-135m --distill-dir DIR --out DIR [--layers 3] \
-        [--steps 200] [--batch-size 8] [--lr 3e-4] [--limit N] [--budget-minutes M] [--save-minutes 10] \
+        [--steps 200] [--batch-size 8] [--lr 3e-4] [--limit N] [--minutes M] [--save-minutes 10] \
         [--no-progress]
 
 Orbax checkpoints (at least every --save-minutes, and at the end), metrics (JSONL + TensorBoard) under
 --out; the same command resumes exactly. `eval.speculative --drafter sps --sps-checkpoint DIR` drafts
 with it.
+
+--minutes M: the wall-clock budget (--budget-minutes under another name; peers/budget.py): the run stops
+after the step during which M minutes of training (from the first step's start, compile included,
+summed over resumed calls) are spent, and saves; the checkpoint's metadata records train_minutes,
+steps_run, trainable_params, budget_minutes. The learning-rate schedule stays defined on --steps.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from m2r2_jax.cli import peer_trainer_main, run_main
 
 
 def main(argv=None):
-    return peer_trainer_main("sps", __doc__, argv)
+    from m2r2_jax.peers.budget import run_peer_trainer
+
+    return run_peer_trainer("sps", __doc__, argv, peer_trainer_main)
 
 
 if __name__ == "__main__":

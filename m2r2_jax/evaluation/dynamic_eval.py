@@ -227,6 +227,29 @@ def run_dynamic_eval(
     return summarize(cfg, ec, rows, compile_s)
 
 
+# the trained peers' methods -> the DynamicEvalConfig field naming their run dir
+PEER_DIRS = {"static_trained": "exit_heads", "specee": "specee", "layerskip": "layerskip", "skipdecode": "skipdecode"}
+
+
+def training_budgets(ec: DynamicEvalConfig, m2r2_meta: dict | None = None) -> dict:
+    """Per method: {trainable_params, train_minutes, steps_run, budget_minutes}. A trained peer's come
+    from its newest checkpoint's metadata (peers/budget.py); M2R2's from its checkpoint's meta (minutes
+    where it records them); the untrained methods' are 0."""
+    from m2r2_jax.peers.budget import BUDGET_FIELDS, read_budget
+
+    out = {}
+    for name in ec.methods:
+        if name in PEER_DIRS:
+            out[name] = read_budget(getattr(ec, PEER_DIRS[name]))
+        elif name.startswith("m2r2"):
+            meta = m2r2_meta or {}
+            out[name] = dict(dict.fromkeys(BUDGET_FIELDS), steps_run=meta.get("step"))
+            out[name].update({k: meta[k] for k in ("trainable_params", "train_minutes") if k in meta})
+        else:
+            out[name] = dict(trainable_params=0, train_minutes=0.0, steps_run=0, budget_minutes=None)
+    return out
+
+
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return float(np.mean(xs)) if xs else None
