@@ -134,6 +134,43 @@ def check_number(flag: str, v, lo=None, hi=None, integer: bool = False) -> None:
         raise M2R2Error(f"{flag} must be a finite {'integer' if integer else 'number'}{rng}, got {v!r}")
 
 
+def add_budget_args(p: argparse.ArgumentParser, enforced: bool = True) -> None:
+    """A peer trainer's `--minutes` (the wall-clock training budget; checked while parsing by
+    peers.budget.parse_minutes: a bad value is one error line before anything runs) and, for the trainers
+    of the one loop (`enforced`: training/spec_peers.py), `--save-minutes`."""
+    from m2r2_jax.peers.budget import parse_minutes
+
+    if not enforced:
+        p.add_argument("--minutes", type=parse_minutes, default=None, help="the equal training budget, recorded")
+        return
+    p.add_argument(
+        "--minutes",
+        type=parse_minutes,
+        default=None,
+        metavar="M",
+        help="wall-clock training budget: stop (and save) after the step during which M minutes of training "
+        "are spent (first step's compile included, summed over resumed calls; --steps still sets the schedule)",
+    )
+    p.add_argument("--save-minutes", type=float, default=10.0, help="checkpoint at least this often (<= 10)")
+
+
+def print_summary(kind: str, summary: dict) -> None:
+    """A peer trainer's summary as one JSON line; on stderr, a budgeted run that saved nothing or that its
+    --steps ended (its schedule then ends before its budget: an unequal comparison)."""
+    import json
+
+    b = summary.get("budget_minutes")
+    if b is not None and not summary.get("steps"):
+        print(f"{kind}: no step finished within the {b} minutes budget; nothing was saved", file=sys.stderr)
+    elif b is not None and summary.get("stopped") == "steps":
+        print(
+            f"{kind}: --steps ended the run after {summary.get('minutes')} of {b} budget minutes; give more "
+            "--steps for an equal-budget run",
+            file=sys.stderr,
+        )
+    print(json.dumps(summary))
+
+
 @dataclasses.dataclass(frozen=True)
 class PeerTrainer:
     """A trained speculative peer's trainer CLI (train.train_<kind>): its own flag (the config field it
@@ -173,7 +210,8 @@ def _peer_training(kind: str):
 def peer_trainer_main(kind: str, doc: str, argv=None) -> int:
     """The trained speculative peers' trainer CLI (kind: kangaroo | sps | medusa | eagle; doc: the
     script's docstring): a self-distillation cache in, Orbax checkpoints, metrics and summary.json under
-    --out; the same command resumes. Prints the summary as one JSON line."""
+    --out; the same command resumes; `--minutes` ends it on wall clock. Prints the summary as one JSON
+    line."""
     t = PEER_TRAINERS[kind]
     p = argparse.ArgumentParser(prog=f"python -m train.train_{kind}", description=doc.split("\n")[0])
     add_model_args(p, decode=False)
@@ -188,12 +226,10 @@ def peer_trainer_main(kind: str, doc: str, argv=None) -> int:
     p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use the first N distilled answers")
-    p.add_argument("--budget-minutes", type=float, default=None, help="stop (and save) after this many minutes")
-    p.add_argument("--save-minutes", type=float, default=10.0, help="checkpoint at least this often (<= 10)")
+    add_budget_args(p)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     quiet_env()
-    import json
     from pathlib import Path
 
     from m2r2_jax.distill_cache import read_manifest
@@ -204,7 +240,7 @@ def peer_trainer_main(kind: str, doc: str, argv=None) -> int:
     if t.positions:
         run["positions"] = a.positions
     c = config_cls(**{t.field: getattr(a, t.flag[2:].replace("-", "_"))}, **run)
-    limits = RunLimits(budget_minutes=a.budget_minutes, save_minutes=a.save_minutes)
+    limits = RunLimits(budget_minutes=a.minutes, save_minutes=a.save_minutes)
     if a.limit is not None and a.limit < 1:
         raise M2R2Error(f"--limit must be >= 1, got {a.limit}")
     if not Path(a.distill_dir).is_dir() or read_manifest(a.distill_dir) is None:
@@ -221,5 +257,5 @@ def peer_trainer_main(kind: str, doc: str, argv=None) -> int:
     m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype, tokenizer=False)
     summary = train(m.cfg, m.params, records, c, a.out, a.model, m.fingerprint, limits, progress=not a.no_progress)
     summary.pop(key)
-    print(json.dumps(summary))
+    print_summary(kind, summary)
     return 0

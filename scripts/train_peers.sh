@@ -4,9 +4,10 @@
 #
 # Budget: MINUTES ($1), else the main M2R2 run's training minutes to its equal-budget step 300, summed
 # from artifacts/train/smollm2_r3_24k/metrics.jsonl (per step tokens / tokens_per_second: step time only,
-# each resumed call's first step with its compile). Each peer trains with `--minutes` (peers/budget.py):
-# it stops after the step during which the budget ran out, measured from its first step's start, compile
-# included, summed over resumed calls. Its learning-rate schedule (warmup steps // 20, cosine) stays
+# each resumed call's first step with its compile). Each peer trains with `--minutes` (the one flag of
+# every peer trainer; training/spec_peers.py's loop): it stops after the step during which the budget ran
+# out, measured from its first step's start, compile included, summed over resumed calls, and every
+# checkpoint's metadata records train_minutes, steps_run, trainable_params and budget_minutes. Its learning-rate schedule (warmup steps // 20, cosine) stays
 # defined on --steps, so --steps is set from a short probe run (PROBE_MINUTES, default 2, not counted) to
 # 1.15 x the steps the budget reaches: the budget, not the steps, ends the run, near the cosine's floor
 # (a run the steps end says so on stderr; a machine busier than during the probe ends it earlier).

@@ -1,6 +1,7 @@
 """Early exit (dynamic compute): the jitted loop against plain-Python references on a tiny model, for
 both K/V strategies; a threshold that never fires equals plain AR greedy; batch = rows one by one."""
 
+import dataclasses
 import json
 
 import jax
@@ -254,12 +255,19 @@ def test_cpu_kernels_follow_xla(tiny, fast):
         assert rk.new_ids == rx.new_ids and rk.exits == rx.exits
 
 
+def _meta(run, step):
+    return json.loads((run / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+
+
 def test_trained_exit_heads(tiny, tmp_path):
     """The static peer's exit heads: zero-initialised heads exit exactly as the untrained static exit;
-    training lowers the KL to the full model, writes Orbax checkpoints and resumes from them; the
-    loaded heads drive the static exit through the head (equal to an eager reference)."""
+    training (the trained peers' one loop, as train.train_exit_heads runs it) lowers the KL to the full
+    model, writes Orbax checkpoints whose meta carries the budget fields, and resumes from them exactly
+    after an interruption; the loaded heads drive the static exit through the head (equal to an eager
+    reference)."""
     from m2r2_jax.peers.exit_head import ExitHeadConfig, head_logits, init_heads
-    from m2r2_jax.training.peers import load_exit_heads, train_exit_heads
+    from m2r2_jax.training.peers import load_exit_heads, train_early_exit
+    from m2r2_jax.training.spec_peers import RunLimits
 
     cfg, base = tiny
     prompts = _prompts(2, seed=3)
@@ -275,16 +283,28 @@ def test_trained_exit_heads(tiny, tmp_path):
     ]
     hc = ExitHeadConfig(layers=(1, 2), rank=4, steps=30, batch_size=4, seq_len=16, positions=10, lr=1e-2)
     out = tmp_path / "heads"
-    s1 = train_exit_heads(cfg, base, recs, hc, out, "fp", progress=False, until=26)  # interrupted at 26
-    s2 = train_exit_heads(cfg, base, recs, hc, out, "fp", progress=False)  # resumes there
-    once = train_exit_heads(cfg, base, recs, hc, tmp_path / "once", "fp", progress=False)
-    assert s1["steps"] == 26 and s2["steps"] == 30
+
+    def train(run, **limits):
+        return train_early_exit("exit_heads", cfg, base, recs, hc, run, "tiny", "fp", RunLimits(**limits), False)
+
+    s1 = train(out, until=26, budget_minutes=60.0)  # interrupted at 26
+    s2 = train(out, budget_minutes=60.0)  # resumes there
+    once = train(tmp_path / "once")
+    assert s1["steps"] == 26 and s2["steps"] == 30 and s2["stopped"] == "steps" and s2["layers"] == [1, 2]
     for x, y in zip(jax.tree.leaves(s2["heads"]), jax.tree.leaves(once["heads"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # resumed exactly
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, 31))
     first, last = logged[0], logged[-1]
     assert last["kl/0"] < 0.7 * first["kl/0"] and last["kl/1"] < 0.7 * first["kl/1"]
+    assert s2["final"] == {k: v for k, v in last.items() if k not in ("step", "time")}  # per-head KL
+    # the budget fields, written by the loop with every checkpoint (26: the interruption; 30: the end)
+    m26, m30 = _meta(out, 26), _meta(out, 30)
+    for n, m in ((26, m26), (30, m30)):
+        assert m["steps_run"] == m["step"] == n and m["budget_minutes"] == 60.0
+        assert m["trainable_params"] == s2["trainable_params"] and m["base_fingerprint"] == "fp"
+    assert 0 < m26["train_minutes"] <= m30["train_minutes"]  # summed over the two calls
+    assert _meta(tmp_path / "once", 30)["budget_minutes"] is None
     heads, layers = load_exit_heads(out, cfg, "fp")
     assert layers == (1, 2) and s2["trainable_params"] == sum(x.size for x in jax.tree.leaves(heads))
     with pytest.raises(M2R2Error, match="another base"):
@@ -324,8 +344,11 @@ def test_specee(tiny, fast, tmp_path):
         dict(prompt_ids=rs.randint(3, 256, 5).tolist(), answer_ids=rs.randint(3, 256, 9).tolist()) for _ in range(8)
     ]
     sc = SpecEEConfig(layers=(1, 2), k=3, hidden=8, examples=8, seq_len=16, positions=9, batch_size=4, epochs=5)
-    summ = train_specee(cfg, mc, base, m2r2, ids, recs, sc, tmp_path / "sp", "fp")
+    summ = train_specee(cfg, mc, base, m2r2, ids, recs, sc, tmp_path / "sp", "fp", budget_minutes=5.0)
     assert summ["positions"] == 8 * 9 and len(summ["heldout_auc"]) == 2
+    meta = json.loads((tmp_path / "sp" / "checkpoints" / "1" / "meta" / "metadata").read_text())
+    assert meta["budget_minutes"] == 5.0 and meta["steps_run"] == summ["steps"] == 5 * 10  # recorded, not enforced
+    assert meta["trainable_params"] == summ["trainable_params"] and meta["train_minutes"] > 0
     pred, sc2 = load_specee(tmp_path / "sp", "fp")
     assert sc2 == sc
     for a, b in zip(jax.tree.leaves(pred), jax.tree.leaves(summ["predictors"])):
@@ -387,10 +410,13 @@ def test_specee(tiny, fast, tmp_path):
 
 
 def test_layerskip(tiny, tmp_path):
-    """LayerSkip-style adapters: the early-exit KL falls, training resumes exactly, the static exit on
-    the merged adapted weights equals the eager reference on them; zero adapters are the base itself."""
+    """LayerSkip-style adapters (the trained peers' one loop, as train.train_layerskip runs it): the
+    early-exit KL falls, training resumes exactly after an interruption and equals an uninterrupted run,
+    the static exit on the merged adapted weights equals the eager reference on them; zero adapters are
+    the base itself."""
     from m2r2_jax.peers.layerskip import LayerSkipConfig, init_adapters, merged_base
-    from m2r2_jax.training.peers import load_layerskip, train_layerskip
+    from m2r2_jax.training.peers import load_layerskip, train_early_exit
+    from m2r2_jax.training.spec_peers import RunLimits
 
     cfg, base = tiny
     lc = LayerSkipConfig(layers=(1, 2), rank=4, steps=16, batch_size=4, seq_len=16, positions=10, lr=1e-2)
@@ -401,13 +427,27 @@ def test_layerskip(tiny, tmp_path):
     recs = [
         dict(prompt_ids=rs.randint(3, 256, 6).tolist(), answer_ids=rs.randint(3, 256, 10).tolist()) for _ in range(4)
     ]
-    train_layerskip(cfg, base, recs, lc, tmp_path / "ls", "fp", progress=False, until=9)
-    s = train_layerskip(cfg, base, recs, lc, tmp_path / "ls", "fp", progress=False)
-    once = train_layerskip(cfg, base, recs, lc, tmp_path / "once", "fp", progress=False)
+
+    def train(run, until=None):
+        return train_early_exit("layerskip", cfg, base, recs, lc, run, "tiny", "fp", RunLimits(until=until), False)
+
+    assert train(tmp_path / "ls", until=9)["steps"] == 9
+    s = train(tmp_path / "ls")
+    once = train(tmp_path / "once")
+    assert s["steps"] == once["steps"] == 16
     for x, y in zip(jax.tree.leaves(s["adapters"]), jax.tree.leaves(once["adapters"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     logged = [json.loads(x) for x in (tmp_path / "once" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["kl_exit/0"] < 0.8 * logged[0]["kl_exit/0"]
+    resumed = [json.loads(x) for x in (tmp_path / "ls" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 17))
+    assert [r["kl_exit/1"] for r in resumed] == [r["kl_exit/1"] for r in logged]
+    with pytest.raises(M2R2Error, match="another config"):  # a resumed run keeps its config
+        train_early_exit("layerskip", cfg, base, recs, dataclasses.replace(lc, rank=2), tmp_path / "ls", "tiny", "fp")
+    with pytest.raises(M2R2Error, match=r"exit layers must be in \[1, "):
+        bad = dataclasses.replace(lc, layers=(1, cfg.num_layers))
+        train_early_exit("layerskip", cfg, base, recs, bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
     ads, lc2 = load_layerskip(tmp_path / "ls", cfg, "fp")
     assert lc2 == lc
     mb = merged_base(base, ads)
@@ -445,7 +485,7 @@ def test_skipdecode(tiny, tmp_path):
     from m2r2_jax.decoding.early_exit import SkipDecodeExit
     from m2r2_jax.peers.layerskip import merged_base
     from m2r2_jax.peers.skipdecode import SkipDecodeConfig, depth_at, entry_layers, skip_forward
-    from m2r2_jax.training.peers import load_skipdecode, train_skipdecode
+    from m2r2_jax.training.peers import load_skipdecode, train_early_exit
 
     cfg, base = tiny
     N, span = cfg.num_layers, 4
@@ -473,9 +513,10 @@ def test_skipdecode(tiny, tmp_path):
     recs = [
         dict(prompt_ids=rs.randint(3, 256, 6).tolist(), answer_ids=rs.randint(3, 256, 10).tolist()) for _ in range(4)
     ]
-    train_skipdecode(cfg, base, recs, sc, tmp_path / "sd", "fp", progress=False)
+    s = train_early_exit("skipdecode", cfg, base, recs, sc, tmp_path / "sd", "tiny", "fp", progress=False)
     logged = [json.loads(x) for x in (tmp_path / "sd" / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1]["kl"] < 0.8 * logged[0]["kl"]
+    assert logged[-1]["kl"] < 0.8 * logged[0]["kl"] and s["final"]["kl"] == logged[-1]["kl"]
+    assert s["layers"] == [1, 2] and s["steps"] == 12
     ads, sc2 = load_skipdecode(tmp_path / "sd", cfg, "fp")
     assert sc2 == sc
     with pytest.raises(M2R2Error, match="another base model"):

@@ -1,5 +1,6 @@
-"""The peers' equal wall-clock budget (peers/budget.py): `--minutes` stops a trainer early and saves, its
-checkpoint's metadata carries train_minutes / steps_run / trainable_params / budget_minutes (what
+"""The peers' equal wall-clock budget: `--minutes` (the one budget flag of every peer trainer, checked by
+peers.budget.parse_minutes) stops a trainer early and saves, its checkpoint's metadata carries
+train_minutes / steps_run / trainable_params / budget_minutes as the training loop wrote it (what
 eval.compare and eval.dynamic report), a bad `--minutes` is one error line that writes nothing, and a
 published (bfloat16) copy loads like the run. Tiny random models, a tiny distillation cache."""
 
@@ -9,9 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from m2r2_jax.cli import run_main
+from m2r2_jax.cli import print_summary, run_main
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.peers.budget import minutes_to_step, parse_minutes, publish, read_budget
+from m2r2_jax.training.spec_peers import RunLimits
 
 TRAINERS = ("kangaroo", "sps", "medusa", "eagle", "layerskip", "skipdecode", "exit_heads", "specee")
 
@@ -36,11 +38,37 @@ def _run(trainer, argv, capsys):
     return e.value.code, capsys.readouterr()
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf"])
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf", 0, -2.0, True])
 def test_parse_minutes(value):
-    assert parse_minutes(None) is None and parse_minutes("2.5") == 2.5
+    """One rule for the flag and the loop's limits (the library's callers)."""
+    assert parse_minutes(None) is None and parse_minutes("2.5") == 2.5 and parse_minutes(3) == 3.0
+    assert RunLimits(budget_minutes=1e-9).budget_minutes == 1e-9 and RunLimits().budget_minutes is None
     with pytest.raises(M2R2Error, match="--minutes must be a number of minutes > 0"):
         parse_minutes(value)
+    with pytest.raises(M2R2Error, match="--minutes must be a number of minutes > 0"):
+        RunLimits(budget_minutes=value)
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_budget_minutes_is_gone(trainer, tmp_path, capsys):
+    """`--minutes` is the one budget flag: the old `--budget-minutes` is an unknown argument."""
+    out = tmp_path / "out"
+    code, cap = _run(trainer, ["--distill-dir", _cache(tmp_path / "d"), "--out", out, "--budget-minutes", "1"], capsys)
+    assert code == 2 and "unrecognized arguments: --budget-minutes" in cap.err and not out.exists()
+
+
+def test_print_summary(capsys):
+    """A budgeted run that its --steps ended, or that saved nothing, says so on stderr; stdout is the summary."""
+    runs = [
+        (dict(steps=5, stopped="steps", minutes=0.5, budget_minutes=2.0), "--steps ended the run after 0.5 of 2.0"),
+        (dict(steps=0, stopped="budget", minutes=0.1, budget_minutes=1e-9), "no step finished"),
+        (dict(steps=5, stopped="budget", minutes=2.1, budget_minutes=2.0), ""),
+        (dict(steps=5, stopped="steps", minutes=0.5, budget_minutes=None), ""),
+    ]
+    for summary, note in runs:
+        print_summary("kangaroo", summary)
+        cap = capsys.readouterr()
+        assert json.loads(cap.out) == summary and (note in cap.err if note else cap.err == "")
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
@@ -70,6 +98,7 @@ def test_minutes_stops_a_speculative_peer(tiny_llama_dir, tmp_path, capsys):
     summary = json.loads(cap.out.strip().splitlines()[-1])
     meta = _meta(out)
     assert summary["stopped"] == "budget" and 1 <= meta["steps_run"] < 500 and meta["step"] == meta["steps_run"]
+    assert summary["budget_minutes"] == 1e-4 and summary["steps"] == meta["steps_run"]
     assert meta["budget_minutes"] == 1e-4 and meta["train_minutes"] > 0 and meta["trainable_params"] > 0
     assert read_budget(out) == {
         k: meta[k] for k in ("train_minutes", "steps_run", "trainable_params", "budget_minutes")

@@ -10,18 +10,18 @@ Orbax checkpoints every 25 steps, at least every --save-minutes and at the end, 
 TensorBoard) under --out; the same command resumes exactly. `eval.dynamic --methods layerskip --layerskip
 DIR` decodes with the adapted weights.
 
---minutes M: a wall-clock budget (peers/budget.py): the run stops after the step during which M minutes
-of training (from the first step's start, compile included, summed over resumed calls) are spent, and
-saves; the checkpoint's metadata records train_minutes, steps_run, trainable_params, budget_minutes.
-The learning-rate schedule stays defined on --steps: give more steps than the budget reaches.
+--minutes M: a wall-clock budget: the run stops after the step during which M minutes of training (from
+the first step's start, compile included, summed over resumed calls) are spent, and saves; every
+checkpoint's metadata records train_minutes, steps_run, trainable_params, budget_minutes. The
+learning-rate schedule stays defined on --steps: give more steps than the budget reaches. Trained through
+the trained peers' one loop (training/spec_peers.py, via training/peers.train_early_exit).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
-from m2r2_jax.cli import add_model_args, quiet_env, run_main
+from m2r2_jax.cli import add_budget_args, add_model_args, print_summary, quiet_env, run_main
 
 
 def main(argv=None):
@@ -35,21 +35,13 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--limit", type=int, default=None, help="use the first N distilled answers")
     p.add_argument("--out", required=True)
-    p.add_argument(
-        "--minutes",
-        default=None,
-        help="wall-clock training budget: stop (and save) after the step "
-        "during which it ran out (first step's compile included; --steps still sets the schedule)",
-    )
-    p.add_argument("--save-minutes", type=float, default=10.0, help="checkpoint at least this often (<= 10)")
+    add_budget_args(p)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     quiet_env()
-    from m2r2_jax.peers.budget import finish, parse_minutes, train_early_exit
     from m2r2_jax.training.spec_peers import RunLimits
 
-    minutes = parse_minutes(a.minutes)
-    limits = RunLimits(budget_minutes=minutes, save_minutes=a.save_minutes)
+    limits = RunLimits(budget_minutes=a.minutes, save_minutes=a.save_minutes)
     from m2r2_jax.errors import M2R2Error
     from m2r2_jax.peers.layerskip import LayerSkipConfig
 
@@ -61,6 +53,7 @@ def main(argv=None):
 
     from m2r2_jax.loading.registry import load_model
     from m2r2_jax.training.distill import load_distill_cache
+    from m2r2_jax.training.peers import train_early_exit
 
     ds = load_distill_cache(a.distill_dir)
     records = [dict(prompt_ids=r["prompt_ids"], answer_ids=r["answer_ids"]) for r in ds]
@@ -70,9 +63,8 @@ def main(argv=None):
     summary = train_early_exit(
         "layerskip", m.cfg, m.params, records, lc, a.out, a.model, m.fingerprint, limits, not a.no_progress
     )
-    summary.pop("params")
-    summary = finish("layerskip", a.out, minutes, summary)
-    print(json.dumps(summary))
+    summary.pop("adapters")
+    print_summary("layerskip", summary)
     return 0
 
 

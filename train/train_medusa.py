@@ -10,10 +10,10 @@ Orbax checkpoints (at least every --save-minutes, and at the end), metrics (JSON
 --out; the same command resumes exactly. `eval.speculative --drafter medusa --medusa-checkpoint DIR`
 drafts with it.
 
---minutes M: the wall-clock budget (--budget-minutes under another name; peers/budget.py): the run stops
-after the step during which M minutes of training (from the first step's start, compile included,
-summed over resumed calls) are spent, and saves; the checkpoint's metadata records train_minutes,
-steps_run, trainable_params, budget_minutes. The learning-rate schedule stays defined on --steps.
+--minutes M: a wall-clock budget: the run stops after the step during which M minutes of training (from
+the first step's start, compile included, summed over resumed calls) are spent, and saves; every
+checkpoint's metadata records train_minutes, steps_run, trainable_params, budget_minutes. The
+learning-rate schedule stays defined on --steps: give more steps than the budget reaches.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ from m2r2_jax.cli import peer_trainer_main, run_main
 
 
 def main(argv=None):
-    from m2r2_jax.peers.budget import run_peer_trainer
-
-    return run_peer_trainer("medusa", __doc__, argv, peer_trainer_main)
+    return peer_trainer_main("medusa", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ the full model's token", teacher-forced on self-distilled answers.
 
 Prints the summary: minutes, trainable params, candidate recall, per-layer label rate and held-out AUC.
 --minutes M is recorded, not enforced: SpecEE trains a fixed job (feature collection, then --epochs x 10
-full-batch steps on small MLPs); its checkpoint's metadata gets train_minutes, steps_run,
+full-batch steps on small MLPs); its checkpoint's metadata records train_minutes, steps_run,
 trainable_params and budget_minutes like the other peers', and a run over the budget says so.
 """
 
@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from m2r2_jax.cli import add_model_args, quiet_env, run_main
+from m2r2_jax.cli import add_budget_args, add_model_args, quiet_env, run_main
 
 
 def main(argv=None):
@@ -33,12 +33,9 @@ def main(argv=None):
     p.add_argument("--examples", type=int, default=256, help="distilled answers used")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--out", required=True)
-    p.add_argument("--minutes", default=None, help="the equal training budget, recorded (not enforced)")
+    add_budget_args(p, enforced=False)
     a = p.parse_args(argv)
     quiet_env()
-    from m2r2_jax.peers.budget import finish, parse_minutes
-
-    minutes = parse_minutes(a.minutes)
     from m2r2_jax.errors import M2R2Error
     from m2r2_jax.peers.specee import SpecEEConfig
 
@@ -59,11 +56,10 @@ def main(argv=None):
     resolve_checkpoint_dir(ckpt)
     m = load_model(a.model, dtype=a.dtype, param_dtype=a.param_dtype, matmul_dtype=a.matmul_dtype, tokenizer=False)
     mc, m2r2, draft_ids, _ = load_m2r2(ckpt, m.cfg, m.params, a.model, base_fingerprint=m.fingerprint)
-    summary = train_specee(m.cfg, mc, m.params, m2r2, draft_ids, records, sc, a.out, m.fingerprint)
+    summary = train_specee(m.cfg, mc, m.params, m2r2, draft_ids, records, sc, a.out, m.fingerprint, a.minutes)
     summary.pop("predictors")
-    summary = finish("specee", a.out, minutes, dict(summary, steps=sc.epochs * 10))
-    if minutes is not None and summary["minutes"] > minutes:
-        print(f"specee: {summary['minutes']} minutes, over the {minutes} budget (not enforced)", file=sys.stderr)
+    if a.minutes is not None and summary["minutes"] > a.minutes:
+        print(f"specee: {summary['minutes']} minutes, over the {a.minutes} budget (not enforced)", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 

@@ -1,38 +1,89 @@
 """Training and loading the early-exit peers' parts (m2r2_jax/peers): the static exit heads, SpecEE's
-predictors, LayerSkip's and SkipDecode's adapters. Each trains on a self-distillation cache with the base frozen, writes
-Orbax checkpoints (with the base's fingerprint) and metrics, and resumes where it runs long."""
+predictors, LayerSkip's and SkipDecode's adapters, each on a self-distillation cache with the base frozen.
+
+The exit heads and the LayerSkip / SkipDecode adapters train through the trained peers' one loop
+(`train_early_exit` over `spec_peers.train_peer`: Orbax checkpoints with the base's fingerprint and the
+budget fields, metrics, exact resume, `--minutes`); SpecEE's predictors are a fixed small job
+(`train_specee`: feature collection, then full-batch epochs). The loaders read what these write."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from m2r2_jax.config import ModelConfig
 from m2r2_jax.data.batches import pack_examples
 from m2r2_jax.errors import M2R2Error
-from m2r2_jax.peers.exit_head import ExitHeadConfig, init_heads
-from m2r2_jax.peers.exit_head import make_step as exit_head_step
-from m2r2_jax.peers.exit_head import optimizer as exit_head_optimizer
-from m2r2_jax.peers.layerskip import LayerSkipConfig, init_adapters
-from m2r2_jax.peers.layerskip import make_step as layerskip_step
-from m2r2_jax.peers.layerskip import optimizer as layerskip_optimizer
-from m2r2_jax.peers.skipdecode import SkipDecodeConfig
-from m2r2_jax.peers.skipdecode import init_adapters as skipdecode_adapters
-from m2r2_jax.peers.skipdecode import make_step as skipdecode_step
-from m2r2_jax.peers.skipdecode import optimizer as skipdecode_optimizer
+from m2r2_jax.peers import exit_head as EH
+from m2r2_jax.peers import layerskip as LS
+from m2r2_jax.peers import skipdecode as SD
+from m2r2_jax.peers.budget import parse_minutes
 from m2r2_jax.peers.specee import SpecEEConfig, collect, init_predictors, predict
 from m2r2_jax.stats import auc
 from m2r2_jax.training.checkpoint import Checkpointer, latest_step
-from m2r2_jax.training.metrics import Tracker
+from m2r2_jax.training.spec_peers import Peer, RunLimits, train_peer
+
+# kind: (its metrics, the summary key its trained tree is returned under)
+EARLY_EXIT = {
+    "exit_heads": (("loss", "kl"), "heads"),  # kl: one per exit layer (logged kl/0, kl/1, ...)
+    "layerskip": (("loss", "kl_exit", "kl_full"), "adapters"),  # kl_exit: one per exit layer
+    "skipdecode": (("kl",), "adapters"),
+}
+
+
+def early_exit_peer(kind: str, fingerprint: str = "") -> Callable[[ModelConfig, dict, object], Peer]:
+    """The `spec_peers.train_peer` recipe of an early-exit peer (kind: exit_heads | layerskip |
+    skipdecode; its run config an ExitHeadConfig / LayerSkipConfig / SkipDecodeConfig). Its checkpoints
+    are what load_exit_heads / load_layerskip / load_skipdecode read (kind, config, base_fingerprint;
+    params, opt_state, extra seconds)."""
+    if kind not in EARLY_EXIT:
+        raise M2R2Error(f"unknown early-exit peer {kind!r} (one of {', '.join(EARLY_EXIT)})")
+    metrics, key = EARLY_EXIT[kind]
+
+    def recipe(cfg: ModelConfig, base: dict, c) -> Peer:
+        bad = [E for E in c.layers if not 1 <= E < cfg.num_layers]
+        if bad:
+            raise M2R2Error(f"exit layers must be in [1, {cfg.num_layers}), got {bad}")
+        mod = {"exit_heads": EH, "layerskip": LS, "skipdecode": SD}[kind]
+        opt = mod.optimizer(c)
+        if kind == "exit_heads":
+            params = EH.init_heads(cfg, len(c.layers), c.rank, c.seed)
+        else:
+            params = mod.init_adapters(cfg, c)
+        return Peer(kind, params, opt, mod.make_step(cfg, c, opt), metrics, key, dict(base_fingerprint=fingerprint))
+
+    return recipe
+
+
+def train_early_exit(
+    kind: str,
+    cfg: ModelConfig,
+    base: dict,
+    records: Sequence[dict],
+    c,
+    out_dir,
+    model_name: str = "",
+    fingerprint: str = "",
+    limits: RunLimits | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train an early-exit peer (see early_exit_peer) through the trained peers' one loop: checkpoints,
+    metrics and summary.json under out_dir; the same call resumes exactly (`limits.until` stops a call
+    early, as an interruption would; `limits.budget_minutes` ends the run on wall clock). -> summary
+    (steps, stopped, minutes, trainable_params, budget_minutes, final metrics, layers, ...) | {"heads"
+    (exit_heads) or "adapters": the trained tree}."""
+    s = train_peer(
+        early_exit_peer(kind, fingerprint), cfg, base, records, c, out_dir, model_name, fingerprint, limits, progress
+    )
+    return s | {"layers": list(c.layers)}
 
 
 def _read_meta(step_dir: Path) -> dict:
@@ -45,99 +96,8 @@ def _read_meta(step_dir: Path) -> dict:
     return meta
 
 
-SAVE_MINUTES = 10.0  # a checkpoint at least this often (wall clock), besides every 25 steps
-
-
-def _train(kind, cfg, base, records, c, params, opt, step, names, out_dir, fingerprint, progress, until):
-    """The peers' shared training loop over a distillation cache (c: a peer config with layers, steps,
-    batch_size, seq_len, seed): Orbax checkpoints every 25 steps, at least every SAVE_MINUTES and at the
-    end of a call, metrics (JSONL + TensorBoard), exact resume.
-    step(params, opt_state, base, tokens, mask) -> (params, opt_state, *metrics named `names`).
-    -> (params, summary, the last step's metrics)."""
-    bad = [E for E in c.layers if not 1 <= E < cfg.num_layers]
-    if bad:
-        raise M2R2Error(f"exit layers must be in [1, {cfg.num_layers}), got {bad}")
-    tokens, mask = pack_examples(records, c.seq_len)
-    if len(tokens) < c.batch_size:
-        raise M2R2Error(f"{len(tokens)} distilled examples, fewer than one batch of {c.batch_size}")
-    opt_state = opt.init(params)
-    out = Path(out_dir)
-    ck = Checkpointer(out / "checkpoints", save_every=25, keep=2)
-    meta = dict(
-        kind=kind,
-        base_fingerprint=fingerprint,
-        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(c).items()},
-    )
-    start, spent = 0, 0.0
-    last = ck.latest_step()
-    if last is not None:
-        params, opt_state, extra, _ = ck.restore(last, params, opt_state, {"seconds": np.float64(0)})
-        start, spent = last, float(extra["seconds"])
-    tr = Tracker(out, resume_step=start)
-    order = np.random.RandomState(c.seed).permutation(len(tokens) * (1 + c.steps * c.batch_size // len(tokens)))
-    order %= len(tokens)
-    end = c.steps if until is None else min(until, c.steps)
-    t0 = t_saved = time.perf_counter()
-    metrics = None
-    for i in tqdm(range(start, end), desc=kind, disable=not progress, initial=start, total=c.steps):
-        idx = order[i * c.batch_size : (i + 1) * c.batch_size]
-        params, opt_state, *ms = step(params, opt_state, base, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
-        metrics = dict(zip(names, ms))
-        tr.log(i + 1, metrics)
-        now = time.perf_counter()
-        force = i + 1 == end or now - t_saved >= 60.0 * SAVE_MINUTES
-        if ck.save(
-            i + 1, params, opt_state, {"seconds": np.float64(spent + now - t0)}, dict(meta, step=i + 1), force=force
-        ):
-            t_saved = now
-    ck.close()
-    tr.close()
-    summary = dict(
-        steps=end,
-        minutes=round((spent + time.perf_counter() - t0) / 60, 2),
-        trainable_params=int(sum(x.size for x in jax.tree.leaves(params))),
-        layers=list(c.layers),
-        examples=len(tokens),
-    )
-    return params, summary, metrics
-
-
-def train_exit_heads(
-    cfg,
-    base,
-    records: Sequence[dict],
-    hc: ExitHeadConfig,
-    out_dir,
-    fingerprint: str = "",
-    progress: bool = True,
-    until: int | None = None,
-) -> dict:
-    """Train the heads; checkpoints (Orbax) and metrics (JSONL + TensorBoard) under out_dir; resumes
-    from its latest checkpoint (the schedule is defined on hc.steps; `until` stops this call early, as
-    an interruption would). -> summary {steps, minutes, trainable_params, final KL per head}."""
-    opt = exit_head_optimizer(hc)
-    heads, summary, ms = _train(
-        "exit_heads",
-        cfg,
-        base,
-        records,
-        hc,
-        init_heads(cfg, len(hc.layers), hc.rank, hc.seed),
-        opt,
-        exit_head_step(cfg, hc, opt),
-        ("loss", "kl"),
-        out_dir,
-        fingerprint,
-        progress,
-        until,
-    )
-    summary["final_kl"] = None if ms is None else [float(x) for x in np.asarray(ms["kl"])]
-    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary | {"heads": heads}
-
-
 def load_exit_heads(out_dir, cfg: ModelConfig, fingerprint: str = "") -> tuple[dict, tuple[int, ...]]:
-    """The trained heads of `train_exit_heads` (its latest checkpoint) and their exit layers."""
+    """The trained heads of `train_early_exit("exit_heads", ...)` (its latest checkpoint) and their exit layers."""
     out = Path(out_dir)
     last = latest_step(out / "checkpoints")
     if last is None:
@@ -147,20 +107,31 @@ def load_exit_heads(out_dir, cfg: ModelConfig, fingerprint: str = "") -> tuple[d
         raise M2R2Error(f"{out}: not an exit-head checkpoint")
     if fingerprint and meta.get("base_fingerprint") and meta["base_fingerprint"] != fingerprint:
         raise M2R2Error(f"{out}: exit heads trained on another base model (fingerprint differs)")
-    hc = ExitHeadConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()})
-    abstract = init_heads(cfg, len(hc.layers), hc.rank)
+    hc = EH.ExitHeadConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()})
+    abstract = EH.init_heads(cfg, len(hc.layers), hc.rank)
     ck = Checkpointer(out / "checkpoints", async_save=False)
-    heads, _, _, _ = ck.restore(last, abstract, exit_head_optimizer(hc).init(abstract), {"seconds": np.float64(0)})
+    heads, _, _, _ = ck.restore(last, abstract, EH.optimizer(hc).init(abstract), {"seconds": np.float64(0)})
     ck.close()
     return heads, hc.layers
 
 
 def train_specee(
-    cfg, mc, base, m2r2, draft_ids, records: Sequence[dict], sc: SpecEEConfig, out_dir, fingerprint: str = ""
+    cfg,
+    mc,
+    base,
+    m2r2,
+    draft_ids,
+    records: Sequence[dict],
+    sc: SpecEEConfig,
+    out_dir,
+    fingerprint: str = "",
+    budget_minutes: float | None = None,
 ):
     """Collect features on the distilled answers, train the per-layer predictors (BCE, full-batch
-    epochs), save them (Orbax) with a summary: per layer AUC on a held-out tenth, minutes, params."""
-
+    epochs), save them (Orbax) with a summary: per layer AUC on a held-out tenth, minutes, params.
+    `budget_minutes` (`--minutes`) is recorded with the other budget fields in the checkpoint's meta, not
+    enforced (a fixed small job: steps_run = epochs x 10)."""
+    budget_minutes = parse_minutes(budget_minutes)
     bad = [E for E in sc.layers if not 1 <= E < cfg.num_layers]
     if bad:
         raise M2R2Error(f"specee check layers must be in [1, {cfg.num_layers}), got {bad}")
@@ -192,16 +163,24 @@ def train_specee(
     scores = np.asarray(jax.vmap(lambda fi, i: predict(pred, fi, i))(jnp.asarray(feats[:, hold]), jnp.arange(n)))
     out = Path(out_dir)
     ck = Checkpointer(out / "checkpoints", save_every=1, keep=1, async_save=False)
+    trainable, el = int(sum(x.size for x in jax.tree.leaves(pred))), time.perf_counter() - t0
     meta = dict(
         kind="specee",
         base_fingerprint=fingerprint,
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(sc).items()},
+        step=1,
+        steps_run=sc.epochs * 10,
+        train_minutes=round(el / 60, 3),
+        trainable_params=trainable,
+        budget_minutes=budget_minutes,
     )
-    ck.save(1, pred, st, {"seconds": np.float64(time.perf_counter() - t0)}, dict(meta, step=1), force=True)
+    ck.save(1, pred, st, {"seconds": np.float64(el)}, meta, force=True)
     ck.close()
     summary = dict(
         minutes=round((time.perf_counter() - t0) / 60, 2),
-        trainable_params=int(sum(x.size for x in jax.tree.leaves(pred))),
+        steps=sc.epochs * 10,
+        trainable_params=trainable,
+        budget_minutes=budget_minutes,
         positions=int(P),
         candidate_recall=float(reach.mean()),
         layers=list(sc.layers),
@@ -231,40 +210,7 @@ def load_specee(out_dir, fingerprint: str = "") -> tuple[dict, SpecEEConfig]:
     return pred, sc
 
 
-def train_layerskip(
-    cfg,
-    base,
-    records: Sequence[dict],
-    lc: LayerSkipConfig,
-    out_dir,
-    fingerprint: str = "",
-    progress: bool = True,
-    until: int | None = None,
-) -> dict:
-    """Train the adapters; Orbax checkpoints every 25 steps, at least every SAVE_MINUTES and at the end of
-    a call, metrics (JSONL + TensorBoard), exact resume (the schedule is defined on lc.steps; `until` stops
-    a call early)."""
-    opt = layerskip_optimizer(lc)
-    ads, summary, _ = _train(
-        "layerskip",
-        cfg,
-        base,
-        records,
-        lc,
-        init_adapters(cfg, lc),
-        opt,
-        layerskip_step(cfg, lc, opt),
-        ("loss", "kl_exit", "kl_full"),
-        out_dir,
-        fingerprint,
-        progress,
-        until,
-    )
-    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary | {"adapters": ads}
-
-
-def load_layerskip(out_dir, cfg: ModelConfig, fingerprint: str = "") -> tuple[list, LayerSkipConfig]:
+def load_layerskip(out_dir, cfg: ModelConfig, fingerprint: str = "") -> tuple[list, LS.LayerSkipConfig]:
     out = Path(out_dir)
     last = latest_step(out / "checkpoints")
     if last is None:
@@ -274,48 +220,15 @@ def load_layerskip(out_dir, cfg: ModelConfig, fingerprint: str = "") -> tuple[li
         raise M2R2Error(f"{out}: not a LayerSkip checkpoint")
     if fingerprint and meta.get("base_fingerprint") and meta["base_fingerprint"] != fingerprint:
         raise M2R2Error(f"{out}: LayerSkip adapters trained on another base model (fingerprint differs)")
-    lc = LayerSkipConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()})
-    abstract = init_adapters(cfg, lc)
+    lc = LS.LayerSkipConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()})
+    abstract = LS.init_adapters(cfg, lc)
     ck = Checkpointer(out / "checkpoints", async_save=False)
-    ads, _, _, _ = ck.restore(last, abstract, layerskip_optimizer(lc).init(abstract), {"seconds": np.float64(0)})
+    ads, _, _, _ = ck.restore(last, abstract, LS.optimizer(lc).init(abstract), {"seconds": np.float64(0)})
     ck.close()
     return ads, lc
 
 
-def train_skipdecode(
-    cfg,
-    base,
-    records: Sequence[dict],
-    sc: SkipDecodeConfig,
-    out_dir,
-    fingerprint: str = "",
-    progress: bool = True,
-    until: int | None = None,
-) -> dict:
-    """Train SkipDecode's adapters for its schedule (peers/skipdecode.py); checkpoints, metrics and
-    resume as `train_layerskip`."""
-    opt = skipdecode_optimizer(sc)
-    ads, summary, ms = _train(
-        "skipdecode",
-        cfg,
-        base,
-        records,
-        sc,
-        skipdecode_adapters(cfg, sc),
-        opt,
-        skipdecode_step(cfg, sc, opt),
-        ("kl",),
-        out_dir,
-        fingerprint,
-        progress,
-        until,
-    )
-    summary["final_kl"] = None if ms is None else float(ms["kl"])
-    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary | {"adapters": ads}
-
-
-def load_skipdecode(out_dir, cfg: ModelConfig, fingerprint: str = "") -> tuple[list, SkipDecodeConfig]:
+def load_skipdecode(out_dir, cfg: ModelConfig, fingerprint: str = "") -> tuple[list, SD.SkipDecodeConfig]:
     out = Path(out_dir)
     last = latest_step(out / "checkpoints")
     if last is None:
@@ -325,9 +238,9 @@ def load_skipdecode(out_dir, cfg: ModelConfig, fingerprint: str = "") -> tuple[l
         raise M2R2Error(f"{out}: not a SkipDecode checkpoint")
     if fingerprint and meta.get("base_fingerprint") and meta["base_fingerprint"] != fingerprint:
         raise M2R2Error(f"{out}: SkipDecode adapters trained on another base model (fingerprint differs)")
-    sc = SkipDecodeConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()})
-    abstract = skipdecode_adapters(cfg, sc)
+    sc = SD.SkipDecodeConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()})
+    abstract = SD.init_adapters(cfg, sc)
     ck = Checkpointer(out / "checkpoints", async_save=False)
-    ads, _, _, _ = ck.restore(last, abstract, skipdecode_optimizer(sc).init(abstract), {"seconds": np.float64(0)})
+    ads, _, _, _ = ck.restore(last, abstract, SD.optimizer(sc).init(abstract), {"seconds": np.float64(0)})
     ck.close()
     return ads, sc

@@ -1,13 +1,16 @@
-"""Training the trained speculative peers' draft models on a self-distillation cache, base frozen:
-Kangaroo's adapter (peers/kangaroo.py) and the 2-model drafter's small model (peers/sps.py) here, Medusa's
-heads and EAGLE's draft layer in medusa_eagle.py.
+"""The trained peers' one training loop, on a self-distillation cache with the base frozen: Kangaroo's
+adapter (peers/kangaroo.py) and the 2-model drafter's small model (peers/sps.py) here, Medusa's heads and
+EAGLE's draft layer in medusa_eagle.py, the early-exit peers' exit heads and LayerSkip / SkipDecode
+adapters in peers.py (training/).
 
 One loop for all (`train_peer`, over the `Peer` a peer's recipe builds): Orbax checkpoints (params,
-optimizer state, the seconds spent; the meta names the base by `peers.draft_checkpoint.base_signature`,
-the trainable parameters and the training minutes, which eval.compare reports) every `save_every` steps,
-at least every `save_minutes` of wall clock, and when a call ends; metrics (JSONL + TensorBoard) and a tqdm
-bar; the same command resumes exactly (the data order is a function of the seed and the step). A run
-stops at `steps`, or once `budget_minutes` of training (summed over resumed calls) are spent.
+optimizer state, the seconds spent) every `save_every` steps, at least every `save_minutes` of wall clock,
+and when a call ends; metrics (JSONL + TensorBoard) and a tqdm bar; the same command resumes exactly (the
+data order is a function of the seed and the step). A run stops at `steps`, at `until` (as an
+interruption would), or once `budget_minutes` of training (`--minutes`, summed over resumed calls) are
+spent. Every checkpoint's meta names the base (`peers.draft_checkpoint.base_signature`) and carries the
+budget fields (peers/budget.py BUDGET_FIELDS: train_minutes, steps_run, trainable_params,
+budget_minutes), which eval.compare and eval.dynamic report.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from m2r2_jax.data.batches import pack_examples
 from m2r2_jax.errors import M2R2Error
 from m2r2_jax.peers import kangaroo as KG
 from m2r2_jax.peers import sps as SP
+from m2r2_jax.peers.budget import parse_minutes
 from m2r2_jax.peers.draft_checkpoint import base_signature, resolve_draft_checkpoint
 from m2r2_jax.training.checkpoint import Checkpointer, base_identity
 from m2r2_jax.training.metrics import Tracker
@@ -38,7 +42,8 @@ from m2r2_jax.training.metrics import Tracker
 @dataclasses.dataclass(frozen=True)
 class RunLimits:
     """When a call stops and saves: `until` (a step, as an interruption would), `budget_minutes` (training
-    minutes over all calls), `save_minutes` / `save_every` (checkpoint cadence)."""
+    minutes over all calls: `--minutes`, checked by peers.budget.parse_minutes), `save_minutes` /
+    `save_every` (checkpoint cadence)."""
 
     until: int | None = None
     budget_minutes: float | None = None
@@ -46,9 +51,7 @@ class RunLimits:
     save_every: int = 25
 
     def __post_init__(self):
-        b = self.budget_minutes
-        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1e7):
-            raise M2R2Error(f"--budget-minutes must be a number > 0, got {b!r}")
+        object.__setattr__(self, "budget_minutes", parse_minutes(self.budget_minutes))
         if not (isinstance(self.save_minutes, (int, float)) and 0 < self.save_minutes <= 10):
             raise M2R2Error(f"save_minutes must be in (0, 10], got {self.save_minutes!r}")
         if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 1:
@@ -62,8 +65,9 @@ def _config_dict(c) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Peer:
     """One peer as the loop trains it: its checkpoint kind, the trainable tree's start, the optimizer, the
-    jitted step(params, opt_state, base, tokens, mask) -> (params, opt_state, *metrics named `metrics`),
-    the summary key the trained tree is returned under, and fields added to the meta and the summary."""
+    jitted step(params, opt_state, base, tokens, mask) -> (params, opt_state, *metrics named `metrics`;
+    scalars, or vectors logged as `name/i`), the summary key the trained tree is returned under, and
+    fields added to the meta and the summary."""
 
     kind: str
     params: Any
@@ -72,6 +76,16 @@ class Peer:
     metrics: tuple[str, ...]
     key: str
     extra_meta: dict = dataclasses.field(default_factory=dict)
+
+
+def _scalars(names, values) -> dict[str, float]:
+    """A step's metrics as the loop logs them: a vector metric `name` (one value per exit layer, say)
+    becomes `name/0`, `name/1`, ... (the Tracker's names)."""
+    out = {}
+    for k, v in zip(names, values):
+        a = np.asarray(v)
+        out.update({k: float(a)} if a.ndim == 0 else {f"{k}/{j}": float(x) for j, x in enumerate(a.reshape(-1))})
+    return out
 
 
 def _train_draft(peer: Peer, cfg, base, records, c, out_dir, identity, limits, progress):
@@ -112,7 +126,7 @@ def _train_draft(peer: Peer, cfg, base, records, c, out_dir, identity, limits, p
 
     def save(n, force):
         el = spent + time.perf_counter() - t0
-        m = dict(meta, step=n, train_minutes=round(el / 60, 3))
+        m = dict(meta, step=n, steps_run=n, train_minutes=round(el / 60, 3), budget_minutes=limits.budget_minutes)
         return ck.save(n, params, opt_state, {"seconds": np.float64(el)}, m, force=force)
 
     bar = tqdm(range(start, end), desc=kind, disable=not progress, initial=start, total=c.steps)
@@ -123,7 +137,7 @@ def _train_draft(peer: Peer, cfg, base, records, c, out_dir, identity, limits, p
         idx = order[i * c.batch_size : (i + 1) * c.batch_size]
         ts, tc = time.perf_counter(), time.process_time()
         params, opt_state, *ms = peer.step(params, opt_state, base, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
-        metrics = {k: float(v) for k, v in zip(peer.metrics, ms)}
+        metrics = _scalars(peer.metrics, ms)
         step_s.append(time.perf_counter() - ts)
         step_cpu.append(time.process_time() - tc)
         tr.log(i + 1, metrics)
@@ -144,6 +158,7 @@ def _train_draft(peer: Peer, cfg, base, records, c, out_dir, identity, limits, p
         stopped=stopped,
         minutes=round((spent + time.perf_counter() - t0) / 60, 3),
         trainable_params=trainable,
+        budget_minutes=limits.budget_minutes,
         examples=len(tokens),
         # wall and process CPU seconds (all threads) per step after the first (which compiles)
         seconds_per_step=None if len(step_s) < 2 else round(float(np.median(step_s[1:])), 3),
