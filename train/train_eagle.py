@@ -11,10 +11,8 @@ Orbax checkpoints (at least every --save-minutes, and at the end), metrics (JSON
 --out; the same command resumes exactly. `eval.speculative --drafter eagle|eagle2 --eagle-checkpoint DIR`
 drafts with it.
 
---minutes M: a wall-clock budget: the run stops after the step during which M minutes of training (from
-the first step's start, compile included, summed over resumed calls) are spent, and saves; every
-checkpoint's metadata records train_minutes, steps_run, trainable_params, budget_minutes. The
-learning-rate schedule stays defined on --steps: give more steps than the budget reaches.
+--minutes M: a wall-clock training budget, the same for every peer trainer (README, "Every trained
+peer"; peers/budget.py).
 """
 
 from __future__ import annotations

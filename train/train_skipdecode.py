@@ -11,11 +11,9 @@ Orbax checkpoints every 25 steps, at least every --save-minutes and at the end, 
 TensorBoard) under --out; the same command resumes exactly. `eval.dynamic --methods skipdecode --skipdecode
 DIR` decodes with the adapted weights.
 
---minutes M: a wall-clock budget: the run stops after the step during which M minutes of training (from
-the first step's start, compile included, summed over resumed calls) are spent, and saves; every
-checkpoint's metadata records train_minutes, steps_run, trainable_params, budget_minutes. The
-learning-rate schedule stays defined on --steps: give more steps than the budget reaches. Trained through
-the trained peers' one loop (training/spec_peers.py, via training/peers.train_early_exit).
+--minutes M: a wall-clock training budget, the same for every peer trainer (README, "Every trained
+peer"; peers/budget.py). Trained through the trained peers' one loop
+(training/spec_peers.py, via training/peers.train_early_exit).
 """
 
 from __future__ import annotations
