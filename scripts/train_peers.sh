@@ -2,9 +2,11 @@
 # The trained peers at M2R2's equal wall-clock budget, in sequence, unattended and resumable:
 #   nohup nice -n 19 bash scripts/train_peers.sh [MINUTES] >> runs/logs/train_peers.log 2>&1 &
 #
-# Budget: MINUTES ($1), else the main M2R2 run's training minutes to its equal-budget step 300, summed
-# from artifacts/train/smollm2_r3_24k/metrics.jsonl (per step tokens / tokens_per_second: step time only,
-# each resumed call's first step with its compile). Each peer trains with `--minutes` (the one flag of
+# Budget: MINUTES ($1), else the minutes M2R2's run (configs/smollm2_r3_24k.yaml) takes to its
+# equal-budget step 300 on this machine, projected from a short run of that config (first step with its
+# compile + 299 x its median step; peers/budget.projected_minutes; ~3 min, once per CPU model, kept in
+# runs/peers/budget.json and beside each published peer as budget.json): the sessions run on different
+# CPUs, so a budget in another machine's minutes would not be equal. Each peer trains with `--minutes` (the one flag of
 # every peer trainer; training/spec_peers.py's loop): it stops after the step during which the budget ran
 # out, measured from its first step's start, compile included, summed over resumed calls, and every
 # checkpoint's metadata records train_minutes, steps_run, trainable_params and budget_minutes. Its learning-rate schedule (warmup steps // 20, cosine) stays
@@ -41,6 +43,7 @@ export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 # every trainer's command, e.g. another --model)
 DISTILL=${DISTILL:-runs/distill/smollm2-135m-24k}
 M2R2_RUN=${M2R2_RUN:-artifacts/train/smollm2_r3_24k}
+M2R2_CONFIG=${M2R2_CONFIG:-configs/smollm2_r3_24k.yaml}
 BUDGET_STEP=300
 OUT=${OUT:-artifacts/peers}
 PROBE_MINUTES=${PROBE_MINUTES:-2}
@@ -48,19 +51,32 @@ WORK=${WORK:-runs/peers}
 mkdir -p "$OUT" "$WORK" runs/logs
 log() { echo "[train_peers $(date -u +%FT%TZ)] $*"; }
 
+CPU=$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
 if [ $# -ge 1 ]; then
   MINUTES=$1
+  BASIS="given as \$1"
 else
-  MINUTES=$(python -c "
-import sys
-from m2r2_jax.errors import M2R2Error
-from m2r2_jax.peers.budget import minutes_to_step
-try:
-    print(round(minutes_to_step('$M2R2_RUN/metrics.jsonl', $BUDGET_STEP), 3))
-except M2R2Error as e:
-    sys.exit(f'error: {e}; give the minutes as \$1')")
+  # M2R2's run to its equal-budget step, projected on this machine: a short run of the same config
+  # (BUDGET_PROBE_STEPS steps, the first compiles) times a step; minutes = first step + (300 - 1) x the
+  # median step. Kept in $WORK/budget.json for the peers trained in this checkout on this CPU.
+  if ! python -c "import json, sys; sys.exit(json.load(open('$WORK/budget.json'))['cpu'] != '''$CPU''')" 2>/dev/null; then
+    probe=$WORK/m2r2_budget_probe
+    rm -rf "$probe"
+    log "budget probe: $M2R2_CONFIG to step ${BUDGET_PROBE_STEPS:-12} on $CPU"
+    python -m train.train --config "$M2R2_CONFIG" --no-progress --stop-at "${BUDGET_PROBE_STEPS:-12}" \
+        out_dir="$probe" keep=1 ${BUDGET_PROBE_ARGS:-} > /dev/null
+    python -c "
+import json
+from m2r2_jax.peers.budget import projected_minutes
+b = projected_minutes('$probe/metrics.jsonl', $BUDGET_STEP)
+b.update(cpu='''$CPU''', config='$M2R2_CONFIG', to_step=$BUDGET_STEP)
+json.dump(b, open('$WORK/budget.json', 'w'), indent=1)"
+    rm -rf "$probe"
+  fi
+  MINUTES=$(python -c "import json; print(round(json.load(open('$WORK/budget.json'))['minutes'], 3))")
+  BASIS="M2R2 ($M2R2_CONFIG) to step $BUDGET_STEP projected on this CPU: $(cat "$WORK/budget.json" | tr -d '\n ')"
 fi
-log "budget: $MINUTES minutes a peer (M2R2's minutes to step $BUDGET_STEP, or \$1)"
+log "budget: $MINUTES minutes a peer on $CPU ($BASIS)"
 if [ ! -f "$DISTILL/manifest.json" ]; then
   log "no distill cache at $DISTILL: python -m train.train --config configs/smollm2_r3_24k.yaml --distill-only"
   exit 2
@@ -132,6 +148,7 @@ if per and per > 0:
   fi
   pub=$(python -c "import json; from m2r2_jax.peers.budget import publish, read_budget; \
 print(json.dumps(dict(publish('$WORK/$name', '$OUT/$name'), **read_budget('$OUT/$name'))))")
+  python -c "import json, sys; json.dump(dict(minutes=$MINUTES, cpu=sys.argv[1], basis=sys.argv[2]), open('$OUT/$name/budget.json', 'w'), indent=1)" "$CPU" "$BASIS"
   touch "$OUT/$name/done"
   log "$name: done in $(( $(date +%s) - t0 )) s: $pub"
 done

@@ -12,7 +12,7 @@ import pytest
 
 from m2r2_jax.cli import print_summary, run_main
 from m2r2_jax.errors import M2R2Error
-from m2r2_jax.peers.budget import minutes_to_step, parse_minutes, publish, read_budget
+from m2r2_jax.peers.budget import parse_minutes, projected_minutes, publish, read_budget
 from m2r2_jax.training.spec_peers import RunLimits
 
 TRAINERS = ("kangaroo", "sps", "medusa", "eagle", "layerskip", "skipdecode", "exit_heads", "specee")
@@ -166,9 +166,13 @@ def test_minutes_other_early_exit_peers_load(trainer, flags, tiny_llama_dir, tmp
     assert (c if trainer == "exit_heads" else c.min_layers) == (1, 2)  # (exit layers; SkipDecodeConfig)
 
 
-def test_minutes_to_step(tmp_path):
+def test_projected_minutes(tmp_path):
     f = tmp_path / "metrics.jsonl"
-    f.write_text("".join(json.dumps(dict(step=s, tokens=100, tokens_per_second=10.0)) + "\n" for s in (1, 2, 3)))
-    assert minutes_to_step(f, 3) == pytest.approx(30 / 60) and minutes_to_step(f, 2) == pytest.approx(20 / 60)
-    with pytest.raises(M2R2Error, match="1 of steps 1..4"):
-        minutes_to_step(f, 4)
+    rows = [(1, 25.0), (2, 5.0), (3, 7.0), (4, 6.0)]  # step 1 compiles; the median of the rest is 6 s
+    f.write_text("".join(json.dumps(dict(step=s, tokens=60, tokens_per_second=60 / t)) + "\n" for s, t in rows))
+    got = projected_minutes(f, 300)
+    assert got["minutes"] == pytest.approx((25 + 299 * 6) / 60) and got["step_seconds"] == pytest.approx(6.0)
+    assert got["probe_steps"] == 4 and got["first_step_seconds"] == pytest.approx(25.0)
+    f.write_text(json.dumps(dict(step=2, tokens=60, tokens_per_second=10.0)) + "\n")
+    with pytest.raises(M2R2Error, match="need the timings of step 1"):
+        projected_minutes(f, 300)

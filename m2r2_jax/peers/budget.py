@@ -2,7 +2,7 @@
 flag's one check (`parse_minutes`, the type of `--minutes` in every peer trainer's parser and the check of
 `spec_peers.RunLimits`), the budget fields a peer checkpoint's metadata carries (written by the training
 loop at every save: training/spec_peers.py, training/peers.train_specee) as eval.compare / eval.dynamic
-read them, the publication of a finished run, and M2R2's own minutes to a step.
+read them, the publication of a finished run, and M2R2's minutes to a step projected on this machine.
 
 The budget is measured from the start of a call's first step, its compile included, summed over resumed
 calls (each resumed call compiles again); a run stops after the step during which it ran out, and saves.
@@ -112,10 +112,13 @@ def publish(src, dst, max_mb: float = 30.0) -> dict:
     return dict(kind=meta.get("kind"), step=step, stored_dtype=dtype, megabytes=round(size / 1e6, 1))
 
 
-def minutes_to_step(metrics_path, step: int) -> float:
-    """The M2R2 run's training minutes up to `step` from its metrics.jsonl (Tracker lines with `tokens`
-    and `tokens_per_second`: per step tokens / tokens_per_second = that step's wall seconds, the first
-    step of every resumed call with its compile). Every step 1..step must be logged (log_every 1)."""
+def projected_minutes(metrics_path, steps: int, first: int = 1) -> dict:
+    """The wall minutes `steps` training steps take on this machine, projected from a short run's
+    metrics.jsonl (Tracker lines with `tokens` and `tokens_per_second`: per step tokens /
+    tokens_per_second = that step's wall seconds): the first logged step (it compiles) plus
+    (steps - 1) x the median of the later ones. The peers' equal budget is M2R2's run to its equal-budget
+    step projected so on the machine the peers train on (a run's own record mixes machines and, early
+    on, contention). -> {minutes, first_step_seconds, step_seconds, probe_steps}."""
     secs = {}
     try:
         lines = Path(metrics_path).read_text(encoding="utf-8").splitlines()
@@ -125,12 +128,16 @@ def minutes_to_step(metrics_path, step: int) -> float:
         if not line.strip():
             continue
         r = json.loads(line)
-        s = r.get("step", 0)
-        if 1 <= s <= step and r.get("tokens_per_second"):
-            secs[s] = float(r["tokens"]) / float(r["tokens_per_second"])
-    missing = step - len(secs)
-    if missing:
-        raise M2R2Error(
-            f"{metrics_path}: {missing} of steps 1..{step} have no timing (not reached yet, or log_every > 1)"
-        )
-    return sum(secs.values()) / 60.0
+        if r.get("step", 0) >= first and r.get("tokens_per_second"):
+            secs[r["step"]] = float(r["tokens"]) / float(r["tokens_per_second"])
+    if len(secs) < 3 or min(secs) != first:
+        raise M2R2Error(f"{metrics_path}: need the timings of step {first} and at least two later steps")
+    ordered = [secs[k] for k in sorted(secs)]
+    later = sorted(ordered[1:])
+    median = later[len(later) // 2] if len(later) % 2 else 0.5 * (later[len(later) // 2 - 1] + later[len(later) // 2])
+    return dict(
+        minutes=(ordered[0] + (steps - 1) * median) / 60.0,
+        first_step_seconds=ordered[0],
+        step_seconds=median,
+        probe_steps=len(ordered),
+    )

@@ -131,7 +131,9 @@ def _train_draft(peer: Peer, cfg, base, records, c, out_dir, identity, limits, p
 
     bar = tqdm(range(start, end), desc=kind, disable=not progress, initial=start, total=c.steps)
     for i in bar:
-        if budget_s is not None and spent + time.perf_counter() - t0 >= budget_s:
+        # the budget ends a run after the step during which it ran out: a call runs at least one step
+        # unless earlier calls spent it all
+        if budget_s is not None and (i > start or spent >= budget_s) and spent + time.perf_counter() - t0 >= budget_s:
             stopped = "budget"
             break
         idx = order[i * c.batch_size : (i + 1) * c.batch_size]
