@@ -12,7 +12,10 @@ artifacts/peers/{kangaroo,sps,medusa,eagle} where those exist (scripts/train_pee
 trainable parameters and training minutes come from each checkpoint's metadata.
 
 Greedy, batch 1. Each drafter runs the one jitted loop (eval.speculative's harness, its AR timed in the
-same call); per-drafter journals and finished results live in FILE.parts/, so --resume carries on.
+same call); per-drafter journals and finished rows live in FILE.parts/ and stay there: --resume carries
+on from them and runs only the drafters not yet finished, so drafters can be added to a comparison later
+(a finished row is reused only under the same model, dataset, limit, tokens and drafter options,
+checkpoints included; each row says where and when it was measured).
 JSON: {"drafters": {name: {"speedup", "tau", "lossless", "draft_ms", "verify_ms", "trainable_params",
 "train_minutes", "per_category": {...}}}, "lossless", "config", "machine"}.
 """
@@ -80,7 +83,7 @@ def main(argv=None):
     plot = Path(a.plot) if a.plot else out.with_suffix(".png")
     work = out.with_suffix(".parts")
     if work.exists() and not a.resume:
-        raise M2R2Error(f"{work} holds an interrupted comparison: pass --resume to carry on, or delete it")
+        raise M2R2Error(f"{work} holds earlier rows of this comparison: pass --resume to reuse them, or delete it")
     for f, what, given in ((out, "--out", a.out), (plot, "--plot", a.plot or a.out)):
         if given is not None and not f.parent.is_dir():
             raise M2R2Error(f"{what}: directory {f.parent} does not exist")
@@ -132,9 +135,6 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=str))
     plot.write_bytes(render_png(res, f"{a.model} on {a.dataset}: {len(items)} items, greedy"))
-    for f in work.glob("*.json"):
-        f.unlink()
-    work.rmdir() if not any(work.iterdir()) else None
     print(format_table(res))
     print(f"wrote {out} and {plot}", file=sys.stderr)
     return 0

@@ -415,3 +415,44 @@ def test_spec_eval_with_cpu_kernels_and_xla_reference(tiny_setup, tmp_path):
     assert all(u["ref_ar_tokens"] > 0 for u in [json.loads(x) for x in j.read_text().splitlines()[1:]][0]["units"])
     header = json.loads(j.read_text().splitlines()[0])["header"]
     assert header["backend"] == "cpu_kernels" and header["ref_ar"] is True
+
+
+def test_compare_resume_adds_drafters_and_says_where_each_was_measured(tiny_setup, tmp_path):
+    """eval.compare's rows are finished per drafter: a later call with --resume reuses them and runs only
+    the drafters it adds; each row carries its own AR tokens/s and where and when it was measured (a long
+    comparison may span sessions on different machines), and the table shows both."""
+    from m2r2_jax.data.eval_sets import EvalItem
+    from m2r2_jax.decoding.trees import build_tree
+    from m2r2_jax.evaluation.compare import format_table, run_compare
+
+    model, bundle = tiny_setup
+    items = [EvalItem("a", "chat", ["Hello! Hello!"]), EvalItem("b", "qa", ["Why blue?"])]
+    ec = _ec(build_tree([(0,), (0, 0)], "c2"), max_new_tokens=6)
+    kw = dict(progress=False, journal_key={"model": "tiny"})
+    first = run_compare(model, None, items, ["pld"], ec, tmp_path / "w", **kw)
+    row = first["drafters"]["pld"]
+    assert row["lossless"] is True and row["ar_tokens_per_second"] > 0
+    assert set(row["measured"]) == {"processor", "date", "commit"} and row["measured"]["date"]
+    (tmp_path / "w" / "pld.json").write_text(
+        json.dumps(dict(row, measured=dict(row["measured"], date="2001-01-01 00:00 UTC")))
+    )
+    both = run_compare(model, None, items, ["pld", "lookahead"], ec, tmp_path / "w", resume=True, **kw)
+    assert both["drafters"]["pld"]["measured"]["date"].startswith("2001")  # read back, not rerun
+    assert not both["drafters"]["lookahead"]["measured"]["date"].startswith("2001")
+    table = format_table(both)
+    assert "| measured |" in table.splitlines()[0] and "2001-01-01" in table
+    with pytest.raises(M2R2Error, match="pld.json was measured with other settings .*max_new_tokens"):
+        run_compare(
+            model,
+            None,
+            items,
+            ["pld"],
+            _ec(build_tree([(0,), (0, 0)], "c2"), max_new_tokens=5),
+            tmp_path / "w",
+            resume=True,
+            **kw,
+        )
+    with pytest.raises(M2R2Error, match="differs in: model"):
+        run_compare(
+            model, None, items, ["pld"], ec, tmp_path / "w", resume=True, progress=False, journal_key={"model": "other"}
+        )

@@ -63,6 +63,7 @@ def _row(res: dict, trainable: int | None, minutes: float | None) -> dict:
         draft_ms=cost.get("draft_ms"),
         verify_ms=cost.get("verify_ms"),
         step_ms=cost.get("spec_ms_per_step"),
+        ar_tokens_per_second=(res.get("totals") or {}).get("ar_tps"),
         trainable_params=trainable,
         train_minutes=minutes,
         prompts=res["prompts"],
@@ -94,7 +95,7 @@ def run_compare(
     "train_minutes"}} for trained drafters (M2R2's: its checkpoint's trainable parameters; minutes if
     its metadata has them). Training-free drafters report 0 and 0."""
     from m2r2_jax.backend import XLA
-    from m2r2_jax.evaluation.spec_eval import run_spec_eval
+    from m2r2_jax.evaluation.spec_eval import machine_info, run_spec_eval
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -110,8 +111,21 @@ def run_compare(
         opts = spec_options(spec, knobs)
         name = spec.partition("+")[0]
         done = work / f"{spec}.json"
+        # what a finished row was measured with: a row is reused only under the same key
+        key = dict(journal_key or {}, drafter=spec, max_new_tokens=base_config.max_new_tokens)
+        if not opts.needs_m2r2:
+            key.pop("checkpoint", None)  # the M2R2 checkpoint matters to the m2r2 rows only
+        key["options"] = opts.describe() if hasattr(opts, "describe") else {}
+        key = json.loads(json.dumps(key, default=str))
         if resume and done.is_file():
-            out[spec] = json.loads(done.read_text())
+            row = json.loads(done.read_text())
+            old = row.get("key") or {}
+            diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+            if diff:
+                raise M2R2Error(
+                    f"{done} was measured with other settings (differs in: {', '.join(diff)}): delete it to rerun"
+                )
+            out[spec] = row
             continue
         if opts.needs_m2r2 and bundle is None:
             raise M2R2Error(f"{spec}: needs the M2R2 checkpoint")
@@ -133,11 +147,20 @@ def run_compare(
         if name not in budgets and hasattr(opts, "budget"):  # a trained peer: its checkpoint's meta
             b = opts.budget()
         row = _row(res, b.get("trainable_params"), b.get("train_minutes"))
-        row["options"] = opts.describe() if hasattr(opts, "describe") else {}
+        row["options"] = key["options"]
+        row["key"] = key
+        # a long comparison's rows may come from several sessions (--resume): each says where and when
+        m = machine_info()
+        row["measured"] = dict(processor=m["processor"], date=m["date"], commit=m["commit"])
         done.write_text(json.dumps(row, default=str))
         journal.unlink(missing_ok=True)
         out[spec] = row
     return dict(drafters=out, lossless=all(r["lossless"] is not False for r in out.values()))
+
+
+def _measured(row: dict) -> str:
+    m = row.get("measured") or {}
+    return " ".join(str(x) for x in (m.get("processor"), (m.get("date") or "")[:10]) if x) or "-"
 
 
 def format_table(res: dict) -> str:
@@ -145,15 +168,17 @@ def format_table(res: dict) -> str:
         return "-" if x is None else format(x, spec)
 
     lines = [
-        "| drafter | speed-up | tau | lossless | draft ms | verify ms | trainable params | train min |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "| drafter | speed-up | tau | lossless | draft ms | verify ms | AR tok/s | trainable params | train min "
+        "| measured |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in res["drafters"].items():
         loss = "n/a" if r["lossless"] is None else ("yes" if r["lossless"] else "NO")
         lines.append(
             f"| {name} | {f(r['speedup'])} | {f(r['tau'])} | {loss} | {f(r['draft_ms'], '.1f')} | "
-            f"{f(r['verify_ms'], '.1f')} | {r['trainable_params'] if r['trainable_params'] is not None else '-'} | "
-            f"{f(r['train_minutes'], '.1f')} |"
+            f"{f(r['verify_ms'], '.1f')} | {f(r.get('ar_tokens_per_second'), '.1f')} | "
+            f"{r['trainable_params'] if r['trainable_params'] is not None else '-'} | "
+            f"{f(r['train_minutes'], '.1f')} | {_measured(r)} |"
         )
     return "\n".join(lines)
 
