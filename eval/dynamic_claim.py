@@ -1,9 +1,11 @@
 """The paper's early-exit claim, tested on `eval.dynamic` results: at the speed-ups each peer reaches,
 is M2R2's ROUGE-L against the full model's output higher? One result file per dataset.
 
-    python -m eval.dynamic_claim RESULT.json [RESULT.json ...] [--json OUT.json]
+    python -m eval.dynamic_claim RESULT.json [RESULT.json ...] [--json OUT.json] [--plot-dir DIR]
 
-Prints, per dataset and peer, how many of the peer's points M2R2's upper envelope (over m2r2 and
+Results of the same dataset (same model, limit, prompts, max new tokens) are merged: the methods of one
+run and the trained peers of a later one, say (a method in two of them is refused). Prints, per dataset
+and peer, how many of the peer's points M2R2's upper envelope (over m2r2 and
 m2r2_deferred) beats, and whether M2R2 is ahead of every peer on that dataset; then on how many datasets.
 """
 
@@ -21,11 +23,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.dynamic_claim", description=__doc__.split("\n")[0])
     p.add_argument("results", nargs="+", help="eval.dynamic JSON results, one per dataset")
     p.add_argument("--json", default=None, help="write the verdicts as JSON here")
+    p.add_argument("--plot-dir", default=None, help="write each dataset's merged curves here as DATASET.png")
     a = p.parse_args(argv)
     from m2r2_jax.errors import M2R2Error
-    from m2r2_jax.evaluation.dynamic_eval import claim_check
+    from m2r2_jax.evaluation.dynamic_eval import claim_check, merge_results, render_png
 
-    out = {}
+    if a.plot_dir is not None and not Path(a.plot_dir).is_dir():
+        raise M2R2Error(f"--plot-dir: directory {a.plot_dir} does not exist")
+    groups: dict[str, list] = {}
     for f in a.results:
         path = Path(f)
         try:
@@ -35,7 +40,16 @@ def main(argv=None):
         if not isinstance(res, dict) or not isinstance(res.get("methods"), dict):
             raise M2R2Error(f"{f} is not an eval.dynamic result (no 'methods')")
         name = (res.get("config") or {}).get("dataset") or path.stem
+        groups.setdefault(name, []).append((str(path), res))
+    out = {}
+    for name, group in groups.items():
+        res = merge_results(group)
         out[name] = claim_check(res)
+        out[name]["sources"] = res["sources"]
+        if a.plot_dir is not None:
+            stem = Path(name).name.replace(":", "_") or "dataset"
+            title = f"{(res.get('config') or {}).get('model')} on {name}: {res.get('prompts')} prompts, greedy"
+            (Path(a.plot_dir) / f"{stem}.png").write_bytes(render_png(res, title))
     print("| dataset | peer | M2R2 higher at | ahead |")
     print("|---|---|---:|---|")
     for ds, c in out.items():

@@ -551,3 +551,40 @@ def test_claim_check():
     assert not c["all_beaten"]
     with pytest.raises(M2R2Error, match="none of the M2R2 methods"):
         claim_check(dict(methods=dict(static=pts((1.0, 0.5)))))
+
+
+def test_claim_merges_results_of_one_dataset(tmp_path, capsys):
+    """eval.dynamic_claim merges the results of one dataset (M2R2 and the training-free peers in one run,
+    the trained peers in a later one): the claim is checked on the union, each method says where it
+    came from, a method in two files or a different prompt set is refused, and the merged curves are
+    plotted per dataset."""
+    from eval.dynamic_claim import main
+    from m2r2_jax.evaluation.dynamic_eval import merge_results
+
+    def res(methods, **cfg):
+        c = dict(model="m", dataset="koala", limit=48, max_new_tokens=64, checkpoint="ck", train_step=300)
+        c.update(cfg)
+        pts = {k: [dict(threshold=0.5, speedup=s, rouge_l=r)] for k, (s, r) in methods.items()}
+        return dict(methods=pts, prompts=48, config=c, ar=dict(tokens_per_second=20.0), machine=dict(date="d"))
+
+    a = res(dict(m2r2=(1.3, 0.9), static=(1.2, 0.5)))
+    b = res(dict(layerskip=(1.25, 0.95)), checkpoint="other")
+    m = merge_results([("a.json", a), ("b.json", b)])
+    assert list(m["methods"]) == ["m2r2", "static", "layerskip"]
+    assert m["sources"]["layerskip"]["file"] == "b.json" and m["sources"]["m2r2"]["train_step"] == 300
+    with pytest.raises(M2R2Error, match="method 'static' is in both a.json and c.json"):
+        merge_results([("a.json", a), ("c.json", res(dict(static=(1.0, 0.4))))])
+    with pytest.raises(M2R2Error, match="limit=16"):
+        merge_results([("a.json", a), ("d.json", res(dict(calm=(1.0, 0.4)), limit=16))])
+
+    for name, r in (("a", a), ("b", b), ("w", res(dict(m2r2=(1.3, 0.9)), dataset="wizardlm"))):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    (tmp_path / "plots").mkdir()
+    files = [str(tmp_path / f"{n}.json") for n in "abw"]
+    assert main([*files, "--json", str(tmp_path / "v.json"), "--plot-dir", str(tmp_path / "plots")]) == 0
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert set(v["datasets"]) == {"koala", "wizardlm"}
+    koala = v["datasets"]["koala"]
+    assert koala["peers"]["static"]["beaten"] and not koala["peers"]["layerskip"]["beaten"]
+    assert (tmp_path / "plots" / "koala.png").stat().st_size > 1000
+    assert "| koala | layerskip | 0/1 | no |" in capsys.readouterr().out

@@ -367,3 +367,41 @@ def claim_check(res: dict, ours: Sequence[str] = ("m2r2", "m2r2_deferred")) -> d
         higher = sum(1 for c in cmp if c["m2r2_rouge_l"] is not None and c["m2r2_rouge_l"] > c["rouge_l"])
         peers[name] = dict(points=cmp, m2r2_higher=higher, beaten=bool(cmp) and higher == len(cmp))
     return dict(peers=peers, all_beaten=bool(peers) and all(v["beaten"] for v in peers.values()))
+
+
+def merge_results(results: Sequence[tuple[str, dict]]) -> dict:
+    """Several eval.dynamic results on the same prompts (e.g. the training-free methods first, the trained
+    peers once trained) -> one result whose `methods` hold them all, each method's points kept as measured
+    in its own run against that run's AR decode. `results`: (name, result) pairs. They must agree on the
+    model, dataset, limit, prompts and max_new_tokens; a method in two of them is refused. `sources` says
+    which file, checkpoint, machine and AR speed each method comes from."""
+    if not results:
+        raise M2R2Error("merge: no results")
+    same = ("model", "dataset", "limit", "max_new_tokens")
+    first_name, first = results[0]
+    out = dict(first, methods={}, budgets={}, sources={})
+    for name, res in results:
+        cfg = res.get("config") or {}
+        for k in same:
+            if cfg.get(k) != (first.get("config") or {}).get(k):
+                raise M2R2Error(
+                    f"merge: {name} has {k}={cfg.get(k)!r}, {first_name} {(first.get('config') or {}).get(k)!r}"
+                )
+        if res.get("prompts") != first.get("prompts"):
+            raise M2R2Error(f"merge: {name} has {res.get('prompts')} prompts, {first_name} {first.get('prompts')}")
+        for method, pts in res["methods"].items():
+            if method in out["methods"]:
+                raise M2R2Error(f"merge: method {method!r} is in both {out['sources'][method]['file']} and {name}")
+            out["methods"][method] = pts
+            if method in (res.get("budgets") or {}):
+                out["budgets"][method] = res["budgets"][method]
+            m = res.get("machine") or {}
+            out["sources"][method] = dict(
+                file=name,
+                checkpoint=cfg.get("checkpoint"),
+                train_step=cfg.get("train_step"),
+                ar_tokens_per_second=(res.get("ar") or {}).get("tokens_per_second"),
+                processor=m.get("processor"),
+                date=m.get("date"),
+            )
+    return out
