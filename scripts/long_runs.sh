@@ -20,16 +20,17 @@ if [ ! -d "$RUN-step$BUDGET_STEP/$BUDGET_STEP" ]; then
   python -m train.train --config "$CFG" --no-progress --stop-at "$BUDGET_STEP"
   python scripts/export_checkpoint.py "$RUN" "$RUN-step$BUDGET_STEP" --step "$BUDGET_STEP"
 fi
-# 3. capacity at equal budget (the main run is rank 64, L_f 10): the same schedule, to the same step;
-#    their metrics in git, their checkpoints not (a full-rank one is ~0.4 GB), so an unfinished one
-#    starts over in a fresh checkout
-for v in "rank256 m2r2.rank=256" "full m2r2.adapter=full" "lf8 m2r2.num_fast_layers=8" "lf6 m2r2.num_fast_layers=6"; do
+# 3. the main run to its planned total (the shipped checkpoint's candidate; several sessions)
+python -m train.train --config "$CFG" --no-progress
+# 4. capacity at equal budget (the main run is rank 64, L_f 10): the same schedule, to the same step;
+#    their metrics and held-out agreement (MT-Bench-48, measured before `done`) in git, their checkpoints
+#    not (a full-rank one is ~0.4 GB), so an unfinished one starts over in a fresh checkout
+for v in "full m2r2.adapter=full" "rank256 m2r2.rank=256" "lf8 m2r2.num_fast_layers=8" "lf6 m2r2.num_fast_layers=6"; do
   set -- $v
   out=artifacts/train/capacity/$1
   if [ ! -f "$out/done" ]; then
     python -m train.train --config "$CFG" --no-progress --stop-at "$BUDGET_STEP" out_dir="$out" keep=1 "${@:2}"
+    python -m eval.alignment --json --checkpoint "$out" > "$out/alignment_mtbench.json"
     touch "$out/done"
   fi
 done
-# 4. the main run to its planned total
-python -m train.train --config "$CFG" --no-progress
