@@ -211,6 +211,7 @@ def test_alignment_eval_and_checkpoint_loading(tiny_model, tiny_llama_dir, tmp_p
     try:
         os.chdir(tmp_path)
         assert load_m2r2("checkpoints/2", cfg, base, "tiny")[3]["step"] == 2
+        assert load_m2r2(".", cfg, base, "tiny")[3]["step"] == 2  # the trainer's out_dir: its checkpoints/
     finally:
         os.chdir(cwd)
     with pytest.raises(M2R2Error, match="made for base model"):

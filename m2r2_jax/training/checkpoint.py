@@ -141,7 +141,7 @@ def check_compatible(meta: dict, base_id: dict, m2r2_cfg: dict | None, where: st
 
 
 def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, int]:
-    """A run dir (latest step inside) or a step dir -> (step dir, step)."""
+    """A training out_dir (its checkpoints/), a run dir (latest step inside) or a step dir -> (step dir, step)."""
     p = ckpt_path(path)
     if not p.exists():
         raise M2R2Error(f"checkpoint not found: {p}")
@@ -149,6 +149,8 @@ def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, int]:
         raise M2R2Error(f"checkpoint {p} is a file: expected a checkpoint directory (a run dir or a step dir)")
     if (p / "meta").is_dir():
         return p, int(read_meta(p)["step"])
+    if (p / "checkpoints").is_dir() and (p / "config.yaml").exists():  # train.train's out_dir
+        p = p / "checkpoints"
     steps = sorted((int(c.name), c) for c in p.iterdir() if c.is_dir() and c.name.isdigit() and (c / "meta").is_dir())
     if not steps:
         raise M2R2Error(f"no checkpoint steps in {p}")
