@@ -22,6 +22,26 @@ if [ ! -d "$RUN-step$BUDGET_STEP/$BUDGET_STEP" ]; then
 fi
 # 3. the main run to its planned total (the shipped checkpoint's candidate; several sessions)
 python -m train.train --config "$CFG" --no-progress
+# 3b. its final weights (no optimizer state) beside the run, with the measurements: held-out
+#     agreement (MT-Bench-48, Koala-48) and MT-Bench (160 prompts) speculative decoding, M2R2 drafts
+#     alone and the default command (+ prompt lookup); each resumable, each skipped once its file exists
+FINAL=$RUN-final
+STEPS=$(python -c "import yaml; print(yaml.safe_load(open('$CFG'))['steps'])")
+[ -d "$FINAL/$STEPS" ] || python scripts/export_checkpoint.py "$RUN" "$FINAL" --step "$STEPS"  # refused if unfinished
+measure() {  # FILE CMD...: CMD's stdout into FILE, unless FILE exists
+  local f=$1; shift
+  if [ ! -s "$f" ]; then "$@" > "$f.tmp"; mv -f "$f.tmp" "$f"; fi
+}
+measure "$FINAL/alignment_mtbench.json" python -m eval.alignment --json --checkpoint "$FINAL"
+measure "$FINAL/alignment_koala.json" python -m eval.alignment --json --checkpoint "$FINAL" \
+  --dataset "${M2R2_DATA:-../shared/data}/koala"
+for v in "lookup0 --lookup 0" "default"; do
+  set -- $v
+  if [ ! -s "$FINAL/spec_mtbench_$1.json" ]; then
+    python -m eval.speculative --model smollm2-135m --dataset mt_bench --checkpoint "$FINAL" --no-progress \
+      --resume --out "$FINAL/spec_mtbench_$1.json" "${@:2}"
+  fi
+done
 # 4. capacity at equal budget (the main run is rank 64, L_f 10): the same schedule, to the same step;
 #    their metrics and held-out agreement (MT-Bench-48, measured before `done`) in git, their checkpoints
 #    not (a full-rank one is ~0.4 GB), so an unfinished one starts over in a fresh checkout
