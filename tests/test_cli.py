@@ -85,9 +85,18 @@ def test_plot_train_curves(tmp_path, capsys):
     src.write_text("\n".join(json.dumps(r) for r in rows))
     assert main([str(src), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    other = tmp_path / "b" / "metrics.jsonl"
+    other.parent.mkdir()
+    other.write_text("\n".join(json.dumps(dict(r, agreement=r["agreement"] / 2)) for r in rows))
+    assert main([str(src), str(other), "--labels", "a,b", "--out", str(tmp_path / "two.png")]) == 0
+    assert (tmp_path / "two.png").read_bytes()[:4] == b"\x89PNG"
     from m2r2_jax.cli import run_main
 
     with pytest.raises(SystemExit) as e:
         run_main(main, [str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "d.png")])
     assert e.value.code == 2 and "file not found" in capsys.readouterr().err
+    assert not (tmp_path / "d.png").exists()
+    with pytest.raises(SystemExit) as e:  # one label for two files
+        run_main(main, [str(src), str(other), "--labels", "a", "--out", str(tmp_path / "d.png")])
+    assert e.value.code == 2 and "1 labels for 2 metrics files" in capsys.readouterr().err
     assert not (tmp_path / "d.png").exists()

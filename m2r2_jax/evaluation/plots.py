@@ -109,3 +109,30 @@ def render_train_curves(rows: list[dict], title: str | None = None, smooth: int 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+def render_train_comparison(runs: dict[str, list[dict]], title: str | None = None, smooth: int = 10) -> bytes:
+    """Several runs' training metrics on the same axes (label -> metrics.jsonl rows): the final fast
+    layer's agreement and the KD loss against the step, each as a moving average over `smooth` steps."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    a1, a2 = fig.subplots(1, 2)
+    for label, rows in runs.items():
+        steps = np.array([r["step"] for r in rows])
+        for ax, key in ((a1, "agreement"), (a2, "kd")):
+            v = np.array([float(r.get(key, np.nan)) for r in rows])
+            k = max(1, min(smooth, len(v)))
+            ax.plot(steps[k - 1 :], np.convolve(v, np.ones(k) / k, mode="valid"), label=label)
+    a1.set_xlabel("step"), a1.set_ylim(0, 1), a1.set_title("final fast layer agreement (train batches)")
+    a2.set_xlabel("step"), a2.set_yscale("log"), a2.set_title("KD loss")
+    a1.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
