@@ -110,6 +110,7 @@ def render_train_curves(rows: list[dict], title: str | None = None, smooth: int 
     fig.savefig(buf, format="png")
     return buf.getvalue()
 
+
 def render_train_comparison(runs: dict[str, list[dict]], title: str | None = None, smooth: int = 10) -> bytes:
     """Several runs' training metrics on the same axes (label -> metrics.jsonl rows): the final fast
     layer's agreement and the KD loss against the step, each as a moving average over `smooth` steps."""
@@ -135,4 +136,3 @@ def render_train_comparison(runs: dict[str, list[dict]], title: str | None = Non
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
-

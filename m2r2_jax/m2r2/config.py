@@ -83,6 +83,20 @@ class M2R2Config:
             )
         return self
 
+    def for_base(self, cfg) -> M2R2Config:
+        """`validate` plus the checks that need the base's layers: on a fast layer whose base layer has a
+        sparse (MoE) MLP, adapters go on the attention projections only (the experts stay frozen and
+        shared with the slow stream; the gains still scale both residual updates)."""
+        self.validate(cfg.num_layers)
+        moe = [j for j in self.base_layers(cfg.num_layers) if cfg.layer_mlp(j) == "moe"]
+        mlp = [t for t in self.targets if t in ("gate", "up", "down")]
+        if moe and mlp:
+            raise M2R2Error(
+                f"m2r2.targets: {', '.join(mlp)} cannot adapt an MoE MLP (fast layers on base layers "
+                f"{moe} are sparse): use m2r2.targets=[q,k,v,o]"
+            )
+        return self
+
     def n_fast(self, num_layers: int) -> int:
         return self.num_fast_layers or math.ceil((num_layers - self.branch) / self.rate)
 

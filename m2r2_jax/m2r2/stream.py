@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from m2r2_jax import kernels as K
 from m2r2_jax.backend import XLA, Backend
 from m2r2_jax.config import ModelConfig
-from m2r2_jax.errors import M2R2Error
 from m2r2_jax.m2r2.config import M2R2Config
 from m2r2_jax.m2r2.modules import ARLARouter, FastStream
 from m2r2_jax.model import decoder as D
@@ -184,8 +183,12 @@ def merge_fast_layer(lp: dict, ad: dict) -> dict:
             )
             out[blk][name] = L.add_to_weight(out[blk][name], ab)
     for g, (blk, name) in (("gain_attn", ("attn", "wo")), ("gain_mlp", ("mlp", "down"))):
-        if g in ad:
+        if g in ad:  # an MoE MLP: every expert's down [E, F, D] (the last axis scaled) and the shared expert's
             out[blk][name] = L.scale_columns(out[blk][name], ad[g])
+            if blk == "mlp" and "shared" in out["mlp"]:
+                shared = dict(out["mlp"]["shared"])
+                shared["down"] = L.scale_columns(shared["down"], ad[g])
+                out["mlp"]["shared"] = shared
     return out
 
 
@@ -201,8 +204,7 @@ def draft_params(
     """What drafting reads, built once per checkpoint: the first `depth` fast layers with their
     adapters merged, the final norm, and the LM head rows of the draft vocabulary ([Vd, D]; packed
     for the CPU kernels on that backend)."""
-    if cfg.mlp_type != "dense":
-        raise M2R2Error(f"merging adapters into a {cfg.mlp_type} MLP is not implemented")
+    mc.for_base(cfg)  # an MoE layer's experts take no adapter: they are read as the base's
     layers = mc.base_layers(cfg.num_layers)[: depth or None]
     head = draft_head(cfg, base, draft_ids)
     return {

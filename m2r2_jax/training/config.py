@@ -25,6 +25,10 @@ class DataConfig:
     num_prompts: int = 2000  # prompts to self-distill (deterministic shuffle, then limit)
     seed: int = 0
     distill_dir: str = "runs/distill/smollm2-135m"
+    # the model that answers the prompts (the cache's identity); "" = the trained base. Another model of the
+    # same tokenizer makes the answers the inputs only: the losses' teacher stays the trained base (e.g. the
+    # MoE-ified SmolLM2 trained on the dense model's answers, whose own greedy text degenerates)
+    distill_model: str = ""
     max_prompt_tokens: int = 192
     max_new_tokens: int = 192
     distill_batch_size: int = 16

@@ -51,6 +51,16 @@ def distilled_records(tc: TrainConfig, model, progress: bool = True) -> list[dic
     prompts = load_prompts(sources, limit=d.num_prompts + d.heldout_prompts, seed=d.seed)
     train_prompts = prompts[: len(prompts) - d.heldout_prompts] if d.heldout_prompts else prompts
     on_shard = None
+    if d.distill_model and d.distill_model != tc.model:
+        from m2r2_jax.loading.registry import load_model
+
+        vocab = model.cfg.vocab_size
+        model = load_model(d.distill_model)
+        if model.cfg.vocab_size != vocab:
+            raise M2R2Error(
+                f"data.distill_model={d.distill_model!r} has a vocabulary of {model.cfg.vocab_size}, the trained "
+                f"model {tc.model!r} {vocab}: its answers are not the trained model's tokens"
+            )
     if d.distill_pack:
         model = as_distill_model(model)
         restore_cache(d.distill_pack, d.distill_dir, train_prompts, model.encode)
@@ -135,7 +145,7 @@ def train(
 
         model = load_model(tc.model, mesh=mesh)
     cfg, base = model.cfg, model.params
-    mc = tc.m2r2.validate(cfg.num_layers)
+    mc = tc.m2r2.for_base(cfg)
     out = Path(tc.out_dir)
     base_id = C.base_identity(tc.model, cfg, base, getattr(model, "fingerprint", None))
     ckdir = C.ckpt_path(tc.checkpoints)
