@@ -54,3 +54,9 @@ for v in "full m2r2.adapter=full" "rank256 m2r2.rank=256" "lf8 m2r2.num_fast_lay
     touch "$out/done"
   fi
 done
+# 5. M2R2 on the MoE base (configs/smollm2_moe_r3.yaml: attention adapters, the dense model's answers, the
+#    MoE as teacher; metrics and the newest checkpoint in git like the main run), then its agreement with
+#    the MoE's own greedy output on MT-Bench-48
+MOE_RUN=artifacts/train/smollm2_moe_r3
+python -m train.train --config configs/smollm2_moe_r3.yaml --no-progress
+measure "$MOE_RUN/alignment_mtbench.json" python -m eval.alignment --json --model smollm2-135m-moe --checkpoint "$MOE_RUN"
